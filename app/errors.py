@@ -1,0 +1,92 @@
+"""One error base class for everything a caller can get wrong.
+
+Pure modules (importers, parsers) raise these too, so this file imports nothing from the web
+stack; `app.main` renders them as `{"error": {"code", "message", "location"}}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SrftError(Exception):
+    """An error with a stable machine code, a human message and, where it applies, a location."""
+
+    status_code: int = 400
+    code: str = "bad_request"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        location: str | None = None,
+        code: str | None = None,
+        details: Any = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.location = location
+        self.details = details
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message, "location": self.location}
+        if self.details is not None:
+            body["details"] = self.details
+        return {"error": body}
+
+    def __str__(self) -> str:
+        return f"{self.message} (at {self.location})" if self.location else self.message
+
+
+class InvalidJson(SrftError):
+    status_code = 400
+    code = "invalid_json"
+
+
+class InvalidEncoding(SrftError):
+    status_code = 400
+    code = "invalid_encoding"
+
+
+class InvalidTrajectory(SrftError):
+    """The content parsed, but is not a valid run of the named format."""
+
+    status_code = 422
+    code = "invalid_trajectory"
+
+
+class UnknownFormat(SrftError):
+    status_code = 422
+    code = "unknown_format"
+
+
+class NoSteps(SrftError):
+    status_code = 422
+    code = "no_steps"
+
+
+class PayloadTooLarge(SrftError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class Unauthorized(SrftError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class NotFound(SrftError):
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(SrftError):
+    status_code = 409
+    code = "conflict"
+
+
+class UnsupportedMediaType(SrftError):
+    status_code = 415
+    code = "unsupported_media_type"

@@ -1,0 +1,1 @@
+"""Pure recipe logic: steps, masking policies, rendering. No database, HTTP or torch."""

@@ -1,0 +1,74 @@
+"""Source-format importers and automatic detection.
+
+Each module defines one `Importer` (see `base.py`). `parse_upload` decodes the bytes, picks the
+importer (forced by name, or the first whose `sniff` accepts the document) and returns
+canonical trajectories, cleaned by `clean.clean_trajectory`.
+"""
+
+from __future__ import annotations
+
+from app.errors import InvalidTrajectory, UnknownFormat
+from app.trajectories.formats import (
+    mini_swe_agent,
+    nebius,
+    openai_messages,
+    openhands,
+    swe_agent,
+)
+from app.trajectories.formats.base import Document, Importer, Trajectory
+from app.trajectories.formats.clean import clean_trajectory
+from app.trajectories.formats.decode import decode_document
+
+# Most specific first: `openai` accepts anything shaped like chat messages.
+IMPORTERS: tuple[Importer, ...] = (
+    swe_agent.IMPORTER,
+    mini_swe_agent.IMPORTER,
+    openhands.IMPORTER,
+    nebius.IMPORTER,
+    openai_messages.IMPORTER,
+)
+FORMAT_NAMES: tuple[str, ...] = tuple(i.name for i in IMPORTERS)
+
+
+def get_importer(name: str) -> Importer:
+    for importer in IMPORTERS:
+        if importer.name == name:
+            return importer
+    raise UnknownFormat(
+        f"unknown format {name!r}; known formats: auto, {', '.join(FORMAT_NAMES)}",
+        location="query.format",
+    )
+
+
+def detect_format(doc: Document) -> Importer:
+    """The first importer whose sniff accepts `doc`; else an error listing every reason."""
+    reasons: dict[str, str] = {}
+    for importer in IMPORTERS:
+        reason = importer.sniff(doc)
+        if reason is None:
+            return importer
+        reasons[importer.name] = reason
+    tried = "; ".join(f"{name}: {why}" for name, why in reasons.items())
+    raise UnknownFormat(
+        f"could not detect the trajectory format (tried {', '.join(reasons)}). {tried}. "
+        "Force one with ?format=",
+        location="(document)",
+        details={"tried": reasons},
+    )
+
+
+def parse_document(doc: Document, fmt: str = "auto") -> list[Trajectory]:
+    importer = detect_format(doc) if fmt == "auto" else get_importer(fmt)
+    if fmt != "auto":
+        reason = importer.sniff(doc)
+        if reason is not None:
+            raise InvalidTrajectory(f"the body is not {fmt}: {reason}", location="(document)")
+    trajectories = importer.parse(doc)
+    return [clean_trajectory(t) for t in trajectories]
+
+
+def parse_upload(raw: bytes, fmt: str = "auto", *, lines: bool | None = None) -> list[Trajectory]:
+    """Bytes of one file to canonical, cleaned trajectories. Raises `SrftError` subclasses."""
+    if fmt != "auto":
+        get_importer(fmt)  # an unknown name is the caller's first mistake; say so first
+    return parse_document(decode_document(raw, lines=lines), fmt)
