@@ -1,0 +1,83 @@
+"""Projects and API keys. A key is shown once at creation; only its sha256 is stored."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.errors import Unauthorized
+from app.models import ApiKey, Project
+
+KEY_PREFIX = "srft_"
+DEFAULT_PROJECT = "default"
+
+
+@dataclass(frozen=True)
+class NewKey:
+    project_id: uuid.UUID
+    project_name: str
+    key_id: uuid.UUID
+    key: str
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def generate_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def get_or_create_project(session: Session, name: str) -> Project:
+    project = session.scalar(select(Project).where(Project.name == name))
+    if project is None:
+        project = Project(name=name)
+        session.add(project)
+        session.flush()
+    return project
+
+
+def create_key(
+    session: Session, name: str, *, project_name: str = DEFAULT_PROJECT, key: str | None = None
+) -> NewKey:
+    """Create an API key for `project_name` (created if missing) and return it in clear once."""
+    project = get_or_create_project(session, project_name)
+    key = key or generate_key()
+    row = ApiKey(project_id=project.id, name=name, prefix=key[:12], key_hash=hash_key(key))
+    session.add(row)
+    session.flush()
+    return NewKey(project.id, project.name, row.id, key)
+
+
+def bootstrap(session: Session, key: str | None = None) -> NewKey | None:
+    """On an empty database, create project `default` with one key; otherwise do nothing."""
+    if session.scalar(select(func.count()).select_from(Project)):
+        return None
+    return create_key(session, "bootstrap", key=key)
+
+
+def authenticate(session: Session, authorization: str | None) -> uuid.UUID:
+    """The project id for an `Authorization: Bearer <key>` header, or 401."""
+    if not authorization:
+        raise Unauthorized(
+            "missing API key: send 'Authorization: Bearer <key>'", location="header.Authorization"
+        )
+    scheme, _, key = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthorized(
+            "malformed Authorization header: expected 'Bearer <key>'",
+            location="header.Authorization",
+        )
+    project_id = session.scalar(
+        select(ApiKey.project_id).where(
+            ApiKey.key_hash == hash_key(key.strip()), ApiKey.revoked_at.is_(None)
+        )
+    )
+    if project_id is None:
+        raise Unauthorized("invalid or revoked API key", location="header.Authorization")
+    return project_id

@@ -1,0 +1,174 @@
+"""The `srft` command line: run the service, manage keys, upload trajectories."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="srft: critic labeling for Step Rejection Fine-Tuning.", no_args_is_help=True)
+keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
+db_app = typer.Typer(help="Manage the database schema.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(db_app, name="db")
+
+UPLOAD_SUFFIXES = (".json", ".jsonl", ".traj", ".ndjson")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    migrate: Annotated[bool, typer.Option(help="Apply database migrations first.")] = True,
+) -> None:
+    """Run the API (and, on the embedded default, the worker inside it)."""
+    import uvicorn
+
+    from app.config import get_settings
+    from app.db import upgrade_database
+    from app.logs import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    if migrate:
+        upgrade_database(settings.database_url)
+    if settings.embedded_worker:
+        typer.echo("srft: embedded mode: worker runs inside this process (broker memory://)")
+    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 2,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Run a Celery worker against SRFT_BROKER_URL (Redis in production)."""
+    from app.config import get_settings
+    from workers.celery_app import celery_app
+
+    if get_settings().embedded_worker:
+        typer.echo(
+            "srft worker needs a shared broker: set SRFT_BROKER_URL=redis://... "
+            "(the embedded default runs its worker inside `srft serve`)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    celery_app.worker_main(
+        ["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}", "--without-gossip"]
+    )
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Apply migrations up to REVISION (default: head)."""
+    from app.config import get_settings
+    from app.db import upgrade_database
+
+    upgrade_database(get_settings().database_url, revision)
+    typer.echo(f"database at {revision}")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="A label for the key, e.g. who uses it.")],
+    project: Annotated[str, typer.Option(help="Project (created if missing).")] = "default",
+) -> None:
+    """Create an API key; the key itself is the last line printed, and is shown only once."""
+    from app.auth import service as auth_service
+    from app.config import get_settings
+    from app.db import Database, upgrade_database
+
+    settings = get_settings()
+    upgrade_database(settings.database_url)
+    database = Database(settings.database_url)
+    try:
+        with database.transaction() as session:
+            new_key = auth_service.create_key(session, name, project_name=project)
+    finally:
+        database.dispose()
+    typer.echo(f"created key {name!r} for project {new_key.project_name!r}; store it now:")
+    typer.echo(new_key.key)
+
+
+def _collect(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(
+                sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(UPLOAD_SUFFIXES))
+            )
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise typer.BadParameter(f"{path} does not exist", param_hint="PATH")
+    return files
+
+
+@app.command()
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders of trajectory files.")],
+    format: Annotated[str, typer.Option("--format", help="Source format, or auto.")] = "auto",  # noqa: A002
+    resolved: Annotated[
+        bool | None, typer.Option("--resolved/--unresolved", help="Resolution of every run.")
+    ] = None,
+    url: Annotated[str, typer.Option(envvar="SRFT_URL", help="Service URL.")] = "http://127.0.0.1:8000",
+    api_key: Annotated[str, typer.Option(envvar="SRFT_API_KEY", help="API key.")] = "",
+) -> None:
+    """Upload trajectory files over HTTP, one request per file, with a progress bar."""
+    import httpx
+    from rich.progress import Progress
+
+    if not api_key:
+        typer.echo("no API key: pass --api-key or set SRFT_API_KEY", err=True)
+        raise typer.Exit(2)
+    files = _collect(paths)
+    if not files:
+        typer.echo("no trajectory files found", err=True)
+        raise typer.Exit(2)
+    params: dict[str, str] = {"format": format}
+    if resolved is not None:
+        params["resolved"] = "true" if resolved else "false"
+    created = duplicates = failed = 0
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {api_key}"},
+                      timeout=300) as client, Progress(transient=False) as progress:
+        task = progress.add_task("uploading", total=len(files))
+        for file in files:
+            content_type = "application/x-ndjson" if file.suffix in (".jsonl", ".ndjson") else "application/json"
+            response = client.post(
+                "/v1/trajectories", params=params, content=file.read_bytes(),
+                headers={"Content-Type": content_type, "X-Filename": file.name},
+            )
+            if response.status_code == 201:
+                body = response.json()
+                created += body["created"]
+                duplicates += body["duplicates"]
+            else:
+                failed += 1
+                progress.console.print(f"[red]{file}[/red]: {_describe_error(response)}")
+            progress.advance(task)
+    typer.echo(f"{len(files)} files: {created} trajectories created, {duplicates} duplicates, "
+               f"{failed} files failed")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _describe_error(response: object) -> str:
+    import httpx
+
+    assert isinstance(response, httpx.Response)
+    try:
+        error = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}: {response.text[:300]}"
+    where = f" at {error['location']}" if error.get("location") else ""
+    return f"HTTP {response.status_code} {error['code']}{where}: {error['message']}"
+
+
+def main() -> None:
+    # Typer's rich tracebacks dump locals (which could include keys); keep them plain.
+    os.environ.setdefault("_TYPER_STANDARD_TRACEBACK", "1")
+    app(prog_name="srft")
+    sys.exit(0)

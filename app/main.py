@@ -1,0 +1,146 @@
+"""The FastAPI application: routers, error rendering, health, start-up and shutdown."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app import __version__
+from app.auth import service as auth_service
+from app.config import Settings, get_settings
+from app.db import Database
+from app.errors import SrftError
+from app.trajectories.router import router as trajectories_router
+
+log = logging.getLogger("srft")
+
+
+def _error(status: int, code: str, message: str, location: str | None = None) -> JSONResponse:
+    return JSONResponse(
+        status_code=status,
+        content={"error": {"code": code, "message": message, "location": location}},
+    )
+
+
+async def _srft_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, SrftError)
+    return JSONResponse(status_code=exc.status_code, content=exc.to_dict())
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors: list[Any] = list(exc.errors())
+    first = errors[0] if errors else {}
+    location = ".".join(str(part) for part in first.get("loc", ())) or None
+    message = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors
+    )
+    return _error(422, "validation_error", message or "invalid request", location)
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    return _error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _error(500, "internal_error", "internal server error; the request was not applied")
+
+
+def create_app(settings: Settings | None = None, database: Database | None = None) -> FastAPI:
+    """Build the app. Tests pass their own settings and database; `srft serve` passes none."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owns_database = database is None
+        app.state.database = database or Database(settings.database_url)
+        if owns_database:
+            _bootstrap(app.state.database, settings)
+        worker = None
+        if settings.embedded_worker and owns_database:
+            from workers.embedded import EmbeddedWorker
+
+            worker = EmbeddedWorker()
+            worker.start()
+        try:
+            yield
+        finally:
+            if worker is not None:
+                worker.stop()
+            if owns_database:
+                app.state.database.dispose()
+
+    app = FastAPI(
+        title="srft",
+        version=__version__,
+        summary="Critic labeling service for Step Rejection Fine-Tuning.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    if database is not None:
+        app.state.database = database
+    app.add_exception_handler(SrftError, _srft_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    app.include_router(trajectories_router)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz(request: Request) -> JSONResponse:
+        """The database and the broker are reachable."""
+        checks = {
+            "database": _check(request.app.state.database.ping),
+            "broker": _check(lambda: _ping_broker(settings.broker_url)),
+        }
+        ready = all(value == "ok" for value in checks.values())
+        return JSONResponse(
+            status_code=200 if ready else 503,
+            content={"status": "ready" if ready else "unavailable", "checks": checks},
+        )
+
+    return app
+
+
+def _check(probe: Any) -> str:
+    try:
+        probe()
+    except Exception as exc:  # a readiness probe reports every failure, it never raises
+        return f"error: {type(exc).__name__}: {exc}"
+    return "ok"
+
+
+def _ping_broker(url: str) -> None:
+    from workers.celery_app import ping_broker
+
+    ping_broker(url)
+
+
+def _bootstrap(database: Database, settings: Settings) -> None:
+    """On an empty database, create project `default` and print its key, once."""
+    with database.transaction() as session:
+        new_key = auth_service.bootstrap(session, settings.bootstrap_api_key)
+    if new_key is not None and settings.bootstrap_api_key:
+        print("srft: created project 'default' with the key from SRFT_BOOTSTRAP_API_KEY",
+              flush=True)
+    elif new_key is not None:
+        print(
+            "\nsrft: created project 'default'. Its API key is shown only this once:\n"
+            f"    {new_key.key}\n"
+            "Use it as 'Authorization: Bearer <key>' (or SRFT_API_KEY for the CLI).\n",
+            flush=True,
+        )

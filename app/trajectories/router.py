@@ -1,0 +1,121 @@
+"""Trajectory routes: upload files as agents wrote them, read them back as canonical runs."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query, Request, status
+
+from app.deps import ProjectDep, SessionDep, SettingsDep
+from app.errors import PayloadTooLarge
+from app.trajectories import schemas
+from app.trajectories import service as trajectory_service
+
+router = APIRouter(prefix="/v1/trajectories", tags=["trajectories"])
+
+NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/x-jsonlines")
+
+
+async def read_body(request: Request, settings: SettingsDep) -> bytes:
+    """The raw body, refused with 413 as soon as it passes SRFT_MAX_UPLOAD_BYTES."""
+    limit = settings.max_upload_bytes
+    too_large = PayloadTooLarge(
+        f"the body is larger than SRFT_MAX_UPLOAD_BYTES = {limit} bytes; split the file "
+        "or raise the limit",
+        location="body",
+    )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=schemas.IngestResponse)
+def upload_trajectories(
+    request: Request,
+    session: SessionDep,
+    project_id: ProjectDep,
+    body: Annotated[bytes, Depends(read_body)],
+    format: Annotated[  # noqa: A002 - the public query parameter is called format
+        str,
+        Query(description="auto, swe-agent, mini-swe-agent, openhands, openai or nebius."),
+    ] = "auto",
+    resolved: Annotated[
+        bool | None, Query(description="Resolution of every run in the file, if known.")
+    ] = None,
+) -> schemas.IngestResponse:
+    """Upload one trajectory file (any supported format) or canonical items."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower() or None
+    result = trajectory_service.ingest(
+        session,
+        project_id,
+        body,
+        fmt=format,
+        resolved=resolved,
+        lines=True if content_type in NDJSON_TYPES else None,
+        content_type=content_type,
+        filename=request.headers.get("x-filename"),
+    )
+    session.commit()
+    return schemas.IngestResponse(
+        created=result.created,
+        duplicates=result.duplicates,
+        trajectories=[
+            schemas.IngestedTrajectory(
+                id=run.id, status=run.status, source_format=run.source_format,
+                num_steps=run.num_steps, resolved=run.resolved,
+            )
+            for run in result.runs
+        ],
+    )
+
+
+@router.get("", response_model=schemas.TrajectoryPage)
+def list_trajectories(
+    session: SessionDep,
+    project_id: ProjectDep,
+    resolved: Annotated[Literal["true", "false", "unknown"] | None, Query()] = None,
+    source_format: Annotated[str | None, Query()] = None,
+    task_id: Annotated[str | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=trajectory_service.MAX_PAGE)] = 50,
+    cursor: Annotated[str | None, Query()] = None,
+) -> schemas.TrajectoryPage:
+    """List trajectories, newest first, with cursor pagination."""
+    items, next_cursor = trajectory_service.list_trajectories(
+        session, project_id, resolved=resolved, source_format=source_format, task_id=task_id,
+        limit=limit, cursor=cursor,
+    )
+    return schemas.TrajectoryPage(
+        items=[schemas.TrajectorySummary.model_validate(t) for t in items],
+        next_cursor=next_cursor,
+    )
+
+
+@router.get("/{trajectory_id}", response_model=schemas.TrajectoryOut)
+def get_trajectory(
+    trajectory_id: uuid.UUID, session: SessionDep, project_id: ProjectDep
+) -> schemas.TrajectoryOut:
+    """One trajectory: canonical messages, tools, metadata and its steps."""
+    trajectory = trajectory_service.get_trajectory(session, project_id, trajectory_id)
+    return schemas.TrajectoryOut.model_validate(trajectory)
+
+
+@router.patch("/{trajectory_id}", response_model=schemas.TrajectorySummary)
+def patch_trajectory(
+    trajectory_id: uuid.UUID,
+    patch: schemas.TrajectoryPatch,
+    session: SessionDep,
+    project_id: ProjectDep,
+) -> schemas.TrajectorySummary:
+    """Set whether the run resolved its task (true, false, or null for unknown)."""
+    trajectory = trajectory_service.set_resolved(session, project_id, trajectory_id, patch.resolved)
+    session.commit()
+    return schemas.TrajectorySummary.model_validate(trajectory)

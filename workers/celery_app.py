@@ -1,0 +1,47 @@
+"""The Celery application. Broker from SRFT_BROKER_URL: `memory://` (embedded) or Redis."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Connection
+
+from app.config import get_settings
+
+
+def create_celery(broker_url: str) -> Celery:
+    celery = Celery("srft", broker=broker_url, include=["workers.tasks"])
+    celery.conf.update(
+        # The database is the source of truth; results are read from it, not from Celery.
+        task_ignore_result=True,
+        result_backend=None,
+        # A task is acknowledged only when it finished, so a killed worker's task is
+        # redelivered; tasks are idempotent by construction.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=600,
+        task_soft_time_limit=540,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options=(
+            # The in-memory transport polls; its 1 s default caps it at a few tasks a second.
+            {"polling_interval": 0.005}
+            if broker_url.startswith("memory://")
+            else {"visibility_timeout": 3600}
+        ),
+        task_serializer="json",
+        accept_content=["json"],
+        timezone="UTC",
+        enable_utc=True,
+    )
+    return celery
+
+
+celery_app = create_celery(get_settings().broker_url)
+
+
+def ping_broker(url: str, timeout: float = 2.0) -> None:
+    """Raise if the broker cannot be reached within `timeout` seconds."""
+    if url.startswith("memory://"):
+        return
+    with Connection(url, connect_timeout=timeout) as connection:
+        connection.ensure_connection(max_retries=1, timeout=timeout)

@@ -1,0 +1,46 @@
+"""The worker that runs inside the API process on the embedded default (`memory://` broker).
+
+Same Celery app, same tasks; only the transport differs. A thread pool keeps it in this
+process, which is what makes an in-memory broker possible. Work pending in the database is
+re-enqueued at start-up by the sweeper, so a restart loses nothing the broker held.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from workers.celery_app import celery_app
+
+log = logging.getLogger("srft.worker")
+
+
+class EmbeddedWorker:
+    def __init__(self, concurrency: int = 4) -> None:
+        self.concurrency = concurrency
+        self._worker: Any = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        from celery.worker import WorkController
+
+        self._worker = WorkController(
+            app=celery_app,
+            pool_cls="threads",
+            concurrency=self.concurrency,
+            hostname="embedded@localhost",
+            without_heartbeat=True,
+            without_mingle=True,
+            without_gossip=True,
+            loglevel="WARNING",
+        )
+        self._thread = threading.Thread(target=self._worker.start, name="srft-worker", daemon=True)
+        self._thread.start()
+        log.warning("embedded worker started (%d threads, in-memory broker)", self.concurrency)
+
+    def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.stop(in_sighandler=False)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
