@@ -9,7 +9,9 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="srft: critic labeling for Step Rejection Fine-Tuning.", no_args_is_help=True)
+app = typer.Typer(
+    help="srft: critic labeling for Step Rejection Fine-Tuning.", no_args_is_help=True
+)
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 db_app = typer.Typer(help="Manage the database schema.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
@@ -98,7 +100,9 @@ def _collect(paths: list[Path]) -> list[Path]:
     for path in paths:
         if path.is_dir():
             files.extend(
-                sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(UPLOAD_SUFFIXES))
+                sorted(
+                    p for p in path.rglob("*") if p.is_file() and p.name.endswith(UPLOAD_SUFFIXES)
+                )
             )
         elif path.is_file():
             files.append(path)
@@ -110,11 +114,13 @@ def _collect(paths: list[Path]) -> list[Path]:
 @app.command()
 def ingest(
     paths: Annotated[list[Path], typer.Argument(help="Files or folders of trajectory files.")],
-    format: Annotated[str, typer.Option("--format", help="Source format, or auto.")] = "auto",  # noqa: A002
+    format: Annotated[str, typer.Option("--format", help="Source format, or auto.")] = "auto",
     resolved: Annotated[
         bool | None, typer.Option("--resolved/--unresolved", help="Resolution of every run.")
     ] = None,
-    url: Annotated[str, typer.Option(envvar="SRFT_URL", help="Service URL.")] = "http://127.0.0.1:8000",
+    url: Annotated[
+        str, typer.Option(envvar="SRFT_URL", help="Service URL.")
+    ] = "http://127.0.0.1:8000",
     api_key: Annotated[str, typer.Option(envvar="SRFT_API_KEY", help="API key.")] = "",
 ) -> None:
     """Upload trajectory files over HTTP, one request per file, with a progress bar."""
@@ -132,13 +138,23 @@ def ingest(
     if resolved is not None:
         params["resolved"] = "true" if resolved else "false"
     created = duplicates = failed = 0
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {api_key}"},
-                      timeout=300) as client, Progress(transient=False) as progress:
+    with (
+        httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=300
+        ) as client,
+        Progress(transient=False) as progress,
+    ):
         task = progress.add_task("uploading", total=len(files))
         for file in files:
-            content_type = "application/x-ndjson" if file.suffix in (".jsonl", ".ndjson") else "application/json"
+            content_type = (
+                "application/x-ndjson"
+                if file.suffix in (".jsonl", ".ndjson")
+                else "application/json"
+            )
             response = client.post(
-                "/v1/trajectories", params=params, content=file.read_bytes(),
+                "/v1/trajectories",
+                params=params,
+                content=file.read_bytes(),
                 headers={"Content-Type": content_type, "X-Filename": file.name},
             )
             if response.status_code == 201:
@@ -149,8 +165,10 @@ def ingest(
                 failed += 1
                 progress.console.print(f"[red]{file}[/red]: {_describe_error(response)}")
             progress.advance(task)
-    typer.echo(f"{len(files)} files: {created} trajectories created, {duplicates} duplicates, "
-               f"{failed} files failed")
+    typer.echo(
+        f"{len(files)} files: {created} trajectories created, {duplicates} duplicates, "
+        f"{failed} files failed"
+    )
     if failed:
         raise typer.Exit(1)
 
@@ -172,3 +190,7 @@ def main() -> None:
     os.environ.setdefault("_TYPER_STANDARD_TRACEBACK", "1")
     app(prog_name="srft")
     sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

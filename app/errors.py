@@ -31,7 +31,11 @@ class SrftError(Exception):
             self.code = code
 
     def to_dict(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"code": self.code, "message": self.message, "location": self.location}
+        body: dict[str, Any] = {
+            "code": self.code,
+            "message": self.message,
+            "location": self.location,
+        }
         if self.details is not None:
             body["details"] = self.details
         return {"error": body}

@@ -135,8 +135,9 @@ def _bootstrap(database: Database, settings: Settings) -> None:
     with database.transaction() as session:
         new_key = auth_service.bootstrap(session, settings.bootstrap_api_key)
     if new_key is not None and settings.bootstrap_api_key:
-        print("srft: created project 'default' with the key from SRFT_BOOTSTRAP_API_KEY",
-              flush=True)
+        print(
+            "srft: created project 'default' with the key from SRFT_BOOTSTRAP_API_KEY", flush=True
+        )
     elif new_key is not None:
         print(
             "\nsrft: created project 'default'. Its API key is shown only this once:\n"

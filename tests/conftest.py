@@ -70,8 +70,9 @@ def connection(engine: Engine) -> Iterator[Connection]:
 @pytest.fixture
 def session(connection: Connection) -> Iterator[Session]:
     """A session whose commits only release savepoints of the test's outer transaction."""
-    session = Session(bind=connection, join_transaction_mode="create_savepoint",
-                      expire_on_commit=False)
+    session = Session(
+        bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+    )
     yield session
     session.close()
 
@@ -100,8 +101,9 @@ def other_caller(session: Session) -> Caller:
 
 @pytest.fixture
 def settings(postgres_url: str, redis_url: str) -> Settings:
-    return Settings(database_url=postgres_url, broker_url=redis_url,
-                    max_upload_bytes=8 * 1024 * 1024)
+    return Settings(
+        database_url=postgres_url, broker_url=redis_url, max_upload_bytes=8 * 1024 * 1024
+    )
 
 
 @pytest.fixture

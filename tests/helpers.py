@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# A copy of the shared development trajectories (untouched bytes; see data/trajectories/PROVENANCE.md).
+# A copy of the shared development trajectories, untouched bytes
+# (see data/trajectories/PROVENANCE.md).
 TRAJECTORY_DIR = Path(__file__).parent / "data" / "trajectories"
 
 

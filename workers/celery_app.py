@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Connection
+from kombu.connection import Connection
 
 from app.config import get_settings
 

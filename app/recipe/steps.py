@@ -14,7 +14,9 @@ from typing import Any
 
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)
 _INLINE_FUNCTION = re.compile(r"<function=([^>\s]+)>(.*?)(?:</function>|$)", re.DOTALL)
-_INLINE_PARAMETER = re.compile(r"<parameter=([^>\s]+)>(.*?)(?:</parameter>|(?=<parameter=)|$)", re.DOTALL)
+_INLINE_PARAMETER = re.compile(
+    r"<parameter=([^>\s]+)>(.*?)(?:</parameter>|(?=<parameter=)|$)", re.DOTALL
+)
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,11 @@ def split_steps(messages: list[dict[str, Any]]) -> list[Step]:
     assistant_positions = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     steps: list[Step] = []
     for index, position in enumerate(assistant_positions):
-        end = assistant_positions[index + 1] if index + 1 < len(assistant_positions) else len(messages)
+        end = (
+            assistant_positions[index + 1]
+            if index + 1 < len(assistant_positions)
+            else len(messages)
+        )
         message = messages[position]
         calls = message.get("tool_calls") or []
         call_ids = {c.get("id") for c in calls if isinstance(c, dict)}
@@ -39,9 +45,11 @@ def split_steps(messages: list[dict[str, Any]]) -> list[Step]:
         for j in range(position + 1, end):
             other = messages[j]
             role = other.get("role")
-            if role == "tool" and (not call_ids or other.get("tool_call_id") in call_ids):
-                observations.append(j)
-            elif role == "user" and not calls:
+            answers_call = role == "tool" and (
+                not call_ids or other.get("tool_call_id") in call_ids
+            )
+            answers_text = role == "user" and not calls
+            if answers_call or answers_text:
                 observations.append(j)
         action, names = describe_action(message)
         steps.append(Step(index, position, tuple(observations), action, names))
@@ -72,21 +80,22 @@ def describe_action(message: dict[str, Any]) -> tuple[str | None, tuple[str, ...
         name, body = inline[-1]
         params = _INLINE_PARAMETER.findall(body)
         if len(params) == 1:
-            return params[0][1].strip("\n"), (name,)
+            return str(params[0][1]).strip("\n"), (name,)
         args = ", ".join(f"{key}={value.strip()!r}" for key, value in params)
         return f"{name}({args})", (name,)
-    fences = _FENCE.findall(content)
+    fences: list[str] = _FENCE.findall(content)
     if fences:
         return fences[-1].strip("\n"), ()
     return None, ()
 
 
-def _render_arguments(arguments: Any) -> str:
-    if isinstance(arguments, str):
+def _render_arguments(raw: Any) -> str:
+    arguments = raw
+    if isinstance(raw, str):
         try:
-            arguments = json.loads(arguments)
+            arguments = json.loads(raw)
         except json.JSONDecodeError:
-            return arguments
+            return raw
     if isinstance(arguments, dict):
         if len(arguments) == 1:
             (value,) = arguments.values()

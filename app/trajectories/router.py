@@ -44,7 +44,7 @@ def upload_trajectories(
     session: SessionDep,
     project_id: ProjectDep,
     body: Annotated[bytes, Depends(read_body)],
-    format: Annotated[  # noqa: A002 - the public query parameter is called format
+    format: Annotated[
         str,
         Query(description="auto, swe-agent, mini-swe-agent, openhands, openai or nebius."),
     ] = "auto",
@@ -70,8 +70,11 @@ def upload_trajectories(
         duplicates=result.duplicates,
         trajectories=[
             schemas.IngestedTrajectory(
-                id=run.id, status=run.status, source_format=run.source_format,
-                num_steps=run.num_steps, resolved=run.resolved,
+                id=run.id,
+                status=run.status,
+                source_format=run.source_format,
+                num_steps=run.num_steps,
+                resolved=run.resolved,
             )
             for run in result.runs
         ],
@@ -90,8 +93,13 @@ def list_trajectories(
 ) -> schemas.TrajectoryPage:
     """List trajectories, newest first, with cursor pagination."""
     items, next_cursor = trajectory_service.list_trajectories(
-        session, project_id, resolved=resolved, source_format=source_format, task_id=task_id,
-        limit=limit, cursor=cursor,
+        session,
+        project_id,
+        resolved=resolved,
+        source_format=source_format,
+        task_id=task_id,
+        limit=limit,
+        cursor=cursor,
     )
     return schemas.TrajectoryPage(
         items=[schemas.TrajectorySummary.model_validate(t) for t in items],

@@ -8,10 +8,10 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import zstandard
-from sqlalchemy import insert, select
+from sqlalchemy import Table, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, load_only
 
@@ -114,8 +114,11 @@ def ingest(
         # A run repeated inside one file is created once and a duplicate after that.
         if item.digest in rows and item.digest not in reported:
             row = rows[item.digest]
-            results.append(IngestedRun(row["id"], "created", row["source_format"],
-                                       row["num_steps"], row["resolved"]))
+            results.append(
+                IngestedRun(
+                    row["id"], "created", row["source_format"], row["num_steps"], row["resolved"]
+                )
+            )
         else:
             results.append(_duplicate(session, existing, rows, item.digest))
         reported.add(item.digest)
@@ -149,13 +152,15 @@ def _duplicate(
 ) -> IngestedRun:
     if digest in pending:  # stored by this very upload
         row = pending[digest]
-        return IngestedRun(row["id"], "duplicate", row["source_format"], row["num_steps"],
-                           row["resolved"])
+        return IngestedRun(
+            row["id"], "duplicate", row["source_format"], row["num_steps"], row["resolved"]
+        )
     stored = session.get(Trajectory, existing[digest])
     if stored is None:  # pragma: no cover - the row was just read under this transaction
         raise NotFound("trajectory vanished during upload")
-    return IngestedRun(stored.id, "duplicate", stored.source_format, stored.num_steps,
-                       stored.resolved)
+    return IngestedRun(
+        stored.id, "duplicate", stored.source_format, stored.num_steps, stored.resolved
+    )
 
 
 def _existing_ids(
@@ -167,8 +172,8 @@ def _existing_ids(
         select(Trajectory.content_hash, Trajectory.id).where(
             Trajectory.project_id == project_id, Trajectory.content_hash.in_(digests)
         )
-    ).tuples()
-    return dict(rows)
+    ).all()
+    return {row.content_hash: row.id for row in rows}
 
 
 def _trajectory_row(
@@ -207,7 +212,7 @@ def _insert_trajectories(session: Session, rows: list[dict[str, Any]]) -> set[uu
     """Insert rows, skipping any whose content hash a concurrent upload already stored."""
     if not rows:
         return set()
-    table = Trajectory.__table__
+    table = cast(Table, Trajectory.__table__)
     dialect = session.get_bind().dialect.name
     base = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
     statement = base.on_conflict_do_nothing(
@@ -312,8 +317,13 @@ def list_trajectories(
     query = query.order_by(Trajectory.id.desc()).limit(limit + 1)
     query = query.options(
         load_only(
-            Trajectory.id, Trajectory.source_format, Trajectory.task_id, Trajectory.resolved,
-            Trajectory.num_steps, Trajectory.created_at, Trajectory.updated_at,
+            Trajectory.id,
+            Trajectory.source_format,
+            Trajectory.task_id,
+            Trajectory.resolved,
+            Trajectory.num_steps,
+            Trajectory.created_at,
+            Trajectory.updated_at,
             Trajectory.upload_id,
         )
     )

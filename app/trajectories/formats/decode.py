@@ -76,9 +76,15 @@ def _decode_lines(text: str) -> Document:
         except json.JSONDecodeError as exc:
             bad.append({"line": number, "column": exc.colno, "message": exc.msg})
     if bad:
-        listed = ", ".join(f"line {b['line']} column {b['column']}: {b['message']}"
-                           for b in bad[:_MAX_LISTED_BAD_LINES])
-        more = f" (and {len(bad) - _MAX_LISTED_BAD_LINES} more)" if len(bad) > _MAX_LISTED_BAD_LINES else ""
+        listed = ", ".join(
+            f"line {b['line']} column {b['column']}: {b['message']}"
+            for b in bad[:_MAX_LISTED_BAD_LINES]
+        )
+        more = (
+            f" (and {len(bad) - _MAX_LISTED_BAD_LINES} more)"
+            if len(bad) > _MAX_LISTED_BAD_LINES
+            else ""
+        )
         raise InvalidJson(
             f"{len(bad)} of {len(bad) + len(records)} JSON Lines records are malformed; "
             f"nothing was stored: {listed}{more}",

@@ -1,0 +1,145 @@
+"""The embedded default as a user runs it: `srft serve` on a SQLite file, then the CLI."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import TRAJECTORY_DIR, trajectory_file
+from tests.servers import free_port
+
+SRFT = [sys.executable, "-m", "app.cli"]
+KEY = re.compile(r"srft_[A-Za-z0-9_-]{20,}")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SRFT_")}
+    return env | extra
+
+
+class Served:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / "serve.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [*SRFT, "serve", "--port", str(self.port)],
+                cwd=self.workdir,
+                env=_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise TimeoutError(self.log.read_text())
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=20)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    server = Served(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_embedded_service_end_to_end(served: Served) -> None:
+    keys = KEY.findall(served.log.read_text())
+    assert len(keys) == 1, "the first start prints the default project's key once"
+    headers = {"Authorization": f"Bearer {keys[0]}"}
+    assert (served.workdir / "var" / "srft.sqlite3").exists()
+
+    ready = httpx.get(f"{served.url}/readyz").json()
+    assert ready["checks"] == {"database": "ok", "broker": "ok"}
+
+    body = trajectory_file(
+        "mini-swe-agent/mini-v1.15.0__gemini-3-pro__django__django-11163.traj.json"
+    ).read_bytes()
+    created = httpx.post(
+        f"{served.url}/v1/trajectories", content=body, headers=headers, params={"resolved": "true"}
+    ).json()
+    assert created["created"] == 1
+    trajectory_id = created["trajectories"][0]["id"]
+    again = httpx.post(f"{served.url}/v1/trajectories", content=body, headers=headers).json()
+    assert again["duplicates"] == 1
+    fetched = httpx.get(f"{served.url}/v1/trajectories/{trajectory_id}", headers=headers).json()
+    assert fetched["source_format"] == "mini-swe-agent"
+    assert fetched["resolved"] is True
+    assert len(fetched["steps"]) == created["trajectories"][0]["num_steps"]
+
+    # A second key from the CLI works against the running service; the key is the last line.
+    made = subprocess.run(
+        [*SRFT, "keys", "create", "ci-bot"],
+        cwd=served.workdir,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    new_key = made.stdout.strip().splitlines()[-1]
+    assert KEY.fullmatch(new_key)
+    listing = httpx.get(
+        f"{served.url}/v1/trajectories", headers={"Authorization": f"Bearer {new_key}"}
+    ).json()
+    assert [item["id"] for item in listing["items"]] == [trajectory_id]
+
+    # `srft ingest` uploads a folder over HTTP; a second run finds only duplicates.
+    cli_env = _env(SRFT_URL=served.url, SRFT_API_KEY=new_key)
+    folder = TRAJECTORY_DIR / "openhands"
+    first = subprocess.run(
+        [*SRFT, "ingest", str(folder), "--unresolved"], env=cli_env, capture_output=True, text=True
+    )
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "2 files: 5 trajectories created, 0 duplicates, 0 files failed" in first.stdout
+    second = subprocess.run(
+        [*SRFT, "ingest", str(folder)], env=cli_env, capture_output=True, text=True
+    )
+    assert "0 trajectories created, 5 duplicates" in second.stdout
+    unresolved = httpx.get(
+        f"{served.url}/v1/trajectories", params={"resolved": "false"}, headers=headers
+    ).json()
+    assert len(unresolved["items"]) == 5
+
+    # A bad file makes the command fail and names the file and the error.
+    bad = served.workdir / "bad.json"
+    bad.write_text('{"messages": [')
+    failed = subprocess.run(
+        [*SRFT, "ingest", str(bad)], env=cli_env, capture_output=True, text=True
+    )
+    assert failed.returncode == 1
+    assert "bad.json" in failed.stdout
+    assert "invalid_json" in failed.stdout
+
+
+def test_restart_keeps_data_and_prints_no_new_key(served: Served) -> None:
+    key = KEY.findall(served.log.read_text())[0]
+    served.stop()
+    served.start()
+    assert KEY.findall(served.log.read_text()) == [key]
+    response = httpx.get(
+        f"{served.url}/v1/trajectories", headers={"Authorization": f"Bearer {key}"}
+    )
+    assert response.status_code == 200
