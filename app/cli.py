@@ -63,6 +63,18 @@ def worker(
     )
 
 
+@app.command()
+def beat(loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO") -> None:
+    """Run Celery beat: the periodic jobs (sweepers) of a Redis deployment. Run exactly one."""
+    from app.config import get_settings
+    from workers.celery_app import celery_app
+
+    if get_settings().embedded_worker:
+        typer.echo("srft beat needs SRFT_BROKER_URL=redis://...", err=True)
+        raise typer.Exit(2)
+    celery_app.start(["beat", f"--loglevel={loglevel}"])
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     """Apply migrations up to REVISION (default: head)."""
