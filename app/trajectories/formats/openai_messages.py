@@ -1,18 +1,387 @@
-"""Placeholder importer, replaced by the real one."""
+"""Chat-completions transcripts: our canonical upload shape and producers that write it.
+
+Accepted, one run each:
+
+- a canonical object `{"messages": [...], "tools"?, "resolved"?, "task_id"?, "metadata"?}`, a
+  JSON array of them, JSON Lines of them, or a bare list of message objects;
+- an OpenHands `llm_completions` file: `messages` is the prompt of the last LLM call and
+  `response` the ChatCompletion it got, whose `choices[0].message` is the final assistant turn;
+  tools are in `kwargs.tools`;
+- SWE-Gym `OpenHands-Sampled-Trajectories` rows: `instance_id` carries a `_N` sample suffix,
+  which is cut from the task id (the original stays in metadata); unused keys are null;
+- SWE-smith trajectory rows: the assistant writes its calls inline (`<function=bash>...`) and
+  the observations are user messages. That text is kept verbatim (the steps code reads the
+  inline markup); turning it into `tool_calls` would change what the model wrote.
+
+Messages come out as plain OpenAI chat messages and nothing else: `role`, `content` (a string
+or null; lists of content parts are flattened), assistant `tool_calls`, tool `tool_call_id` and
+`name`. Every tool message must answer a call an earlier assistant message made and that is
+not answered yet, so each call has at most one answer.
+
+The small helpers at the top (`join_path`, `tool_call`, `function_tools`, `put`, `mapping`) are
+also used by the OpenHands importer.
+"""
 
 from __future__ import annotations
 
-from app.trajectories.formats.base import Document, Trajectory
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from app.trajectories.formats.base import Document, Message, Record, Trajectory, fail, text_of
+
+NAME = "openai"
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+# `developer` is OpenAI's name for the system role on newer models: same meaning, same place.
+_ROLE_ALIASES = {"developer": "system"}
+# Small scalar row fields worth keeping; larger columns (patches, test output) are not copied.
+_ROW_METADATA_KEYS = ("model", "run_id", "traj_id", "timestamp", "cost")
+_SAMPLE_SUFFIX = re.compile(r"(.+)_\d+")
+
+
+# ---------------------------------------------------------------- helpers shared with openhands
+
+
+def join_path(prefix: str, path: str) -> str:
+    """`path` inside the run at `prefix`: `[2]` + `messages[5].role` -> `[2].messages[5].role`."""
+    if not prefix:
+        return path
+    if not path:
+        return prefix
+    return prefix + path if path.startswith("[") else f"{prefix}.{path}"
+
+
+def mapping(value: Any) -> dict[str, Any]:
+    """`value` if it is a JSON object, else an empty one: for optional nested fields."""
+    return value if isinstance(value, dict) else {}
+
+
+def put(target: dict[str, Any], key: str, value: Any) -> None:
+    """Set a metadata field only to a present scalar, so metadata stays small and flat."""
+    if isinstance(value, str | int | float | bool):
+        target[key] = value
+
+
+def tool_call(call_id: str, name: str, arguments: Any) -> Message:
+    """A canonical tool call; `arguments` becomes the JSON string OpenAI uses."""
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments if arguments is not None else {}, ensure_ascii=False)
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def function_tools(value: Any) -> list[dict[str, Any]] | None:
+    """OpenAI `tools` from a list of function schemas; bare `{name, parameters}` are wrapped.
+
+    Entries that describe no function are left out rather than rejected: the tool list is
+    context for a reader, not something the transcript depends on.
+    """
+    if not isinstance(value, list):
+        return None
+    tools: list[dict[str, Any]] = []
+    for item in value:
+        if not isinstance(item, dict):
+            continue
+        if isinstance(item.get("function"), dict):
+            tools.append({"type": item.get("type") or "function", "function": item["function"]})
+        elif isinstance(item.get("name"), str):
+            keys = ("name", "description", "parameters")
+            tools.append({"type": "function", "function": {k: item[k] for k in keys if k in item}})
+    return tools or None
+
+
+# ---------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True)
+class _Run:
+    record: Record
+    value: Any
+    prefix: str
+
+    def at(self, path: str) -> str:
+        return join_path(self.prefix, path)
+
+
+def _is_message(value: Any) -> bool:
+    return isinstance(value, dict) and "role" in value and "messages" not in value
+
+
+def _runs(doc: Document) -> Iterator[_Run]:
+    """Each record is one run, or an array of runs; an array of messages is itself one run."""
+    for record in doc.records:
+        value = record.value
+        if isinstance(value, list) and not (value and _is_message(value[0])):
+            for position, item in enumerate(value):
+                yield _Run(record, item, f"[{position}]")
+        else:
+            yield _Run(record, value, "")
+
+
+def _parse_run(run: _Run, run_index: int) -> Trajectory:
+    raw: Any
+    if isinstance(run.value, list):
+        row: dict[str, Any] = {}
+        raw, base = run.value, run.prefix
+    elif isinstance(run.value, dict):
+        row = run.value
+        raw, base = row.get("messages"), run.at("messages")
+    else:
+        raise fail(
+            "a run must be an object with 'messages' or a list of messages", run.record, run.prefix
+        )
+    if not isinstance(raw, list):
+        raise fail("'messages' must be a list of chat messages", run.record, base)
+    entries = [(item, f"{base}[{position}]") for position, item in enumerate(raw)]
+    response = _response_message(row, run)
+    if response is not None:
+        entries.append((response, run.at("response.choices[0].message")))
+    messages = _messages(entries, run.record)
+    _require_task(messages, entries, run)
+    return Trajectory(
+        messages=messages,
+        source_format=NAME,
+        tools=_tools(row, run),
+        resolved=_resolved(row, run),
+        task_id=_task_id(row, run),
+        metadata=_metadata(row, run, run_index),
+    )
+
+
+def _response_message(row: dict[str, Any], run: _Run) -> dict[str, Any] | None:
+    """The final assistant turn of an `llm_completions` file: it is not in `messages`."""
+    if "response" not in row:
+        return None
+    choices = mapping(row["response"]).get("choices")
+    first = choices[0] if isinstance(choices, list) and choices else None
+    message = mapping(first).get("message")
+    if not isinstance(message, dict):
+        raise fail("'response' has no choices[0].message", run.record, run.at("response.choices"))
+    return {"role": "assistant", **message}
+
+
+def _require_task(messages: list[Message], entries: list[tuple[Any, str]], run: _Run) -> None:
+    if not messages:
+        raise fail("'messages' is empty", run.record, run.at("messages"))
+    position = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
+    if position is None:
+        raise fail("there is no user message with the task", run.record, run.at("messages"))
+    if messages[position]["role"] != "user":
+        raise fail(
+            "the first message after the system prompt must be the user's task",
+            run.record,
+            f"{entries[position][1]}.role",
+        )
+
+
+# ---------------------------------------------------------------- messages
+
+
+def _messages(entries: list[tuple[Any, str]], record: Record) -> list[Message]:
+    messages: list[Message] = []
+    pending: set[str] = set()  # calls made and not answered yet
+    answered: dict[str, str] = {}  # call id -> where its answer is
+    for raw, path in entries:
+        message = _message(raw, record, path)
+        for call in message.get("tool_calls", []):
+            pending.add(call["id"])
+        if message["role"] == "tool":
+            call_id = message["tool_call_id"]
+            if call_id not in pending:
+                where = f"; it was answered at {answered[call_id]}" if call_id in answered else ""
+                raise fail(
+                    f"tool message answers call {call_id!r}, which no earlier assistant "
+                    f"message left open{where}",
+                    record,
+                    f"{path}.tool_call_id",
+                )
+            pending.discard(call_id)
+            answered[call_id] = path
+        messages.append(message)
+    return messages
+
+
+def _message(raw: Any, record: Record, path: str) -> Message:
+    if not isinstance(raw, dict):
+        raise fail("a message must be an object", record, path)
+    role = _role(raw, record, path)
+    content = _content(raw.get("content"), record, f"{path}.content")
+    if role == "assistant":
+        return _assistant(raw, content, record, path)
+    if role == "tool":
+        return _tool(raw, content, record, path)
+    return {"role": role, "content": content}
+
+
+def _role(raw: dict[str, Any], record: Record, path: str) -> str:
+    role = raw.get("role")
+    role = _ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
+    if not isinstance(role, str) or role not in ROLES:
+        raise fail(
+            f"unsupported role {role!r}: expected system, user, assistant or tool",
+            record,
+            f"{path}.role",
+        )
+    return role
+
+
+def _content(value: Any, record: Record, path: str) -> str | None:
+    # Lists of parts (with `cache_control` and the like) are flattened to their text.
+    if value is None or isinstance(value, str | list):
+        return text_of(value)
+    raise fail("content must be a string, a list of content parts or null", record, path)
+
+
+def _assistant(raw: dict[str, Any], content: str | None, record: Record, path: str) -> Message:
+    if raw.get("function_call") is not None:
+        raise fail(
+            "legacy 'function_call' is not supported: use 'tool_calls'",
+            record,
+            f"{path}.function_call",
+        )
+    message: Message = {"role": "assistant", "content": content}
+    calls = raw.get("tool_calls")
+    if calls is None or calls == []:
+        return message
+    if not isinstance(calls, list):
+        raise fail("'tool_calls' must be a list", record, f"{path}.tool_calls")
+    message["tool_calls"] = [
+        _tool_call(call, record, f"{path}.tool_calls[{position}]")
+        for position, call in enumerate(calls)
+    ]
+    ids = [call["id"] for call in message["tool_calls"]]
+    if len(set(ids)) != len(ids):
+        raise fail("two tool calls of one message share an id", record, f"{path}.tool_calls")
+    return message
+
+
+def _tool_call(raw: Any, record: Record, path: str) -> Message:
+    if not isinstance(raw, dict):
+        raise fail("a tool call must be an object", record, path)
+    if raw.get("type", "function") not in ("function", None):
+        raise fail(f"unsupported tool call type {raw['type']!r}", record, f"{path}.type")
+    call_id = raw.get("id")
+    if not isinstance(call_id, str) or not call_id:
+        raise fail("tool call has no 'id'", record, f"{path}.id")
+    function = raw.get("function")
+    if not isinstance(function, dict):
+        raise fail("tool call has no 'function' object", record, f"{path}.function")
+    name = function.get("name")
+    if not isinstance(name, str) or not name:
+        raise fail("tool call has no function name", record, f"{path}.function.name")
+    return tool_call(call_id, name, function.get("arguments"))
+
+
+def _tool(raw: dict[str, Any], content: str | None, record: Record, path: str) -> Message:
+    call_id = raw.get("tool_call_id")
+    if not isinstance(call_id, str) or not call_id:
+        raise fail("tool message has no 'tool_call_id'", record, f"{path}.tool_call_id")
+    message: Message = {"role": "tool", "tool_call_id": call_id, "content": content}
+    if isinstance(raw.get("name"), str) and raw["name"]:
+        message["name"] = raw["name"]
+    return message
+
+
+# ---------------------------------------------------------------- run fields
+
+
+def _variant(row: dict[str, Any]) -> str | None:
+    """Which known producer wrote the row, for metadata and its few special rules."""
+    if "response" in row:
+        return "openhands-llm-completions"
+    if "traj_id" in row:
+        return "swe-smith"
+    if "run_id" in row and "test_result" in row:
+        return "swe-gym"
+    return None
+
+
+def _tools(row: dict[str, Any], run: _Run) -> list[dict[str, Any]] | None:
+    key, value = "tools", row.get("tools")
+    if value is None:  # llm_completions keep the request's tools in kwargs
+        key, value = "kwargs.tools", mapping(row.get("kwargs")).get("tools")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise fail("'tools' must be a list of tool objects", run.record, run.at(key))
+    return function_tools(value)
+
+
+def _resolved(row: dict[str, Any], run: _Run) -> bool | None:
+    value = row.get("resolved")
+    if value is None:  # SWE-Gym also keeps the evaluation report
+        report = mapping(mapping(row.get("test_result")).get("report")).get("resolved")
+        return report if isinstance(report, bool) else None
+    if not isinstance(value, bool):
+        raise fail("'resolved' must be true, false or null", run.record, run.at("resolved"))
+    return value
+
+
+def _raw_task_id(row: dict[str, Any], run: _Run) -> str | None:
+    for key in ("task_id", "instance_id"):
+        value = row.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise fail(f"'{key}' must be a string", run.record, run.at(key))
+        return str(value)
+    return None
+
+
+def _task_id(row: dict[str, Any], run: _Run) -> str | None:
+    task_id = _raw_task_id(row, run)
+    if task_id is not None and _variant(row) == "swe-gym":
+        # SWE-Gym samples one task several times: `getmoto__moto-5321_2` is task 5321.
+        match = _SAMPLE_SUFFIX.fullmatch(task_id)
+        return match.group(1) if match else task_id
+    return task_id
+
+
+def _metadata(row: dict[str, Any], run: _Run, run_index: int) -> dict[str, Any]:
+    given = row.get("metadata")
+    if given is not None and not isinstance(given, dict):
+        raise fail("'metadata' must be an object", run.record, run.at("metadata"))
+    metadata: dict[str, Any] = dict(given or {})
+    variant = _variant(row)
+    put(metadata, "variant", variant)
+    for key in _ROW_METADATA_KEYS:
+        put(metadata, key, row.get(key))
+    if variant == "openhands-llm-completions":
+        put(metadata, "model", mapping(row.get("response")).get("model"))
+    if variant == "swe-gym":
+        original = _raw_task_id(row, run)
+        if original != _task_id(row, run):
+            put(metadata, "instance_id", original)
+        put(metadata, "submission", mapping(row.get("test_result")).get("git_patch"))
+    # SWE-smith's `patch` column belongs to other rows of the dataset, so it is never read.
+    metadata["run_index"] = run_index
+    return metadata
+
+
+# ---------------------------------------------------------------- importer
 
 
 class _Importer:
-    name = "openai"
+    name = NAME
 
     def sniff(self, doc: Document) -> str | None:
-        return "not implemented"
+        value = doc.records[0].value if doc.records else None
+        if isinstance(value, list):
+            if not value:
+                return "the document is an empty array"
+            value = value[0]
+            if _is_message(value):
+                return None
+        if isinstance(value, dict) and isinstance(value.get("messages"), list):
+            messages = value["messages"]
+            if not messages or _is_message(messages[0]):
+                return None
+            return "'messages' does not hold chat messages (objects with a 'role')"
+        return "no 'messages' list of chat messages found"
 
     def parse(self, doc: Document) -> list[Trajectory]:
-        raise NotImplementedError
+        return [_parse_run(run, index) for index, run in enumerate(_runs(doc))]
 
 
 IMPORTER = _Importer()
