@@ -18,6 +18,7 @@ from app.config import Settings, get_settings
 from app.db import Database
 from app.errors import SrftError
 from app.trajectories.router import router as trajectories_router
+from app.trajectories.router import uploads_router
 
 log = logging.getLogger("srft")
 
@@ -94,6 +95,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     app.include_router(trajectories_router)
+    app.include_router(uploads_router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

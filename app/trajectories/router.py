@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, status
+from fastapi import APIRouter, Depends, Query, Request, Response, status
 
 from app.deps import ProjectDep, SessionDep, SettingsDep
 from app.errors import PayloadTooLarge
@@ -13,6 +13,7 @@ from app.trajectories import schemas
 from app.trajectories import service as trajectory_service
 
 router = APIRouter(prefix="/v1/trajectories", tags=["trajectories"])
+uploads_router = APIRouter(prefix="/v1/uploads", tags=["trajectories"])
 
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/x-jsonlines")
 
@@ -127,3 +128,14 @@ def patch_trajectory(
     trajectory = trajectory_service.set_resolved(session, project_id, trajectory_id, patch.resolved)
     session.commit()
     return schemas.TrajectorySummary.model_validate(trajectory)
+
+
+@uploads_router.get("/{upload_id}/raw", response_class=Response)
+def download_upload(upload_id: uuid.UUID, session: SessionDep, project_id: ProjectDep) -> Response:
+    """The original bytes of an upload, exactly as received."""
+    upload = trajectory_service.get_upload(session, project_id, upload_id)
+    return Response(
+        content=trajectory_service.read_upload(session, project_id, upload_id),
+        media_type=upload.content_type or "application/octet-stream",
+        headers={"ETag": f'"{upload.sha256}"'},
+    )

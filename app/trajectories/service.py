@@ -251,11 +251,16 @@ def _store_upload(
     return upload.id
 
 
-def read_upload(session: Session, project_id: uuid.UUID, upload_id: uuid.UUID) -> bytes:
-    """The original bytes of an upload, exactly as received."""
+def get_upload(session: Session, project_id: uuid.UUID, upload_id: uuid.UUID) -> Upload:
     upload = session.get(Upload, upload_id)
     if upload is None or upload.project_id != project_id:
         raise NotFound(f"upload {upload_id} not found", location="path.upload_id")
+    return upload
+
+
+def read_upload(session: Session, project_id: uuid.UUID, upload_id: uuid.UUID) -> bytes:
+    """The original bytes of an upload, exactly as received."""
+    upload = get_upload(session, project_id, upload_id)
     return bytes(zstandard.ZstdDecompressor().decompress(upload.data))
 
 

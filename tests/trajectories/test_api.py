@@ -181,6 +181,9 @@ def test_nul_bytes_are_replaced_counted_and_the_original_kept(
         session, caller.project_id, uuid.UUID(body["upload_id"])
     )
     assert original == raw
+    download = client.get(f"/v1/uploads/{body['upload_id']}/raw", headers=caller.headers)
+    assert download.status_code == 200
+    assert download.content == raw
 
 
 def test_terminal_escapes_are_removed_from_observations_only(

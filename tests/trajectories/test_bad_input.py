@@ -229,3 +229,19 @@ def test_garbage_cursor_is_rejected(client: TestClient, caller: Caller) -> None:
     response = client.get("/v1/trajectories", params={"cursor": "!!"}, headers=caller.headers)
     assert response.status_code in (400, 422)
     assert response.json()["error"]["code"] == "invalid_cursor"
+
+
+def test_another_projects_upload_answers_404(
+    client: TestClient, caller: Caller, other_caller: Caller
+) -> None:
+    created = client.post(
+        "/v1/trajectories", content=json.dumps(make_trajectory()).encode(), headers=caller.headers
+    ).json()
+    detail = client.get(
+        f"/v1/trajectories/{created['trajectories'][0]['id']}", headers=caller.headers
+    ).json()
+    url = f"/v1/uploads/{detail['upload_id']}/raw"
+    assert client.get(url, headers=caller.headers).status_code == 200
+    response = client.get(url, headers=other_caller.headers)
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
