@@ -20,7 +20,7 @@ class Settings(BaseSettings):
         default_factory=lambda: f"sqlite:///{Path('var') / 'srft.sqlite3'}",
         description="SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db",
     )
-    broker_url: str = "memory://"
+    broker_url: str = "memory://localhost/"
     max_upload_bytes: int = 64 * MiB
     # A key to create for project `default` on first start instead of a random one (for
     # deployments that provision secrets up front). Never stored in clear.

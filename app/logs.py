@@ -10,3 +10,5 @@ def configure_logging(level: str = "INFO") -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Migrations at start-up are routine; say so only when something goes wrong.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
