@@ -17,20 +17,16 @@ from __future__ import annotations
 from typing import Any
 
 from app.trajectories.formats.base import Document, Message, Trajectory, fail, text_of
-from app.trajectories.formats.swe_agent import (
-    ROLES,
+from app.trajectories.formats.common import (
     CallPairing,
     Run,
-    assistant_message,
+    chat_message,
     dig,
     find_function_schemas,
     first_run_value,
     iter_runs,
     mapping,
-    parse_tool_calls,
-    put,
     run_object,
-    tool_call_ids,
 )
 
 NAME = "mini-swe-agent"
@@ -71,7 +67,17 @@ def _parse_run(run: Run, run_index: int) -> Trajectory:
         if entry.get("role") == _EXIT_ROLE:
             exits.append(entry)
             continue
-        messages.extend(_message(entry, run, path, pairing))
+        messages.extend(
+            chat_message(
+                entry,
+                run,
+                path,
+                pairing,
+                entry_name="a message",
+                expected_roles="system, user, assistant, tool or exit",
+                id_keys=("tool_call_id",),
+            )
+        )
     if not messages:
         raise fail("'messages' holds no chat messages", run.record, run.at("messages"))
 
@@ -87,44 +93,23 @@ def _parse_run(run: Run, run_index: int) -> Trajectory:
     )
 
 
-def _message(entry: dict[str, Any], run: Run, path: str, pairing: CallPairing) -> list[Message]:
-    role = entry.get("role")
-    if role is None:
-        raise fail("a message has no 'role'", run.record, run.at(f"{path}.role"))
-    if not isinstance(role, str) or role not in ROLES:
-        raise fail(
-            f"unknown role {role!r}; expected system, user, assistant, tool or exit",
-            run.record,
-            run.at(f"{path}.role"),
-        )
-    content = text_of(entry.get("content"))
-    if role == "assistant":
-        calls = parse_tool_calls(entry.get("tool_calls"), run, f"{path}.tool_calls", f"call_{path}")
-        pairing.expect(calls)
-        return [assistant_message(content, calls)]
-    if content is None:
-        raise fail(f"a {role} message has no 'content'", run.record, run.at(f"{path}.content"))
-    if role != "tool":
-        return [{"role": role, "content": content}]
-    answered = pairing.answer(tool_call_ids(entry.get("tool_call_id")))
-    if not answered:
-        raise fail("a tool message answers no tool call", run.record, run.at(path))
-    return [{"role": "tool", "tool_call_id": call_id, "content": content} for call_id in answered]
-
-
 def _metadata(
     obj: dict[str, Any], info: dict[str, Any], exit_message: dict[str, Any] | None, run_index: int
 ) -> dict[str, Any]:
     stats = mapping(info.get("model_stats"))
     exit_extra = mapping(exit_message.get("extra")) if exit_message else {}
+    fields = {
+        "trajectory_format": obj.get("trajectory_format"),
+        "agent_version": info.get("mini_version"),
+        "model": dig(info, "config", "model", "model_name"),
+        "exit_status": info.get("exit_status") or exit_extra.get("exit_status"),
+        "submission": _submission(info, exit_message),
+        "instance_cost": stats.get("instance_cost"),
+        "api_calls": stats.get("api_calls"),
+    }
     metadata: dict[str, Any] = {"run_index": run_index}
-    put(metadata, "trajectory_format", obj.get("trajectory_format"))
-    put(metadata, "agent_version", info.get("mini_version"))
-    put(metadata, "model", dig(info, "config", "model", "model_name"))
-    put(metadata, "exit_status", info.get("exit_status") or exit_extra.get("exit_status"))
-    put(metadata, "submission", _submission(info, exit_message))
-    put(metadata, "instance_cost", stats.get("instance_cost"))
-    put(metadata, "api_calls", stats.get("api_calls"))
+    # Every value the file has is kept as written, lists and objects too (not only scalars).
+    metadata.update((key, value) for key, value in fields.items() if value is not None)
     return metadata
 
 

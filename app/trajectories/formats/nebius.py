@@ -15,14 +15,8 @@ import re
 from typing import Any
 
 from app.trajectories.formats.base import Document, Message, Trajectory, fail, text_of
-from app.trajectories.formats.swe_agent import (
-    Run,
-    first_run_value,
-    is_autosubmit_text,
-    iter_runs,
-    put,
-    run_object,
-)
+from app.trajectories.formats.common import Run, first_run_value, iter_runs, run_object
+from app.trajectories.formats.swe_agent import is_autosubmit_text
 
 NAME = "nebius"
 _ROLES = {"system": "system", "user": "user", "ai": "assistant", "assistant": "assistant"}
@@ -110,11 +104,15 @@ def _task_id(instance_id: Any) -> str | None:
 
 
 def _metadata(row: dict[str, Any], run_index: int) -> dict[str, Any]:
+    fields = {
+        "instance_id": row.get("instance_id"),
+        "model": row.get("model_name"),
+        "exit_status": row.get("exit_status"),
+        "submission": row.get("generated_patch"),
+    }
     metadata: dict[str, Any] = {"run_index": run_index}
-    put(metadata, "instance_id", row.get("instance_id"))
-    put(metadata, "model", row.get("model_name"))
-    put(metadata, "exit_status", row.get("exit_status"))
-    put(metadata, "submission", row.get("generated_patch"))
+    # Every value the row has is kept as written, lists and objects too (not only scalars).
+    metadata.update((key, value) for key, value in fields.items() if value is not None)
     eval_logs = row.get("eval_logs")
     if isinstance(eval_logs, str) and eval_logs:
         # The tail holds the test summary; the whole log would bloat every stored run.

@@ -17,23 +17,26 @@ Messages come out as plain OpenAI chat messages and nothing else: `role`, `conte
 or null; lists of content parts are flattened), assistant `tool_calls`, tool `tool_call_id` and
 `name`. Every tool message must answer a call an earlier assistant message made and that is
 not answered yet, so each call has at most one answer.
-
-The small helpers at the top (`join_path`, `tool_call`, `function_tools`, `put`, `mapping`) are
-also used by the OpenHands importer.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from app.trajectories.formats.base import Document, Message, Record, Trajectory, fail, text_of
+from app.trajectories.formats.common import (
+    ROLES,
+    Run,
+    first_choice_message,
+    function_schemas,
+    iter_runs,
+    mapping,
+    put,
+    tool_call,
+)
 
 NAME = "openai"
-ROLES = frozenset({"system", "user", "assistant", "tool"})
 # `developer` is OpenAI's name for the system role on newer models: same meaning, same place.
 _ROLE_ALIASES = {"developer": "system"}
 # Small scalar row fields worth keeping; larger columns (patches, test output) are not copied.
@@ -41,85 +44,19 @@ _ROW_METADATA_KEYS = ("model", "run_id", "traj_id", "timestamp", "cost")
 _SAMPLE_SUFFIX = re.compile(r"(.+)_\d+")
 
 
-# ---------------------------------------------------------------- helpers shared with openhands
-
-
-def join_path(prefix: str, path: str) -> str:
-    """`path` inside the run at `prefix`: `[2]` + `messages[5].role` -> `[2].messages[5].role`."""
-    if not prefix:
-        return path
-    if not path:
-        return prefix
-    return prefix + path if path.startswith("[") else f"{prefix}.{path}"
-
-
-def mapping(value: Any) -> dict[str, Any]:
-    """`value` if it is a JSON object, else an empty one: for optional nested fields."""
-    return value if isinstance(value, dict) else {}
-
-
-def put(target: dict[str, Any], key: str, value: Any) -> None:
-    """Set a metadata field only to a present scalar, so metadata stays small and flat."""
-    if isinstance(value, str | int | float | bool):
-        target[key] = value
-
-
-def tool_call(call_id: str, name: str, arguments: Any) -> Message:
-    """A canonical tool call; `arguments` becomes the JSON string OpenAI uses."""
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments if arguments is not None else {}, ensure_ascii=False)
-    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
-
-
-def function_tools(value: Any) -> list[dict[str, Any]] | None:
-    """OpenAI `tools` from a list of function schemas; bare `{name, parameters}` are wrapped.
-
-    Entries that describe no function are left out rather than rejected: the tool list is
-    context for a reader, not something the transcript depends on.
-    """
-    if not isinstance(value, list):
-        return None
-    tools: list[dict[str, Any]] = []
-    for item in value:
-        if not isinstance(item, dict):
-            continue
-        if isinstance(item.get("function"), dict):
-            tools.append({"type": item.get("type") or "function", "function": item["function"]})
-        elif isinstance(item.get("name"), str):
-            keys = ("name", "description", "parameters")
-            tools.append({"type": "function", "function": {k: item[k] for k in keys if k in item}})
-    return tools or None
-
-
 # ---------------------------------------------------------------- runs
-
-
-@dataclass(frozen=True)
-class _Run:
-    record: Record
-    value: Any
-    prefix: str
-
-    def at(self, path: str) -> str:
-        return join_path(self.prefix, path)
 
 
 def _is_message(value: Any) -> bool:
     return isinstance(value, dict) and "role" in value and "messages" not in value
 
 
-def _runs(doc: Document) -> Iterator[_Run]:
-    """Each record is one run, or an array of runs; an array of messages is itself one run."""
-    for record in doc.records:
-        value = record.value
-        if isinstance(value, list) and not (value and _is_message(value[0])):
-            for position, item in enumerate(value):
-                yield _Run(record, item, f"[{position}]")
-        else:
-            yield _Run(record, value, "")
+def _is_message_list(value: list[Any]) -> bool:
+    """A bare list of chat messages is one run, not a list of runs."""
+    return bool(value) and _is_message(value[0])
 
 
-def _parse_run(run: _Run, run_index: int) -> Trajectory:
+def _parse_run(run: Run, run_index: int) -> Trajectory:
     raw: Any
     if isinstance(run.value, list):
         row: dict[str, Any] = {}
@@ -149,19 +86,17 @@ def _parse_run(run: _Run, run_index: int) -> Trajectory:
     )
 
 
-def _response_message(row: dict[str, Any], run: _Run) -> dict[str, Any] | None:
+def _response_message(row: dict[str, Any], run: Run) -> dict[str, Any] | None:
     """The final assistant turn of an `llm_completions` file: it is not in `messages`."""
     if "response" not in row:
         return None
-    choices = mapping(row["response"]).get("choices")
-    first = choices[0] if isinstance(choices, list) and choices else None
-    message = mapping(first).get("message")
+    message = first_choice_message(row["response"])
     if not isinstance(message, dict):
         raise fail("'response' has no choices[0].message", run.record, run.at("response.choices"))
     return {"role": "assistant", **message}
 
 
-def _require_task(messages: list[Message], entries: list[tuple[Any, str]], run: _Run) -> None:
+def _require_task(messages: list[Message], entries: list[tuple[Any, str]], run: Run) -> None:
     if not messages:
         raise fail("'messages' is empty", run.record, run.at("messages"))
     position = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
@@ -297,7 +232,7 @@ def _variant(row: dict[str, Any]) -> str | None:
     return None
 
 
-def _tools(row: dict[str, Any], run: _Run) -> list[dict[str, Any]] | None:
+def _tools(row: dict[str, Any], run: Run) -> list[dict[str, Any]] | None:
     key, value = "tools", row.get("tools")
     if value is None:  # llm_completions keep the request's tools in kwargs
         key, value = "kwargs.tools", mapping(row.get("kwargs")).get("tools")
@@ -305,10 +240,10 @@ def _tools(row: dict[str, Any], run: _Run) -> list[dict[str, Any]] | None:
         return None
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
         raise fail("'tools' must be a list of tool objects", run.record, run.at(key))
-    return function_tools(value)
+    return function_schemas(value, strict=False)
 
 
-def _resolved(row: dict[str, Any], run: _Run) -> bool | None:
+def _resolved(row: dict[str, Any], run: Run) -> bool | None:
     value = row.get("resolved")
     if value is None:  # SWE-Gym also keeps the evaluation report
         report = mapping(mapping(row.get("test_result")).get("report")).get("resolved")
@@ -318,7 +253,7 @@ def _resolved(row: dict[str, Any], run: _Run) -> bool | None:
     return value
 
 
-def _raw_task_id(row: dict[str, Any], run: _Run) -> str | None:
+def _raw_task_id(row: dict[str, Any], run: Run) -> str | None:
     for key in ("task_id", "instance_id"):
         value = row.get(key)
         if value is None:
@@ -329,7 +264,7 @@ def _raw_task_id(row: dict[str, Any], run: _Run) -> str | None:
     return None
 
 
-def _task_id(row: dict[str, Any], run: _Run) -> str | None:
+def _task_id(row: dict[str, Any], run: Run) -> str | None:
     task_id = _raw_task_id(row, run)
     if task_id is not None and _variant(row) == "swe-gym":
         # SWE-Gym samples one task several times: `getmoto__moto-5321_2` is task 5321.
@@ -338,7 +273,7 @@ def _task_id(row: dict[str, Any], run: _Run) -> str | None:
     return task_id
 
 
-def _metadata(row: dict[str, Any], run: _Run, run_index: int) -> dict[str, Any]:
+def _metadata(row: dict[str, Any], run: Run, run_index: int) -> dict[str, Any]:
     given = row.get("metadata")
     if given is not None and not isinstance(given, dict):
         raise fail("'metadata' must be an object", run.record, run.at("metadata"))
@@ -381,7 +316,8 @@ class _Importer:
         return "no 'messages' list of chat messages found"
 
     def parse(self, doc: Document) -> list[Trajectory]:
-        return [_parse_run(run, index) for index, run in enumerate(_runs(doc))]
+        runs = iter_runs(doc, one_run=_is_message_list)
+        return [_parse_run(run, index) for index, run in enumerate(runs)]
 
 
 IMPORTER = _Importer()

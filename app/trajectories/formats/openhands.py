@@ -35,16 +35,17 @@ How the transcript is built, and why:
 
 from __future__ import annotations
 
-import ast
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from app.trajectories.formats.base import Document, Message, Record, Trajectory, fail, text_of
-from app.trajectories.formats.openai_messages import (
-    function_tools,
-    join_path,
+from app.trajectories.formats.common import (
+    Run,
+    decode_listish,
+    first_choice_message,
+    first_run_value,
+    function_schemas,
+    iter_runs,
     mapping,
     put,
     tool_call,
@@ -177,17 +178,7 @@ def _turn_messages(actions: list[_Act], answers: dict[Key, list[str]]) -> list[M
 # ---------------------------------------------------------------- shared by the variants
 
 
-@dataclass(frozen=True)
-class _Run:
-    record: Record
-    value: Any
-    prefix: str
-
-    def at(self, path: str) -> str:
-        return join_path(self.prefix, path)
-
-
-def _object(value: Any, run: _Run, path: str) -> dict[str, Any]:
+def _object(value: Any, run: Run, path: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise fail("expected a JSON object", run.record, path)
     return value
@@ -212,7 +203,7 @@ def _observation_text(content: Any, metadata: Any) -> str:
     )
 
 
-def _observation_kind(event: dict[str, Any], run: _Run, path: str) -> str:
+def _observation_kind(event: dict[str, Any], run: Run, path: str) -> str:
     kind = event["observation"]
     if not isinstance(kind, str):
         raise fail("'observation' must be a string", run.record, f"{path}.observation")
@@ -273,9 +264,7 @@ def _step(action: str, args: dict[str, Any], key: Key, meta: dict[str, Any]) -> 
 
 
 def _response_message(model_response: Any) -> dict[str, Any]:
-    choices = mapping(model_response).get("choices")
-    first = choices[0] if isinstance(choices, list) and choices else None
-    return mapping(mapping(first).get("message"))
+    return mapping(first_choice_message(model_response))
 
 
 def _call_in(response: dict[str, Any], call_id: str) -> Message | None:
@@ -299,7 +288,7 @@ def _v0_turn(meta: dict[str, Any], key: Key) -> TurnKey:
 # ---------------------------------------------------------------- V0
 
 
-def _v0_events(history: list[Any], run: _Run) -> list[_Event]:
+def _v0_events(history: list[Any], run: Run) -> list[_Event]:
     events: list[_Event] = []
     seen: dict[Key, int] = {}
     for position, raw in enumerate(history):
@@ -320,7 +309,7 @@ def _v0_events(history: list[Any], run: _Run) -> list[_Event]:
     return events
 
 
-def _v0_action(event: dict[str, Any], key: Key, run: _Run, path: str) -> _Event:
+def _v0_action(event: dict[str, Any], key: Key, run: Run, path: str) -> _Event:
     action = event["action"]
     if not isinstance(action, str):
         raise fail("'action' must be a string", run.record, f"{path}.action")
@@ -339,7 +328,7 @@ def _v0_action(event: dict[str, Any], key: Key, run: _Run, path: str) -> _Event:
     return _step(action, args, key, mapping(event.get("tool_call_metadata")))
 
 
-def _v0_observation(event: dict[str, Any], run: _Run, path: str) -> _Event:
+def _v0_observation(event: dict[str, Any], run: Run, path: str) -> _Event:
     if _observation_kind(event, run, path) in _SKIPPED_OBSERVATIONS:
         return _Other(None)
     cause = event.get("cause")
@@ -352,7 +341,7 @@ def _v0_observation(event: dict[str, Any], run: _Run, path: str) -> _Event:
 # ---------------------------------------------------------------- V1
 
 
-def _v1_events(history: list[Any], run: _Run) -> list[_Event]:
+def _v1_events(history: list[Any], run: Run) -> list[_Event]:
     action_of_call = {
         e["tool_call_id"]: e["id"]
         for e in history
@@ -435,7 +424,7 @@ def _v1_observation_text(event: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- resolver
 
 
-def _resolver_events(history: list[Any], run: _Run) -> list[_Event]:
+def _resolver_events(history: list[Any], run: Run) -> list[_Event]:
     events: list[_Event] = []
     waiting: int | None = None  # the last action, while it still awaits its observation
     has_task = False
@@ -459,7 +448,7 @@ def _resolver_events(history: list[Any], run: _Run) -> list[_Event]:
 
 
 def _resolver_action(
-    event: dict[str, Any], position: int, first_message: bool, run: _Run, path: str
+    event: dict[str, Any], position: int, first_message: bool, run: Run, path: str
 ) -> _Event:
     action = event["action"]
     if not isinstance(action, str):
@@ -491,15 +480,6 @@ def _resolver_agent_message(event: dict[str, Any], first_message: bool) -> bool:
 # ---------------------------------------------------------------- runs
 
 
-def _runs(doc: Document) -> Iterator[_Run]:
-    for record in doc.records:
-        if isinstance(record.value, list):
-            for position, value in enumerate(record.value):
-                yield _Run(record, value, f"[{position}]")
-        else:
-            yield _Run(record, record.value, "")
-
-
 def _variant(run: dict[str, Any], history: list[Any]) -> str:
     first = next((e for e in history if isinstance(e, dict)), {})
     if "kind" in first:
@@ -514,7 +494,7 @@ def _variant(run: dict[str, Any], history: list[Any]) -> str:
 _ADAPTERS = {"v0": _v0_events, "v1": _v1_events, "resolver": _resolver_events}
 
 
-def _parse_run(run: _Run, run_index: int) -> Trajectory:
+def _parse_run(run: Run, run_index: int) -> Trajectory:
     obj = _object(run.value, run, run.prefix or "(document)")
     history = obj.get("history")
     if not isinstance(history, list):
@@ -531,7 +511,7 @@ def _parse_run(run: _Run, run_index: int) -> Trajectory:
     )
 
 
-def _with_task(messages: list[Message], obj: dict[str, Any], run: _Run) -> list[Message]:
+def _with_task(messages: list[Message], obj: dict[str, Any], run: Run) -> list[Message]:
     """`messages` with the task as the first user message, from `instruction` if need be."""
     first = next((m for m in messages if m["role"] != "system"), None)
     if first is not None and first["role"] == "user":
@@ -552,24 +532,12 @@ def _tools(history: list[Any]) -> list[dict[str, Any]] | None:
     for event in history:
         event = mapping(event)
         if event.get("kind") == "SystemPromptEvent":
-            return function_tools(event.get("tools"))
+            return function_schemas(event.get("tools"), strict=False)
         if event.get("action") == "system":
-            return function_tools(_decoded_tools(mapping(event.get("args")).get("tools")))
+            # OpenHands 0.3x writes the system event's tools with `str()`, a Python literal.
+            tools = decode_listish(mapping(event.get("args")).get("tools"))
+            return function_schemas(tools, strict=False)
     return None
-
-
-def _decoded_tools(value: Any) -> Any:
-    """OpenHands 0.3x writes the system event's tools with `str()`, a Python literal."""
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        pass
-    try:
-        return ast.literal_eval(value)  # literals only: nothing is executed
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return None
 
 
 def _resolved(obj: dict[str, Any]) -> bool | None:
@@ -621,9 +589,7 @@ class _Importer:
     name = NAME
 
     def sniff(self, doc: Document) -> str | None:
-        value = doc.records[0].value if doc.records else None
-        if isinstance(value, list) and value:
-            value = value[0]
+        value = first_run_value(doc)
         if not isinstance(value, dict) or not isinstance(value.get("history"), list):
             return "no OpenHands run found: expected an object with a 'history' list of events"
         history = value["history"]
@@ -634,7 +600,7 @@ class _Importer:
         return None
 
     def parse(self, doc: Document) -> list[Trajectory]:
-        return [_parse_run(run, index) for index, run in enumerate(_runs(doc))]
+        return [_parse_run(run, index) for index, run in enumerate(iter_runs(doc))]
 
 
 IMPORTER = _Importer()

@@ -13,239 +13,43 @@ Everything else, odd or failed commands included, is the model's own and stays.
 1.x does not write the final step (usually `submit`) into `history`; it is rebuilt from the
 last `trajectory` entry so that every step the model took is present.
 
-The helpers above `_Importer` (run iteration, tool-call decoding, call/answer pairing) are also
-used by the mini-SWE-agent and nebius importers, which read files of the same family.
+`is_autosubmit_text` is also used by the nebius importer, whose rows are SWE-agent 0.x runs.
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
-from app.trajectories.formats.base import Document, Message, Record, Trajectory, fail, text_of
+from app.trajectories.formats.base import Document, Message, Trajectory, fail
+from app.trajectories.formats.common import (
+    CallPairing,
+    Run,
+    assistant_message,
+    chat_message,
+    dig,
+    find_function_schemas,
+    first_run_value,
+    function_schemas,
+    iter_runs,
+    mapping,
+    run_object,
+    tool_call,
+)
 
 NAME = "swe-agent"
-ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 # A pseudo-step's thought is one line such as "Exit due to cost limit".
 _AUTOSUBMIT_THOUGHT = re.compile(r"\s*Exit due to [^\n]*\s*")
 # The model can call `exit_forfeit` itself; every other exit_* action is SWE-agent's own.
 _MODEL_EXIT_ACTIONS = frozenset({"exit_forfeit"})
-_SCHEMA_SEARCH_DEPTH = 8
 _FINAL_STEP_CALL_ID = "swe-agent-final-step"
-
-
-# ---------------------------------------------------------------- helpers shared by the family
-
-
-@dataclass(frozen=True)
-class Run:
-    """One run inside a document: its record, its JSON value and its path prefix (`[2]`)."""
-
-    record: Record
-    value: Any
-    prefix: str
-
-    def at(self, path: str) -> str:
-        """`path` inside this run, as an error location path: `[2].history[3].role`."""
-        return join_path(self.prefix, path)
-
-
-def join_path(prefix: str, path: str) -> str:
-    if not prefix:
-        return path
-    if not path:
-        return prefix
-    return prefix + path if path.startswith("[") else f"{prefix}.{path}"
-
-
-def iter_runs(doc: Document) -> Iterator[Run]:
-    """Every run of a document: a record is one run object, or a JSON array of them."""
-    for record in doc.records:
-        if isinstance(record.value, list):
-            for position, value in enumerate(record.value):
-                yield Run(record, value, f"[{position}]")
-        else:
-            yield Run(record, record.value, "")
-
-
-def first_run_value(doc: Document) -> Any:
-    """The first run's value, for a cheap sniff; None for an empty document."""
-    if not doc.records:
-        return None
-    value = doc.records[0].value
-    if isinstance(value, list):
-        return value[0] if value else None
-    return value
-
-
-def run_object(run: Run) -> dict[str, Any]:
-    if not isinstance(run.value, dict):
-        raise fail("a run must be a JSON object", run.record, run.at(""))
-    return run.value
-
-
-def decode_listish(value: Any) -> Any:
-    """A list stored as a list, a JSON string or a Python-repr string (SWE-agent wrote all three).
-
-    Returns the decoded value, or the string itself when it is neither JSON nor a literal.
-    `ast.literal_eval` only builds literals, so an untrusted file cannot run code through it.
-    """
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except (json.JSONDecodeError, RecursionError):
-        pass
-    try:
-        return ast.literal_eval(value)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return value
-
-
-def parse_tool_calls(raw: Any, run: Run, path: str, id_prefix: str) -> list[dict[str, Any]]:
-    """Canonical `tool_calls` from whatever the file holds; missing ids are made up."""
-    value = decode_listish(raw)
-    if value is None or value == "" or value == []:
-        return []
-    if isinstance(value, dict):
-        value = [value]
-    if not isinstance(value, list):
-        raise fail("tool_calls must be a list of tool calls", run.record, run.at(path))
-    calls: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for position, item in enumerate(value):
-        call = _tool_call(item, run, f"{path}[{position}]", f"{id_prefix}_{position}")
-        if call["id"] in seen:  # two calls with one id could not both be answered
-            call["id"] = f"{call['id']}_{position}"
-        seen.add(call["id"])
-        calls.append(call)
-    return calls
-
-
-def _tool_call(item: Any, run: Run, path: str, fallback_id: str) -> dict[str, Any]:
-    if not isinstance(item, dict):
-        raise fail("a tool call must be an object", run.record, run.at(path))
-    function = item.get("function")
-    if not isinstance(function, dict):
-        function = item  # some writers flatten {name, arguments} onto the call
-    name = function.get("name")
-    if not isinstance(name, str) or not name:
-        raise fail("a tool call has no function name", run.record, run.at(f"{path}.function.name"))
-    arguments = function.get("arguments")
-    if arguments is None:
-        arguments = "{}"
-    elif not isinstance(arguments, str):
-        arguments = json.dumps(arguments)
-    call_id = item.get("id")
-    return {
-        "id": call_id if isinstance(call_id, str) and call_id else fallback_id,
-        "type": "function",
-        "function": {"name": name, "arguments": arguments},
-    }
-
-
-def tool_call_ids(raw: Any) -> list[str]:
-    """The ids a tool message answers: `tool_call_ids` (list or its repr) or one `tool_call_id`."""
-    value = decode_listish(raw)
-    if isinstance(value, (str, int)):
-        value = [value]
-    if not isinstance(value, list):
-        return []
-    return [str(v) for v in value if isinstance(v, (str, int)) and str(v)]
-
-
-class CallPairing:
-    """Matches tool messages to the open calls of the assistant message before them.
-
-    A tool message whose id is missing or unknown answers the oldest open call, so that the
-    canonical ids always agree and every call is answered at most once.
-    """
-
-    def __init__(self) -> None:
-        self._open: list[str] = []
-
-    def expect(self, calls: list[dict[str, Any]]) -> None:
-        self._open = [call["id"] for call in calls]
-
-    def answer(self, ids: list[str]) -> list[str]:
-        answered: list[str] = []
-        for call_id in ids:
-            if call_id in self._open:
-                self._open.remove(call_id)
-                answered.append(call_id)
-        if not answered and self._open:
-            answered.append(self._open.pop(0))
-        return answered
 
 
 def is_autosubmit_text(text: Any) -> bool:
     """True for the one-line "Exit due to ..." text of a pseudo-step the model did not write."""
     return isinstance(text, str) and _AUTOSUBMIT_THOUGHT.fullmatch(text) is not None
-
-
-def find_function_schemas(value: Any, depth: int = 0) -> list[dict[str, Any]] | None:
-    """The first `tools` list of function schemas anywhere in `value`, as OpenAI tools."""
-    if depth > _SCHEMA_SEARCH_DEPTH:
-        return None
-    if isinstance(value, dict):
-        tools = _as_function_schemas(value.get("tools"))
-        if tools:
-            return tools
-        children: list[Any] = list(value.values())
-    elif isinstance(value, list):
-        children = value
-    else:
-        return None
-    for child in children:
-        if isinstance(child, (dict, list)):
-            found = find_function_schemas(child, depth + 1)
-            if found:
-                return found
-    return None
-
-
-def _as_function_schemas(value: Any) -> list[dict[str, Any]] | None:
-    if not isinstance(value, list) or not value:
-        return None
-    tools: list[dict[str, Any]] = []
-    for item in value:
-        if not isinstance(item, dict):
-            return None
-        function = item.get("function") if item.get("type") == "function" else item
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            return None
-        if "parameters" not in function and "description" not in function:
-            return None
-        tools.append({"type": "function", "function": function})
-    return tools
-
-
-def put(metadata: dict[str, Any], key: str, value: Any) -> None:
-    """Set `key` only when the file has a value for it, so metadata stays small."""
-    if value is not None:
-        metadata[key] = value
-
-
-def mapping(value: Any) -> dict[str, Any]:
-    """`value` when it is an object, else an empty one (optional sections may be null)."""
-    return value if isinstance(value, dict) else {}
-
-
-def dig(value: Any, *keys: str) -> Any:
-    """`value[k1][k2]...`, or None as soon as a level is missing or not an object."""
-    for key in keys:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(key)
-    return value
-
-
-# ---------------------------------------------------------------- SWE-agent itself
 
 
 class _Importer:
@@ -293,7 +97,7 @@ def _parse_run(run: Run, run_index: int) -> Trajectory:
     return Trajectory(
         messages=messages,
         source_format=NAME,
-        tools=_as_function_schemas(obj.get("tools")) or find_function_schemas(replay),
+        tools=function_schemas(obj.get("tools"), strict=True) or find_function_schemas(replay),
         resolved=None,  # SWE-agent never records the evaluation in the .traj file
         task_id=_task_id(obj, info, replay),
         metadata=_metadata(info, replay, function_calling, run_index) | metadata,
@@ -337,44 +141,19 @@ def _history_messages(history: list[Any], run: Run) -> list[Message]:
             raise fail("a history entry must be an object", run.record, run.at(path))
         if entry.get("is_demo"):
             continue
-        messages.extend(_history_message(entry, run, path, pairing))
-    return messages
-
-
-def _history_message(
-    entry: dict[str, Any], run: Run, path: str, pairing: CallPairing
-) -> list[Message]:
-    role = entry.get("role")
-    if role is None:
-        raise fail("a history entry has no 'role'", run.record, run.at(f"{path}.role"))
-    if not isinstance(role, str) or role not in ROLES:
-        raise fail(
-            f"unknown role {role!r}; expected system, user, assistant or tool",
-            run.record,
-            run.at(f"{path}.role"),
+        messages.extend(
+            chat_message(
+                entry,
+                run,
+                path,
+                pairing,
+                entry_name="a history entry",
+                expected_roles="system, user, assistant or tool",
+                # SWE-agent allows one call per step; several ids each get their answer.
+                id_keys=("tool_call_ids", "tool_call_id"),
+            )
         )
-    content = text_of(entry.get("content"))
-    if role == "assistant":
-        calls = parse_tool_calls(entry.get("tool_calls"), run, f"{path}.tool_calls", f"call_{path}")
-        pairing.expect(calls)
-        return [assistant_message(content, calls)]
-    if content is None:
-        raise fail(f"a {role} message has no 'content'", run.record, run.at(f"{path}.content"))
-    if role != "tool":
-        return [{"role": role, "content": content}]
-    ids = tool_call_ids(entry.get("tool_call_ids", entry.get("tool_call_id")))
-    answered = pairing.answer(ids)
-    if not answered:
-        raise fail("a tool message answers no tool call", run.record, run.at(path))
-    # SWE-agent allows one call per step; should a file hold several ids, each gets its answer.
-    return [{"role": "tool", "tool_call_id": call_id, "content": content} for call_id in answered]
-
-
-def assistant_message(content: str | None, calls: list[dict[str, Any]]) -> Message:
-    """An assistant message in canonical form: None content only beside tool calls."""
-    if not calls:
-        return {"role": "assistant", "content": content or ""}
-    return {"role": "assistant", "content": content or None, "tool_calls": calls}
+    return messages
 
 
 def _is_pseudo_step(step: dict[str, Any]) -> bool:
@@ -415,7 +194,8 @@ def _final_step_messages(step: dict[str, Any], function_calling: bool) -> list[M
     action = step.get("action")
     if not function_calling or not isinstance(action, str) or not action.strip():
         return [assistant_message(content, [])]
-    call = {"id": _FINAL_STEP_CALL_ID, "type": "function", "function": _action_as_function(action)}
+    name, arguments = _action_as_function(action)
+    call = tool_call(_FINAL_STEP_CALL_ID, name, arguments, ensure_ascii=True)
     messages = [assistant_message(content, [call])]
     observation = step.get("observation")
     if isinstance(observation, str):
@@ -425,16 +205,16 @@ def _final_step_messages(step: dict[str, Any], function_calling: bool) -> list[M
     return messages
 
 
-def _action_as_function(action: str) -> dict[str, str]:
-    """The tool call behind an action string, as far as the string tells.
+def _action_as_function(action: str) -> tuple[str, dict[str, str]]:
+    """The function name and arguments behind an action string, as far as the string tells.
 
     A bare command (`submit`) is a call without arguments. Anything longer was run as a shell
     command, which is what SWE-agent's `bash` tool receives.
     """
     command = action.strip()
     if re.fullmatch(r"[A-Za-z_][\w-]*", command):
-        return {"name": command, "arguments": "{}"}
-    return {"name": "bash", "arguments": json.dumps({"command": command})}
+        return command, {}
+    return "bash", {"command": command}
 
 
 def _task_id(obj: dict[str, Any], info: dict[str, Any], replay: dict[str, Any]) -> str | None:
@@ -457,13 +237,17 @@ def _metadata(
         "trajectory_format": "swe-agent-1.x" if replay or function_calling else "swe-agent-0.x",
         "run_index": run_index,
     }
-    put(metadata, "exit_status", info.get("exit_status"))
-    put(metadata, "submission", info.get("submission"))
-    put(metadata, "model", dig(replay, "agent", "model", "name"))
-    # `total_cost` is cumulative over a whole batch run; only `instance_cost` is this run's.
-    put(metadata, "instance_cost", stats.get("instance_cost"))
-    put(metadata, "api_calls", stats.get("api_calls"))
-    put(metadata, "agent_version", info.get("swe_agent_version"))
+    fields = {
+        "exit_status": info.get("exit_status"),
+        "submission": info.get("submission"),
+        "model": dig(replay, "agent", "model", "name"),
+        # `total_cost` is cumulative over a whole batch run; only `instance_cost` is this run's.
+        "instance_cost": stats.get("instance_cost"),
+        "api_calls": stats.get("api_calls"),
+        "agent_version": info.get("swe_agent_version"),
+    }
+    # Every value the file has is kept as written, lists and objects too (not only scalars).
+    metadata.update((key, value) for key, value in fields.items() if value is not None)
     return metadata
 
 

@@ -13,11 +13,12 @@ from app.recipe.steps import split_steps
 from app.trajectories.formats import parse_upload
 from app.trajectories.formats.base import Trajectory
 from tests.helpers import trajectory_file
-from tests.trajectories.formats.test_swe_agent import (
+from tests.trajectories.formats.checks import (
     assert_canonical,
     assert_paired,
     first_user,
     load,
+    parse_single,
     parse_value,
 )
 
@@ -33,9 +34,7 @@ FORMAT_ERROR = "No tool calls found in the response. Every response MUST include
 
 
 def parse_file(relative: str) -> Trajectory:
-    trajectories = parse_upload(trajectory_file(relative).read_bytes())
-    assert len(trajectories) == 1
-    return trajectories[0]
+    return parse_single(relative, "mini-swe-agent")
 
 
 def test_every_mini_file_has_an_expectation() -> None:
@@ -136,7 +135,7 @@ def test_jsonl_and_arrays_of_runs() -> None:
 
 
 def damaged(relative: str, damage: Callable[[list[Any]], object]) -> dict[str, Any]:
-    raw = load(relative)
+    raw: dict[str, Any] = load(relative)
     damage(raw["messages"])
     return raw
 

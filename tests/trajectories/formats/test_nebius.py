@@ -13,10 +13,11 @@ from app.recipe.steps import split_steps
 from app.trajectories.formats import parse_upload
 from app.trajectories.formats.nebius import EVAL_LOG_TAIL
 from tests.helpers import trajectory_file
-from tests.trajectories.formats.test_swe_agent import (
+from tests.trajectories.formats.checks import (
     assert_canonical,
     assert_paired,
     first_user,
+    load,
     parse_value,
 )
 
@@ -26,7 +27,7 @@ EXPECTED_STEPS = [46, 25, 29]
 
 
 def load_rows() -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = json.loads(trajectory_file(SAMPLE).read_text(encoding="utf-8"))
+    rows: list[dict[str, Any]] = load(SAMPLE)
     return rows
 
 

@@ -1,7 +1,4 @@
-"""The `openai` importer: the real chat-transcript files, and small hand-built inputs.
-
-`assert_canonical` and `assert_paired` are also used by the OpenHands importer tests.
-"""
+"""The `openai` importer: the real chat-transcript files, and small hand-built inputs."""
 
 from __future__ import annotations
 
@@ -16,13 +13,8 @@ from app.trajectories.formats import openai_messages, parse_upload
 from app.trajectories.formats.base import Trajectory
 from app.trajectories.formats.decode import decode_document
 from tests.helpers import trajectory_file
-
-ALLOWED_KEYS = {
-    "system": {"role", "content"},
-    "user": {"role", "content"},
-    "assistant": {"role", "content", "tool_calls"},
-    "tool": {"role", "tool_call_id", "content", "name"},
-}
+from tests.trajectories.formats import checks
+from tests.trajectories.formats.checks import assert_paired, load, parse_value, step_counts
 
 SWE_GYM = "openai-messages/adp__swe-gym-openhands__sample_raw@68dc74c.json"
 SWE_SMITH = "openai-messages/adp__swe-smith__sample_raw@dc1a8b7.json"
@@ -36,67 +28,8 @@ DJANGO = (
 )
 
 
-def assert_canonical(trajectory: Trajectory) -> None:
-    """Plain OpenAI chat messages; tool messages answer calls made earlier; task comes first."""
-    made: set[str] = set()
-    for message in trajectory.messages:
-        role = message["role"]
-        assert set(message) <= ALLOWED_KEYS[role], message
-        assert message["content"] is None or isinstance(message["content"], str), message
-        for call in message.get("tool_calls", []):
-            assert set(call) == {"id", "type", "function"}
-            assert call["type"] == "function"
-            assert set(call["function"]) == {"name", "arguments"}
-            assert isinstance(json.loads(call["function"]["arguments"]), dict)
-            made.add(call["id"])
-        if role == "tool":
-            assert message["tool_call_id"] in made
-    first = next(m for m in trajectory.messages if m["role"] != "system")
-    assert first["role"] == "user"
-    assert first["content"]
-    json.dumps(trajectory.metadata)
-
-
-def assert_paired(trajectory: Trajectory, *, last_observed: bool) -> None:
-    """Each call is answered by exactly one tool message of its own step; every step but
-    (unless `last_observed`) the last has an observation."""
-    messages = trajectory.messages
-    steps = split_steps(messages)
-    tool_positions = {i for i, m in enumerate(messages) if m["role"] == "tool"}
-    for step in steps:
-        calls = [c["id"] for c in messages[step.message_index].get("tool_calls", [])]
-        answers = [
-            messages[i]["tool_call_id"]
-            for i in step.observation_indices
-            if messages[i]["role"] == "tool"
-        ]
-        tool_positions -= set(step.observation_indices)
-        if step.index < len(steps) - 1 or last_observed:
-            assert step.observation_indices, f"step {step.index} has no observation"
-            assert sorted(answers) == sorted(calls), f"step {step.index}"
-        else:
-            assert not step.observation_indices, "the file ends with this step unanswered"
-    assert not tool_positions, "tool messages outside any step"
-
-
-def step_counts(runs: list[Trajectory]) -> list[int]:
-    return [len(split_steps(run.messages)) for run in runs]
-
-
-def parse_value(value: Any) -> list[Trajectory]:
-    return parse_upload(json.dumps(value).encode())
-
-
 def parse_file(relative: str) -> list[Trajectory]:
-    runs = parse_upload(trajectory_file(relative).read_bytes())
-    assert {run.source_format for run in runs} == {"openai"}
-    for run in runs:
-        assert_canonical(run)
-    return runs
-
-
-def raw_rows(relative: str) -> Any:
-    return json.loads(trajectory_file(relative).read_text())
+    return checks.parse_file(relative, "openai")
 
 
 # ---------------------------------------------------------------- the real files
@@ -130,7 +63,7 @@ def test_swe_gym_rows() -> None:
 
 def test_swe_smith_rows_keep_inline_calls_and_ignore_the_patch_column() -> None:
     runs = parse_file(SWE_SMITH)
-    rows = raw_rows(SWE_SMITH)
+    rows = load(SWE_SMITH)
     assert step_counts(runs) == [15, 23, 18, 22, 38]  # PROVENANCE, assistant messages
     assert all(run.resolved is True for run in runs)
     assert [r.task_id for r in runs] == [row["instance_id"] for row in rows]
@@ -153,7 +86,7 @@ def test_swe_smith_rows_keep_inline_calls_and_ignore_the_patch_column() -> None:
 
 def test_llm_completions_file_appends_the_response() -> None:
     (run,) = parse_file(ASTROPY)
-    raw = raw_rows(ASTROPY)
+    raw = load(ASTROPY)
     # PROVENANCE: 10 = 9 assistant turns in `messages` + `response`.
     assert step_counts([run]) == [10]
     final = raw["response"]["choices"][0]["message"]
@@ -182,7 +115,7 @@ def test_llm_completions_file_with_missing_and_null_contents() -> None:
     (run,) = parse_file(DJANGO)
     assert step_counts([run]) == [50]  # PROVENANCE: the 50-iteration cap
     assert_paired(run, last_observed=False)
-    raw = raw_rows(DJANGO)
+    raw = load(DJANGO)
     missing = [i for i, m in enumerate(raw["messages"]) if "content" not in m]
     assert missing
     assert all(run.messages[i]["content"] is None for i in missing)

@@ -13,30 +13,19 @@ from app.trajectories.formats import openhands, parse_upload
 from app.trajectories.formats.base import Trajectory
 from app.trajectories.formats.decode import decode_document
 from tests.helpers import trajectory_file
-from tests.trajectories.formats.test_openai_messages import (
-    assert_canonical,
-    assert_paired,
-    step_counts,
-)
+from tests.trajectories.formats import checks
+from tests.trajectories.formats.checks import assert_paired, parse_value, step_counts
 
 V0 = "openhands/openhands-v0__multi-swe-bench-example__llama-4-maverick__ponyc.output.jsonl"
 V1 = "openhands/openhands-sdk-v1__openagentsafety__gpt-4o.output.jsonl"
 
 
 def parse_file(relative: str) -> list[Trajectory]:
-    runs = parse_upload(trajectory_file(relative).read_bytes())
-    assert {run.source_format for run in runs} == {"openhands"}
-    for run in runs:
-        assert_canonical(run)
-    return runs
+    return checks.parse_file(relative, "openhands")
 
 
 def raw_runs(relative: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in trajectory_file(relative).read_text().splitlines()]
-
-
-def parse_value(value: Any) -> list[Trajectory]:
-    return parse_upload(json.dumps(value).encode())
 
 
 # ---------------------------------------------------------------- the real files

@@ -1,7 +1,4 @@
-"""SWE-agent `.traj` importer, on the real development files and on broken copies of them.
-
-`assert_canonical` and `assert_paired` are also used by the mini-SWE-agent and nebius tests.
-"""
+"""SWE-agent `.traj` importer, on the real development files and on broken copies of them."""
 
 from __future__ import annotations
 
@@ -17,73 +14,14 @@ from app.recipe.steps import split_steps
 from app.trajectories.formats import parse_upload
 from app.trajectories.formats.base import Trajectory
 from tests.helpers import trajectory_file
-
-CANONICAL_KEYS = {
-    "system": {"role", "content"},
-    "user": {"role", "content"},
-    "assistant": {"role", "content", "tool_calls"},
-    "tool": {"role", "tool_call_id", "content"},
-}
-
-
-def assert_canonical(trajectory: Trajectory) -> None:
-    """Plain OpenAI chat messages only, with well-formed tool calls."""
-    for message in trajectory.messages:
-        role = message["role"]
-        assert role in CANONICAL_KEYS, message
-        assert set(message) <= CANONICAL_KEYS[role], message
-        if role == "assistant" and message.get("tool_calls"):
-            assert message["content"] is None or isinstance(message["content"], str)
-            for call in message["tool_calls"]:
-                assert set(call) == {"id", "type", "function"}
-                assert isinstance(call["id"], str)
-                assert call["id"]
-                assert call["type"] == "function"
-                assert set(call["function"]) == {"name", "arguments"}
-                assert isinstance(call["function"]["name"], str)
-                json.loads(call["function"]["arguments"])
-        else:
-            assert "tool_calls" not in message
-            assert isinstance(message["content"], str), message
-    json.dumps(trajectory.metadata)  # metadata must be storable as JSON
-
-
-def assert_paired(trajectory: Trajectory) -> None:
-    """Every step but the last has an observation; each call is answered by one tool message."""
-    messages = trajectory.messages
-    steps = split_steps(messages)
-    observed: set[int] = set()
-    for step in steps:
-        is_last = step.index == len(steps) - 1
-        if not is_last:
-            assert step.observation_indices, f"step {step.index} has no observation"
-        observed.update(step.observation_indices)
-        call_ids = [c["id"] for c in messages[step.message_index].get("tool_calls") or []]
-        answers = [
-            messages[i]["tool_call_id"]
-            for i in step.observation_indices
-            if messages[i]["role"] == "tool"
-        ]
-        assert len(answers) == len(set(answers)), "a call is answered twice"
-        if not is_last:
-            assert sorted(answers) == sorted(call_ids)
-    orphans = [i for i, m in enumerate(messages) if m["role"] == "tool" and i not in observed]
-    assert not orphans, "tool messages that answer no call"
-
-
-def first_user(trajectory: Trajectory) -> str:
-    content: str = next(m["content"] for m in trajectory.messages if m["role"] == "user")
-    return content
-
-
-def parse_value(value: Any, fmt: str = "auto") -> list[Trajectory]:
-    return parse_upload(json.dumps(value).encode(), fmt)
-
-
-def load(relative: str) -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads(trajectory_file(relative).read_text(encoding="utf-8"))
-    return loaded
-
+from tests.trajectories.formats.checks import (
+    assert_canonical,
+    assert_paired,
+    first_user,
+    load,
+    parse_single,
+    parse_value,
+)
 
 MSB_1309 = "swe-agent/msb-java__gpt-4o__fasterxml__jackson-core-1309.traj"
 MSB_174 = "swe-agent/msb-java__gpt-4o__fasterxml__jackson-core-174.traj"
@@ -105,9 +43,7 @@ PSEUDO_STEP_FILES = {MSB_1309, MSB_4249}
 
 
 def parse_file(relative: str) -> Trajectory:
-    trajectories = parse_upload(trajectory_file(relative).read_bytes())
-    assert len(trajectories) == 1
-    return trajectories[0]
+    return parse_single(relative, "swe-agent")
 
 
 def test_every_swe_agent_file_has_an_expectation() -> None:
@@ -298,7 +234,7 @@ def test_jsonl_of_several_runs() -> None:
 
 
 def broken(relative: str, damage: Any) -> dict[str, Any]:
-    raw = copy.deepcopy(load(relative))
+    raw: dict[str, Any] = copy.deepcopy(load(relative))
     damage(raw)
     return raw
 
