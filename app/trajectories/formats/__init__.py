@@ -7,7 +7,9 @@ canonical trajectories, cleaned by `clean.clean_trajectory`.
 
 from __future__ import annotations
 
-from app.errors import InvalidTrajectory, UnknownFormat
+import logging
+
+from app.errors import InvalidTrajectory, SrftError, UnknownFormat
 from app.trajectories.formats import (
     mini_swe_agent,
     nebius,
@@ -18,6 +20,8 @@ from app.trajectories.formats import (
 from app.trajectories.formats.base import Document, Importer, Trajectory
 from app.trajectories.formats.clean import clean_trajectory
 from app.trajectories.formats.decode import decode_document
+
+log = logging.getLogger(__name__)
 
 # Most specific first: `openai` accepts anything shaped like chat messages.
 IMPORTERS: tuple[Importer, ...] = (
@@ -63,7 +67,19 @@ def parse_document(doc: Document, fmt: str = "auto") -> list[Trajectory]:
         reason = importer.sniff(doc)
         if reason is not None:
             raise InvalidTrajectory(f"the body is not {fmt}: {reason}", location="(document)")
-    trajectories = importer.parse(doc)
+    try:
+        trajectories = importer.parse(doc)
+    except SrftError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+        # Importers validate what they read; reaching here means a file shaped in a way no
+        # importer anticipated. That is still the file's problem to the caller (a 422, not a
+        # 500), but it is an importer gap for us, so it is logged with its traceback.
+        log.exception("the %s importer failed on an unexpected shape", importer.name)
+        raise InvalidTrajectory(
+            f"the {importer.name} importer could not read this file: {type(exc).__name__}: {exc}",
+            location="(document)",
+        ) from exc
     return [clean_trajectory(t) for t in trajectories]
 
 

@@ -32,7 +32,10 @@ def decode_text(raw: bytes) -> str:
 def _loads(text: str) -> Any:
     # strict=False lets raw control characters (tabs, CRs from terminals) through inside
     # strings, as the agents that wrote these files did.
-    return json.loads(text, strict=False)
+    try:
+        return json.loads(text, strict=False)
+    except RecursionError:
+        raise InvalidJson("the JSON is nested too deeply to read", location="(document)") from None
 
 
 def decode_document(raw: bytes, *, lines: bool | None = None) -> Document:
