@@ -25,6 +25,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     migrate: Annotated[bool, typer.Option(help="Apply database migrations first.")] = True,
+    workers: Annotated[int, typer.Option(help="Server processes (each a full API).")] = 1,
 ) -> None:
     """Run the API (and, on the embedded default, the worker inside it)."""
     import uvicorn
@@ -39,7 +40,14 @@ def serve(
         upgrade_database(settings.database_url)
     if settings.embedded_worker:
         typer.echo("srft: embedded mode: worker runs inside this process (broker memory://)")
-    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+    )
 
 
 @app.command()

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
@@ -134,8 +135,12 @@ def _ping_broker(url: str) -> None:
 
 def _bootstrap(database: Database, settings: Settings) -> None:
     """On an empty database, create project `default` and print its key, once."""
-    with database.transaction() as session:
-        new_key = auth_service.bootstrap(session, settings.bootstrap_api_key)
+    try:
+        with database.transaction() as session:
+            new_key = auth_service.bootstrap(session, settings.bootstrap_api_key)
+    except IntegrityError:
+        # Another server process (`srft serve --workers N`) bootstrapped at the same moment.
+        return
     if new_key is not None and settings.bootstrap_api_key:
         print(
             "srft: created project 'default' with the key from SRFT_BOOTSTRAP_API_KEY", flush=True
