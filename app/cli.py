@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -14,7 +14,9 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 db_app = typer.Typer(help="Manage the database schema.", no_args_is_help=True)
+critic_app = typer.Typer(help="The critic endpoint.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(critic_app, name="critic")
 app.add_typer(db_app, name="db")
 
 UPLOAD_SUFFIXES = (".json", ".jsonl", ".traj", ".ndjson")
@@ -191,6 +193,121 @@ def ingest(
     )
     if failed:
         raise typer.Exit(1)
+
+
+@critic_app.command("serve-rules")
+def critic_serve_rules(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8100,
+    latency_ms: Annotated[int, typer.Option(help="Added latency per answer.")] = 0,
+    faults: Annotated[
+        str | None, typer.Option(help="A fault plan as JSON (see POST /admin/faults).")
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="SRFT_RULES_API_KEY", help="Require this key.")
+    ] = None,
+) -> None:
+    """Serve the built-in rules critic (heuristics, not an LLM) as an OpenAI-compatible API."""
+    from app.critic.rules_server import serve_rules
+
+    serve_rules(host=host, port=port, latency_ms=latency_ms, faults_json=faults, api_key=api_key)
+
+
+@app.command()
+def label(
+    scope: Annotated[str, typer.Option(help="unresolved (default) or all.")] = "unresolved",
+    mode: Annotated[
+        str, typer.Option(help="trajectory (one call per run) or step.")
+    ] = "trajectory",
+    model: Annotated[str | None, typer.Option(help="Critic model; server default.")] = None,
+    votes: Annotated[int, typer.Option(help="Ask k times, keep the majority.")] = 1,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.0,
+    trajectory_id: Annotated[
+        list[str] | None, typer.Option("--trajectory-id", help="Label only these (repeatable).")
+    ] = None,
+    source_format: Annotated[str | None, typer.Option(help="Only this source format.")] = None,
+    task_id: Annotated[str | None, typer.Option(help="Only this task.")] = None,
+    cache: Annotated[bool, typer.Option(help="Reuse identical earlier verdicts.")] = True,
+    wait: Annotated[bool, typer.Option(help="Show progress until the job ends.")] = False,
+    url: Annotated[
+        str, typer.Option(envvar="SRFT_URL", help="Service URL.")
+    ] = "http://127.0.0.1:8000",
+    api_key: Annotated[str, typer.Option(envvar="SRFT_API_KEY", help="API key.")] = "",
+) -> None:
+    """Start a labeling job (and with --wait, follow it to the end)."""
+    import httpx
+
+    if not api_key:
+        typer.echo("no API key: pass --api-key or set SRFT_API_KEY", err=True)
+        raise typer.Exit(2)
+    selection: dict[str, object] = {}
+    if trajectory_id:
+        selection["trajectory_ids"] = trajectory_id
+    if source_format:
+        selection["source_format"] = source_format
+    if task_id:
+        selection["task_id"] = task_id
+    body = {
+        "selection": selection,
+        "critic": {"mode": mode, "model": model, "votes": votes, "temperature": temperature},
+        "scope": scope,
+        "cache": cache,
+    }
+    with httpx.Client(
+        base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=120
+    ) as client:
+        response = client.post("/v1/jobs", json=body)
+        if response.status_code != 202:
+            typer.echo(f"could not start the job: {_describe_error(response)}", err=True)
+            raise typer.Exit(1)
+        job = response.json()
+        typer.echo(
+            f"job {job['id']}: {job['counts']['steps']['total']} steps "
+            f"in {job['counts']['trajectories']['total']} trajectories"
+        )
+        if wait:
+            job = _follow(client, job)
+        _print_job(job)
+    if wait and job["status"] != "completed":
+        raise typer.Exit(1)
+
+
+def _follow(client: object, job: dict[str, Any]) -> dict[str, Any]:
+    import time
+
+    import httpx
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    assert isinstance(client, httpx.Client)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns) as progress:
+        task = progress.add_task("labeling", total=job["counts"]["steps"]["total"])
+        while True:
+            steps = job["counts"]["steps"]
+            progress.update(task, completed=steps["done"] + steps["failed"])
+            if job["status"] in ("completed", "failed", "cancelled"):
+                return job
+            time.sleep(1.0)
+            response = client.get(f"/v1/jobs/{job['id']}")
+            if response.status_code == 200:
+                job = response.json()
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    steps = job["counts"]["steps"]
+    labels = ", ".join(f"{k} {v}" for k, v in sorted(job["labels"].items())) or "none yet"
+    usage = job["usage"]
+    typer.echo(
+        f"status {job['status']}: steps done {steps['done']} (cached {steps['cached']}), "
+        f"failed {steps['failed']}, pending {steps['pending']}; labels: {labels}; tokens: "
+        f"{usage['prompt_tokens']} prompt ({usage['cached_tokens']} cached), "
+        f"{usage['completion_tokens']} completion"
+    )
 
 
 def _describe_error(response: object) -> str:

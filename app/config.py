@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -26,6 +26,31 @@ class Settings(BaseSettings):
     # deployments that provision secrets up front). Never stored in clear.
     bootstrap_api_key: str | None = None
     log_level: str = "INFO"
+
+    # The critic: any OpenAI-compatible endpoint. Without a base URL, the built-in rules critic
+    # (heuristics, not an LLM) is started inside the worker process, with a warning.
+    critic_base_url: str | None = None
+    # A secret: never stored, echoed by the API or logged (SecretStr hides it in reprs).
+    critic_api_key: SecretStr | None = None
+    critic_model: str = "rules"
+    critic_context_tokens: int = 128_000
+    critic_max_concurrency: int = 16
+    critic_rpm: int = 0  # requests per minute across all workers; 0 = no limit
+    critic_tpm: int = 0  # prompt tokens per minute across all workers; 0 = no limit
+    critic_timeout_s: float = 120.0
+    critic_max_attempts: int = 6
+    critic_backoff_base_s: float = 1.0
+    critic_backoff_max_s: float = 60.0
+    critic_max_answer_tokens: int = 8192
+    # Latency of the built-in rules critic when it is started automatically (for demos).
+    rules_critic_latency_ms: int = 0
+
+    # Step mode: how many steps of one trajectory one task judges (each step is its own call).
+    step_chunk_size: int = 16
+    # The sweeper re-enqueues work claimed longer ago than this (a dead or stuck worker), and
+    # pending work not picked up within it (a lost broker message).
+    stale_after_s: float = 900.0
+    sweep_interval_s: float = 30.0
 
     @property
     def embedded_worker(self) -> bool:

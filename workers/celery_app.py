@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from celery import Celery
 from kombu.connection import Connection
 
@@ -9,6 +11,7 @@ from app.config import get_settings
 
 
 def create_celery(broker_url: str) -> Celery:
+    settings = get_settings()
     celery = Celery("srft", broker=broker_url, include=["workers.tasks"])
     celery.conf.update(
         # The database is the source of truth; results are read from it, not from Celery.
@@ -19,8 +22,11 @@ def create_celery(broker_url: str) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_time_limit=600,
-        task_soft_time_limit=540,
+        # A unit is bounded by the stale timeout: past it, the sweeper hands its claim on.
+        task_time_limit=int(settings.stale_after_s),
+        beat_schedule={
+            "sweep-lost-work": {"task": "srft.jobs.sweep", "schedule": settings.sweep_interval_s}
+        },
         broker_connection_retry_on_startup=True,
         broker_transport_options=(
             # The in-memory transport polls; its 1 s default caps it at a few tasks a second.
@@ -36,7 +42,13 @@ def create_celery(broker_url: str) -> Celery:
     return celery
 
 
-celery_app = create_celery(get_settings().broker_url)
+@lru_cache
+def celery_for(broker_url: str) -> Celery:
+    """One Celery app per broker URL in this process (the API may serve tests on several)."""
+    return create_celery(broker_url)
+
+
+celery_app = celery_for(get_settings().broker_url)
 
 
 def ping_broker(url: str, timeout: float = 2.0) -> None:

@@ -17,10 +17,12 @@ log = logging.getLogger("srft.worker")
 
 
 class EmbeddedWorker:
-    def __init__(self, concurrency: int = 4) -> None:
+    def __init__(self, concurrency: int = 8) -> None:
         self.concurrency = concurrency
         self._worker: Any = None
         self._thread: threading.Thread | None = None
+        self._sweeper: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     def start(self) -> None:
         from celery.worker import WorkController
@@ -39,7 +41,32 @@ class EmbeddedWorker:
         self._thread.start()
         log.warning("embedded worker started (%d threads, in-memory broker)", self.concurrency)
 
+        self._stopping.clear()
+        self._sweeper = threading.Thread(
+            target=self._sweep_forever, name="srft-sweeper", daemon=True
+        )
+        self._sweeper.start()
+
+    def _sweep_forever(self) -> None:
+        """The embedded stand-in for beat: resume open work at start, then sweep periodically."""
+        from app.config import get_settings
+        from workers.runtime import get_runtime
+
+        interval = get_settings().sweep_interval_s
+        try:
+            resumed = get_runtime().resume()
+            if resumed:
+                log.warning("resumed %d units of open labeling work", resumed)
+        except Exception:
+            log.exception("could not resume open labeling work")
+        while not self._stopping.wait(interval):
+            try:
+                get_runtime().sweep()
+            except Exception:
+                log.exception("sweep failed; trying again in %.0f s", interval)
+
     def stop(self) -> None:
+        self._stopping.set()
         if self._worker is not None:
             self._worker.stop(in_sighandler=False)
         if self._thread is not None:

@@ -1,7 +1,19 @@
 """All ORM models on one metadata, so Alembic sees every table."""
 
 from app.models.base import Base, new_id, utcnow
+from app.models.job import Job, Verdict
 from app.models.project import ApiKey, Project
 from app.models.trajectory import Step, Trajectory, Upload
 
-__all__ = ["ApiKey", "Base", "Project", "Step", "Trajectory", "Upload", "new_id", "utcnow"]
+__all__ = [
+    "ApiKey",
+    "Base",
+    "Job",
+    "Project",
+    "Step",
+    "Trajectory",
+    "Upload",
+    "Verdict",
+    "new_id",
+    "utcnow",
+]

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response, status
 
 from app.deps import ProjectDep, SessionDep, SettingsDep
 from app.errors import PayloadTooLarge
+from app.jobs import service as job_service
 from app.trajectories import schemas
 from app.trajectories import service as trajectory_service
 
@@ -114,7 +115,13 @@ def get_trajectory(
 ) -> schemas.TrajectoryOut:
     """One trajectory: canonical messages, tools, metadata and its steps."""
     trajectory = trajectory_service.get_trajectory(session, project_id, trajectory_id)
-    return schemas.TrajectoryOut.model_validate(trajectory)
+    out = schemas.TrajectoryOut.model_validate(trajectory)
+    verdicts = job_service.verdicts_by_step(session, trajectory.id)
+    for step in out.steps:
+        step.verdicts = [
+            schemas.StepVerdict.model_validate(v) for v in verdicts.get(step.index, [])
+        ]
+    return out
 
 
 @router.patch("/{trajectory_id}", response_model=schemas.TrajectorySummary)

@@ -23,6 +23,20 @@ class IngestResponse(BaseModel):
     trajectories: list[IngestedTrajectory]
 
 
+class StepVerdict(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    job_id: uuid.UUID
+    status: str
+    label: str | None
+    reason: str | None
+    agreement: float | None
+    cached: bool
+    critic_model: str
+    prompt_hash: str
+    error: str | None
+
+
 class StepOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -33,6 +47,7 @@ class StepOut(BaseModel):
     )
     action: str | None = Field(description="A readable form of the step's tool call(s).")
     tool_names: list[str]
+    verdicts: list[StepVerdict] = Field(default_factory=list)
 
 
 class TrajectorySummary(BaseModel):

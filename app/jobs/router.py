@@ -1,0 +1,79 @@
+"""Labeling-job routes: start a job, poll it, page its verdicts, cancel or retry it."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, status
+
+from app.deps import ProjectDep, SessionDep, SettingsDep
+from app.jobs import queue, schemas
+from app.jobs import service as job_service
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+log = logging.getLogger(__name__)
+
+
+def _enqueue(settings: SettingsDep, units: list[job_service.Unit]) -> None:
+    # The rows are committed, so a failure here loses nothing: the sweeper finds pending
+    # items that were never picked up and queues them again.
+    try:
+        queue.enqueue(settings.broker_url, units)
+    except Exception:
+        log.exception("could not enqueue %d units; the sweeper will retry them", len(units))
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=schemas.JobOut)
+def create_job(
+    body: schemas.JobCreate, session: SessionDep, project_id: ProjectDep, settings: SettingsDep
+) -> schemas.JobOut:
+    """Start labeling the selected trajectories with the critic."""
+    job = job_service.create_job(session, project_id, body, settings)
+    units = job_service.pending_units(session, job, settings.step_chunk_size)
+    session.commit()
+    _enqueue(settings, units)
+    return job_service.describe(session, job)
+
+
+@router.get("/{job_id}", response_model=schemas.JobOut)
+def get_job(job_id: uuid.UUID, session: SessionDep, project_id: ProjectDep) -> schemas.JobOut:
+    """A job's status, progress counts, label histogram, token usage and ETA."""
+    return job_service.describe(session, job_service.get_job(session, project_id, job_id))
+
+
+@router.get("/{job_id}/verdicts", response_model=schemas.VerdictPage)
+def list_verdicts(
+    job_id: uuid.UUID,
+    session: SessionDep,
+    project_id: ProjectDep,
+    limit: Annotated[int, Query(ge=1, le=job_service.MAX_PAGE)] = 200,
+    cursor: Annotated[str | None, Query()] = None,
+) -> schemas.VerdictPage:
+    """A page of the job's verdicts, in creation order."""
+    job = job_service.get_job(session, project_id, job_id)
+    items, next_cursor = job_service.list_verdicts(session, job, limit=limit, cursor=cursor)
+    return schemas.VerdictPage(
+        items=[schemas.VerdictOut.model_validate(v) for v in items], next_cursor=next_cursor
+    )
+
+
+@router.post("/{job_id}/cancel", response_model=schemas.JobOut)
+def cancel_job(job_id: uuid.UUID, session: SessionDep, project_id: ProjectDep) -> schemas.JobOut:
+    """Stop a job: no new critic calls are made for it."""
+    job = job_service.cancel_job(session, job_service.get_job(session, project_id, job_id))
+    session.commit()
+    return job_service.describe(session, job)
+
+
+@router.post("/{job_id}/retry", response_model=schemas.JobOut)
+def retry_job(
+    job_id: uuid.UUID, session: SessionDep, project_id: ProjectDep, settings: SettingsDep
+) -> schemas.JobOut:
+    """Queue the job's failed items again."""
+    job = job_service.get_job(session, project_id, job_id)
+    units = job_service.retry_failed(session, job, settings.step_chunk_size)
+    session.commit()
+    _enqueue(settings, units)
+    return job_service.describe(session, job)

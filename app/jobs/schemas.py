@@ -1,0 +1,113 @@
+"""Request and response bodies of the labeling-job API."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Selection(BaseModel):
+    """Either explicit ids, or a filter over the project's trajectories."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trajectory_ids: list[uuid.UUID] | None = Field(default=None, max_length=100_000)
+    resolved: bool | None = None
+    source_format: str | None = None
+    task_id: str | None = None
+
+
+class CriticOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["trajectory", "step"] = "trajectory"
+    model: str | None = Field(default=None, description="Defaults to SRFT_CRITIC_MODEL.")
+    votes: int = Field(default=1, ge=1, le=15)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    labels: dict[str, str] | None = Field(
+        default=None, description="Label name -> definition; defaults to the four SRFT labels."
+    )
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    selection: Selection
+    critic: CriticOptions = Field(default_factory=CriticOptions)
+    scope: Literal["unresolved", "all"] = "unresolved"
+    cache: bool = True
+
+
+class Counts(BaseModel):
+    total: int
+    done: int
+    failed: int
+    pending: int
+    cached: int
+
+
+class JobCounts(BaseModel):
+    trajectories: Counts
+    steps: Counts
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+class CriticOut(BaseModel):
+    mode: str
+    model: str
+    votes: int
+    temperature: float
+    labels: dict[str, str]
+
+
+class JobOut(BaseModel):
+    id: uuid.UUID
+    status: Literal["queued", "running", "completed", "failed", "cancelled"]
+    critic: CriticOut
+    prompt_hash: str
+    scope: str
+    cache: bool
+    selection: dict[str, object]
+    counts: JobCounts
+    labels: dict[str, int] = Field(description="How many steps got each label so far.")
+    usage: Usage
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    eta_s: float | None
+
+
+class VerdictOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    job_id: uuid.UUID
+    trajectory_id: uuid.UUID
+    step_index: int
+    status: str
+    label: str | None
+    reason: str | None
+    agreement: float | None
+    vote_labels: list[str] | None
+    cached: bool
+    critic_model: str
+    prompt_hash: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    latency_ms: float | None
+    attempts: int
+    error: str | None
+
+
+class VerdictPage(BaseModel):
+    items: list[VerdictOut]
+    next_cursor: str | None

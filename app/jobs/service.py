@@ -1,0 +1,668 @@
+"""Labeling jobs: creation, the verdict work queue, progress, cancel and retry.
+
+Services flush; the request or the task wrapper commits. The verdict rows are the queue: a
+unit of work (one trajectory, or a chunk of its steps in `step` mode) is claimed by flipping
+its rows from `pending` (or `running` past the stale timeout) to `running` with a fresh claim
+token in one UPDATE, and results are written only under that token. Two workers can therefore
+never both apply a verdict, and a dead worker's claim is taken over by the sweeper's next task.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.critic.judge import StepOutcome
+from app.critic.labels import DEFAULT_LABELS, LabelSet
+from app.critic.prompt import prompt_hash
+from app.errors import Conflict, NotFound, SrftError
+from app.jobs import schemas
+from app.models import Job, Trajectory, Verdict, utcnow
+
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+OPEN_ITEMS = ("pending", "running")
+MAX_PAGE = 1000
+
+
+class InvalidJob(SrftError):
+    status_code = 422
+    code = "invalid_job"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One task's worth of work: some steps of one trajectory in one job."""
+
+    job_id: uuid.UUID
+    trajectory_id: uuid.UUID
+    step_indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Claim:
+    job: Job
+    trajectory: Trajectory
+    token: str
+    step_indices: tuple[int, ...]
+
+
+def cache_key(
+    *, model: str, prompt: str, mode: str, votes: int, temperature: float, content: str, step: int
+) -> str:
+    """Identity of a piece of critic work: same key, same question asked of the same critic."""
+    parts = [model, prompt, mode, str(votes), repr(float(temperature)), content, str(step)]
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+def job_labels(job: Job) -> LabelSet:
+    return LabelSet(tuple((name, definition) for name, definition in job.labels))
+
+
+# ---------------------------------------------------------------------- creation
+
+
+def create_job(
+    session: Session, project_id: uuid.UUID, body: schemas.JobCreate, settings: Settings
+) -> Job:
+    """Validate, select the trajectories, and write the job with one verdict row per step.
+
+    Steps whose identical work is already done (same critic model, prompt, mode, votes,
+    temperature, trajectory content and step) are filled from that verdict and count as
+    cached, unless the job says `"cache": false`.
+    """
+    critic = body.critic
+    labels = DEFAULT_LABELS if critic.labels is None else LabelSet.from_request(critic.labels)
+    if critic.votes > 1 and critic.temperature == 0:
+        raise InvalidJob(
+            "votes > 1 needs temperature > 0: identical calls at temperature 0 would only "
+            "repeat the same answer",
+            location="critic.temperature",
+        )
+    model = critic.model or settings.critic_model
+    prompt = prompt_hash(critic.mode, labels)
+    chosen = _select(session, project_id, body.selection, body.scope)
+
+    job = Job(
+        project_id=project_id,
+        status="queued",
+        mode=critic.mode,
+        critic_model=model,
+        votes=critic.votes,
+        temperature=critic.temperature,
+        labels=[list(pair) for pair in labels.labels],
+        prompt_hash=prompt,
+        scope=body.scope,
+        use_cache=body.cache,
+        selection=body.selection.model_dump(mode="json", exclude_none=True),
+        total_trajectories=len(chosen),
+        total_steps=sum(t.num_steps for t in chosen),
+    )
+    session.add(job)
+    session.flush()
+
+    rows: list[dict[str, Any]] = []
+    for trajectory in chosen:
+        for step in range(trajectory.num_steps):
+            key = cache_key(
+                model=model,
+                prompt=prompt,
+                mode=critic.mode,
+                votes=critic.votes,
+                temperature=critic.temperature,
+                content=trajectory.content_hash,
+                step=step,
+            )
+            rows.append(_pending_row(job, project_id, trajectory.id, step, key))
+    if body.cache:
+        _fill_from_cache(session, project_id, rows, exclude_job=job.id)
+    for start in range(0, len(rows), 5000):
+        session.execute(insert(Verdict), rows[start : start + 5000])
+    if all(row["status"] == "done" for row in rows):
+        job.status = "completed"
+        job.started_at = job.finished_at = utcnow()
+    session.flush()
+    return job
+
+
+def _pending_row(
+    job: Job, project_id: uuid.UUID, trajectory_id: uuid.UUID, step: int, key: str
+) -> dict[str, Any]:
+    return {
+        "project_id": project_id,
+        "job_id": job.id,
+        "trajectory_id": trajectory_id,
+        "step_index": step,
+        "status": "pending",
+        "cache_key": key,
+        "cached": False,
+        "critic_model": job.critic_model,
+        "prompt_hash": job.prompt_hash,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "cached_tokens": 0,
+        "attempts": 0,
+    }
+
+
+def _select(
+    session: Session, project_id: uuid.UUID, selection: schemas.Selection, scope: str
+) -> list[Trajectory]:
+    query = select(Trajectory).where(Trajectory.project_id == project_id)
+    if selection.trajectory_ids is not None:
+        wanted = set(selection.trajectory_ids)
+        if not wanted:
+            raise InvalidJob(
+                "selection.trajectory_ids is empty: name at least one trajectory",
+                location="selection.trajectory_ids",
+                code="empty_selection",
+            )
+        found = set(
+            session.scalars(
+                select(Trajectory.id).where(
+                    Trajectory.project_id == project_id, Trajectory.id.in_(wanted)
+                )
+            )
+        )
+        unknown = sorted(str(i) for i in wanted - found)
+        if unknown:
+            shown = ", ".join(unknown[:20]) + (" ..." if len(unknown) > 20 else "")
+            raise InvalidJob(
+                f"{len(unknown)} trajectory ids are not in this project: {shown}",
+                location="selection.trajectory_ids",
+                code="unknown_trajectories",
+                details={"unknown": unknown[:1000]},
+            )
+        query = query.where(Trajectory.id.in_(wanted))
+    if selection.resolved is not None:
+        query = query.where(Trajectory.resolved.is_(selection.resolved))
+    if selection.source_format is not None:
+        query = query.where(Trajectory.source_format == selection.source_format)
+    if selection.task_id is not None:
+        query = query.where(Trajectory.task_id == selection.task_id)
+    if scope == "unresolved":
+        # As in the paper: resolved runs are trained in full, so only the rest need a critic.
+        # Unknown resolution counts as unresolved.
+        query = query.where(or_(Trajectory.resolved.is_(None), Trajectory.resolved.is_(False)))
+    chosen = list(session.scalars(query.order_by(Trajectory.id)))
+    if not chosen:
+        raise InvalidJob(
+            "the selection matches no trajectory"
+            + (
+                " that is unresolved (scope=unresolved; use scope=all to include resolved runs)"
+                if scope == "unresolved"
+                else ""
+            ),
+            location="selection",
+            code="empty_selection",
+        )
+    return chosen
+
+
+def _fill_from_cache(
+    session: Session,
+    project_id: uuid.UUID,
+    rows: list[dict[str, Any]],
+    *,
+    exclude_job: uuid.UUID | None,
+) -> int:
+    """Copy earlier done verdicts onto rows with the same cache key; return how many."""
+    keys = list({row["cache_key"] for row in rows})
+    found: dict[str, Verdict] = {}
+    for start in range(0, len(keys), 1000):
+        query = select(Verdict).where(
+            Verdict.project_id == project_id,
+            Verdict.cache_key.in_(keys[start : start + 1000]),
+            Verdict.status == "done",
+        )
+        if exclude_job is not None:
+            query = query.where(Verdict.job_id != exclude_job)
+        for verdict in session.scalars(query.order_by(Verdict.id)):
+            found.setdefault(verdict.cache_key, verdict)
+    filled = 0
+    now = utcnow()
+    for row in rows:
+        earlier = found.get(row["cache_key"])
+        if earlier is None:
+            continue
+        row.update(
+            status="done",
+            cached=True,
+            label=earlier.label,
+            reason=earlier.reason,
+            agreement=earlier.agreement,
+            vote_labels=earlier.vote_labels,
+            finished_at=now,
+        )
+        filled += 1
+    return filled
+
+
+# ---------------------------------------------------------------------- the work queue
+
+
+def units_of(job: Job, rows: list[tuple[uuid.UUID, int]], chunk_size: int) -> list[Unit]:
+    """Group (trajectory, step) pairs into units: a trajectory per unit in `trajectory` mode,
+    chunks of `chunk_size` steps in `step` mode."""
+    by_trajectory: dict[uuid.UUID, list[int]] = defaultdict(list)
+    for trajectory_id, step in rows:
+        by_trajectory[trajectory_id].append(step)
+    units: list[Unit] = []
+    for trajectory_id, steps in by_trajectory.items():
+        steps.sort()
+        size = chunk_size if job.mode == "step" else len(steps)
+        for start in range(0, len(steps), max(1, size)):
+            units.append(Unit(job.id, trajectory_id, tuple(steps[start : start + size])))
+    return units
+
+
+def pending_units(session: Session, job: Job, chunk_size: int) -> list[Unit]:
+    """Every pending item of a job as units, marked enqueued now."""
+    rows = session.execute(
+        select(Verdict.trajectory_id, Verdict.step_index).where(
+            Verdict.job_id == job.id, Verdict.status == "pending"
+        )
+    ).all()
+    session.execute(
+        update(Verdict)
+        .where(Verdict.job_id == job.id, Verdict.status == "pending")
+        .values(enqueued_at=utcnow())
+    )
+    return units_of(job, [(r.trajectory_id, r.step_index) for r in rows], chunk_size)
+
+
+def claim_unit(session: Session, unit: Unit, stale_after_s: float) -> Claim | None:
+    """Claim the unit's open items; None when there is nothing left to do."""
+    job = session.get(Job, unit.job_id)
+    if job is None or job.status in TERMINAL:
+        return None
+    now = utcnow()
+    token = str(uuid.uuid4())
+    stale = now - timedelta(seconds=stale_after_s)
+    claimed = list(
+        session.execute(
+            update(Verdict)
+            .where(
+                Verdict.job_id == unit.job_id,
+                Verdict.trajectory_id == unit.trajectory_id,
+                Verdict.step_index.in_(unit.step_indices),
+                or_(
+                    Verdict.status == "pending",
+                    and_(Verdict.status == "running", Verdict.claimed_at < stale),
+                ),
+            )
+            .values(status="running", claim_token=token, claimed_at=now)
+            .returning(Verdict.step_index)
+        )
+        .scalars()
+        .all()
+    )
+    if not claimed:
+        return None
+    if job.status == "queued":
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == "queued")
+            .values(status="running", started_at=now)
+        )
+    if job.use_cache:
+        claimed = _claim_from_cache(session, job, unit.trajectory_id, token, claimed)
+    session.flush()
+    trajectory = session.get(Trajectory, unit.trajectory_id)
+    if trajectory is None or not claimed:
+        return None
+    return Claim(job, trajectory, token, tuple(sorted(claimed)))
+
+
+def _claim_from_cache(
+    session: Session, job: Job, trajectory_id: uuid.UUID, token: str, claimed: list[int]
+) -> list[int]:
+    """Serve claimed items from verdicts finished since the job was created; return the rest."""
+    rows = session.execute(
+        select(Verdict.step_index, Verdict.cache_key).where(
+            Verdict.job_id == job.id,
+            Verdict.trajectory_id == trajectory_id,
+            Verdict.step_index.in_(claimed),
+        )
+    ).all()
+    wanted = [{"cache_key": r.cache_key, "step_index": r.step_index} for r in rows]
+    _fill_from_cache(session, job.project_id, wanted, exclude_job=job.id)
+    remaining: list[int] = []
+    for row in wanted:
+        if row.get("status") != "done":
+            remaining.append(row["step_index"])
+            continue
+        session.execute(
+            update(Verdict)
+            .where(
+                Verdict.job_id == job.id,
+                Verdict.trajectory_id == trajectory_id,
+                Verdict.step_index == row["step_index"],
+                Verdict.claim_token == token,
+            )
+            .values(
+                status="done",
+                cached=True,
+                label=row["label"],
+                reason=row["reason"],
+                agreement=row["agreement"],
+                vote_labels=row["vote_labels"],
+                finished_at=row["finished_at"],
+            )
+        )
+    return remaining
+
+
+def record_outcome(
+    session: Session,
+    job_id: uuid.UUID,
+    trajectory_id: uuid.UUID,
+    token: str,
+    outcome: StepOutcome,
+) -> bool:
+    """Store one step's outcome under the claim `token`; False if the claim was lost."""
+    usage = outcome.usage
+    values: dict[str, Any] = {
+        "status": "done" if outcome.label is not None else "failed",
+        "label": outcome.label,
+        "reason": outcome.reason,
+        "agreement": outcome.agreement,
+        "vote_labels": outcome.vote_labels or None,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "latency_ms": round(usage.latency_s * 1000, 3),
+        "attempts": Verdict.attempts + usage.attempts,
+        "error": outcome.error,
+        "finished_at": utcnow(),
+    }
+    result = session.execute(
+        update(Verdict)
+        .where(
+            Verdict.job_id == job_id,
+            Verdict.trajectory_id == trajectory_id,
+            Verdict.step_index == outcome.index,
+            Verdict.claim_token == token,
+            Verdict.status == "running",
+        )
+        .values(**values)
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def finish_if_done(session: Session, job_id: uuid.UUID) -> str | None:
+    """Close the job when no item is open; return its new status, or None if still open."""
+    remaining = session.scalar(
+        select(func.count())
+        .select_from(Verdict)
+        .where(Verdict.job_id == job_id, Verdict.status.in_(OPEN_ITEMS))
+    )
+    if remaining:
+        return None
+    done = session.scalar(
+        select(func.count())
+        .select_from(Verdict)
+        .where(Verdict.job_id == job_id, Verdict.status == "done")
+    )
+    status = "completed" if done else "failed"
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(("queued", "running")))
+        .values(
+            status=status,
+            finished_at=utcnow(),
+            error=None if done else "every step failed; see the verdicts' errors",
+        )
+    )
+    return status if getattr(result, "rowcount", 0) else None
+
+
+def sweep(session: Session, stale_after_s: float, chunk_size: int) -> list[Unit]:
+    """Units whose work was lost: claims older than the timeout (a dead or stuck worker) and
+    pending items never picked up (a lost broker message). Marks the pending ones enqueued."""
+    now = utcnow()
+    stale = now - timedelta(seconds=stale_after_s)
+    lost = or_(
+        and_(Verdict.status == "running", Verdict.claimed_at < stale),
+        and_(
+            Verdict.status == "pending",
+            or_(Verdict.enqueued_at.is_(None), Verdict.enqueued_at < stale),
+        ),
+    )
+    rows = session.execute(
+        select(Verdict.job_id, Verdict.trajectory_id, Verdict.step_index)
+        .join(Job, Job.id == Verdict.job_id)
+        .where(lost, Job.status.in_(("queued", "running")))
+    ).all()
+    if not rows:
+        return []
+    by_job: dict[uuid.UUID, list[tuple[uuid.UUID, int]]] = defaultdict(list)
+    for row in rows:
+        by_job[row.job_id].append((row.trajectory_id, row.step_index))
+    units: list[Unit] = []
+    for job_id, items in by_job.items():
+        job = session.get(Job, job_id)
+        if job is not None:
+            units.extend(units_of(job, items, chunk_size))
+    session.execute(
+        update(Verdict)
+        .where(Verdict.job_id.in_(list(by_job)), Verdict.status == "pending", lost)
+        .values(enqueued_at=now)
+    )
+    return units
+
+
+def resume_all(session: Session, chunk_size: int) -> list[Unit]:
+    """Every open item of every open job: after a restart with an in-memory broker."""
+    return sweep(session, stale_after_s=0, chunk_size=chunk_size)
+
+
+# ---------------------------------------------------------------------- reading
+
+
+def get_job(session: Session, project_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.project_id != project_id:
+        raise NotFound(f"job {job_id} not found", location="path.job_id")
+    return job
+
+
+def describe(session: Session, job: Job) -> schemas.JobOut:
+    """The job with its progress counts, label histogram, token usage and ETA."""
+    groups = session.execute(
+        select(
+            Verdict.trajectory_id,
+            Verdict.status,
+            Verdict.cached,
+            func.count(),
+            func.sum(Verdict.prompt_tokens),
+            func.sum(Verdict.completion_tokens),
+            func.sum(Verdict.cached_tokens),
+        )
+        .where(Verdict.job_id == job.id)
+        .group_by(Verdict.trajectory_id, Verdict.status, Verdict.cached)
+    ).all()
+    steps = {"total": 0, "done": 0, "failed": 0, "pending": 0, "cached": 0}
+    per_trajectory: dict[uuid.UUID, dict[str, int]] = defaultdict(
+        lambda: {"total": 0, "done": 0, "failed": 0, "pending": 0, "cached": 0}
+    )
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
+    for trajectory_id, status, cached, count, prompt, completion, cached_tokens in groups:
+        bucket = "pending" if status in OPEN_ITEMS else status
+        for target in (steps, per_trajectory[trajectory_id]):
+            target["total"] += count
+            target[bucket] += count
+            if cached:
+                target["cached"] += count
+        usage["prompt_tokens"] += int(prompt or 0)
+        usage["completion_tokens"] += int(completion or 0)
+        usage["cached_tokens"] += int(cached_tokens or 0)
+    trajectories = {"total": len(per_trajectory), "done": 0, "failed": 0, "pending": 0, "cached": 0}
+    for counts in per_trajectory.values():
+        if counts["pending"]:
+            trajectories["pending"] += 1
+        elif counts["failed"]:
+            trajectories["failed"] += 1
+        else:
+            trajectories["done"] += 1
+            if counts["cached"] == counts["total"]:
+                trajectories["cached"] += 1
+    histogram = {
+        str(row[0]): int(row[1])
+        for row in session.execute(
+            select(Verdict.label, func.count())
+            .where(Verdict.job_id == job.id, Verdict.status == "done")
+            .group_by(Verdict.label)
+            .order_by(Verdict.label)
+        ).all()
+    }
+    return schemas.JobOut(
+        id=job.id,
+        status=job.status,
+        critic=schemas.CriticOut(
+            mode=job.mode,
+            model=job.critic_model,
+            votes=job.votes,
+            temperature=job.temperature,
+            labels=job_labels(job).to_dict(),
+        ),
+        prompt_hash=job.prompt_hash,
+        scope=job.scope,
+        cache=job.use_cache,
+        selection=job.selection,
+        counts=schemas.JobCounts(
+            trajectories=schemas.Counts(**trajectories), steps=schemas.Counts(**steps)
+        ),
+        labels=histogram,
+        usage=schemas.Usage(**usage),
+        error=job.error,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        eta_s=_eta(job, steps),
+    )
+
+
+def _eta(job: Job, steps: dict[str, int]) -> float | None:
+    if job.status in TERMINAL:
+        return 0.0
+    worked = steps["done"] + steps["failed"] - steps["cached"]
+    if job.started_at is None or worked <= 0 or not steps["pending"]:
+        return None
+    started = (
+        job.started_at if job.started_at.tzinfo else job.started_at.replace(tzinfo=utcnow().tzinfo)
+    )
+    elapsed = (utcnow() - started).total_seconds()
+    return round(elapsed / worked * steps["pending"], 1)
+
+
+def encode_cursor(verdict_id: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps(verdict_id).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, binascii.Error):
+        value = None
+    if not isinstance(value, int):
+        raise InvalidJob(
+            "invalid cursor: pass back the next_cursor of a previous page unchanged",
+            location="query.cursor",
+            code="invalid_cursor",
+        )
+    return value
+
+
+def list_verdicts(
+    session: Session, job: Job, *, limit: int, cursor: str | None
+) -> tuple[list[Verdict], str | None]:
+    query = select(Verdict).where(Verdict.job_id == job.id)
+    if cursor is not None:
+        query = query.where(Verdict.id > decode_cursor(cursor))
+    items = list(session.scalars(query.order_by(Verdict.id).limit(limit + 1)))
+    next_cursor = encode_cursor(items[limit - 1].id) if len(items) > limit else None
+    return items[:limit], next_cursor
+
+
+def verdicts_by_step(session: Session, trajectory_id: uuid.UUID) -> dict[int, list[Verdict]]:
+    """Finished verdicts of a trajectory, by step, oldest job first."""
+    found: dict[int, list[Verdict]] = defaultdict(list)
+    query = (
+        select(Verdict)
+        .where(Verdict.trajectory_id == trajectory_id, Verdict.status.in_(("done", "failed")))
+        .order_by(Verdict.id)
+    )
+    for verdict in session.scalars(query):
+        found[verdict.step_index].append(verdict)
+    return found
+
+
+# ---------------------------------------------------------------------- control
+
+
+def cancel_job(session: Session, job: Job) -> Job:
+    if job.status in TERMINAL:
+        raise Conflict(f"job {job.id} is already {job.status}", location="path.job_id")
+    job.status = "cancelled"
+    job.finished_at = utcnow()
+    session.flush()
+    return job
+
+
+def retry_failed(session: Session, job: Job, chunk_size: int) -> list[Unit]:
+    """Put the job's failed items back in the queue; return the units to enqueue."""
+    if job.status == "cancelled":
+        raise Conflict("a cancelled job cannot be retried", location="path.job_id")
+    failed = session.execute(
+        select(Verdict.trajectory_id, Verdict.step_index).where(
+            Verdict.job_id == job.id, Verdict.status == "failed"
+        )
+    ).all()
+    if not failed:
+        raise Conflict(f"job {job.id} has no failed items to retry", location="path.job_id")
+    now = utcnow()
+    session.execute(
+        update(Verdict)
+        .where(Verdict.job_id == job.id, Verdict.status == "failed")
+        .values(status="pending", error=None, claim_token=None, claimed_at=None, enqueued_at=now)
+    )
+    job.status = "running" if job.started_at else "queued"
+    job.finished_at = None
+    job.error = None
+    session.flush()
+    return units_of(job, [(r.trajectory_id, r.step_index) for r in failed], chunk_size)
+
+
+def job_status(session: Session, job_id: uuid.UUID) -> str | None:
+    return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+def release_claim(session: Session, unit: Unit, token: str) -> None:
+    """Return a claim's unfinished items to the queue."""
+    session.execute(
+        update(Verdict)
+        .where(
+            Verdict.job_id == unit.job_id,
+            Verdict.trajectory_id == unit.trajectory_id,
+            Verdict.claim_token == token,
+            Verdict.status == "running",
+        )
+        .values(status="pending", claim_token=None, claimed_at=None, enqueued_at=None)
+    )
+
+
+def close_finished_jobs(session: Session) -> int:
+    """Close open jobs that have no open item left (their last task died after its writes)."""
+    open_jobs = session.scalars(select(Job.id).where(Job.status.in_(("queued", "running"))))
+    return sum(1 for job_id in list(open_jobs) if finish_if_done(session, job_id))

@@ -1,0 +1,96 @@
+"""Labeling jobs and their verdicts: one verdict row per (job, trajectory, step).
+
+The verdict rows are also the job's work queue: a row is `pending` until a worker claims it
+(`running`, with a claim token and time), then `done` or `failed`. The unique key makes a
+verdict impossible to duplicate; the claim token makes a late answer from a worker whose claim
+was taken over (after it died or stalled) impossible to apply twice.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.models.base import Base, JsonColumn, new_id, utcnow
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY.
+AutoId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (Index(None, "project_id", "created_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    project_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(16))
+    mode: Mapped[str] = mapped_column(String(16))
+    critic_model: Mapped[str] = mapped_column(String(200))
+    votes: Mapped[int] = mapped_column(Integer)
+    temperature: Mapped[float] = mapped_column(Float)
+    # Ordered [[name, definition], ...]: the label set is part of what the critic is asked.
+    labels: Mapped[list[list[str]]] = mapped_column(JsonColumn)
+    prompt_hash: Mapped[str] = mapped_column(String(64))
+    scope: Mapped[str] = mapped_column(String(16))
+    use_cache: Mapped[bool] = mapped_column(Boolean)
+    selection: Mapped[dict[str, Any]] = mapped_column(JsonColumn)
+    total_trajectories: Mapped[int] = mapped_column(Integer)
+    total_steps: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Verdict(Base):
+    __tablename__ = "verdicts"
+    __table_args__ = (
+        UniqueConstraint("job_id", "trajectory_id", "step_index"),
+        Index(None, "job_id", "status"),
+        Index(None, "project_id", "cache_key"),
+        Index(None, "trajectory_id", "step_index"),
+        Index(None, "status", "claimed_at"),
+    )
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    project_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    trajectory_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("trajectories.id", ondelete="CASCADE")
+    )
+    step_index: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    # Same critic model, prompt, mode, votes, temperature, trajectory content and step.
+    cache_key: Mapped[str] = mapped_column(String(64))
+    cached: Mapped[bool] = mapped_column(Boolean, default=False)
+    label: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str | None] = mapped_column(Text)
+    agreement: Mapped[float | None] = mapped_column(Float)
+    vote_labels: Mapped[list[str] | None] = mapped_column(JsonColumn)
+    critic_model: Mapped[str] = mapped_column(String(200))
+    prompt_hash: Mapped[str] = mapped_column(String(64))
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cached_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    claim_token: Mapped[str | None] = mapped_column(String(36))
+    claimed_at: Mapped[datetime | None] = mapped_column(default=None)
+    enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)

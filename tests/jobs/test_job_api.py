@@ -1,0 +1,247 @@
+"""The job API on the rolled-back test database: validation, selection, cache, cancel, retry.
+
+No worker runs here: these tests are about what the API writes and refuses. Labeling itself is
+tested end to end in test_labeling_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from app.models import Job, Verdict
+from tests.builders import make_trajectory
+from tests.conftest import Caller
+
+
+def _counts(session: Session) -> tuple[int, int]:
+    jobs = session.scalar(select(func.count()).select_from(Job)) or 0
+    verdicts = session.scalar(select(func.count()).select_from(Verdict)) or 0
+    return jobs, verdicts
+
+
+def _upload(client: TestClient, caller: Caller, *items: dict[str, Any]) -> list[str]:
+    response = client.post(
+        "/v1/trajectories", content=json.dumps(list(items)).encode(), headers=caller.headers
+    )
+    assert response.status_code == 201, response.text
+    return [t["id"] for t in response.json()["trajectories"]]
+
+
+@pytest.fixture
+def stored(client: TestClient, caller: Caller) -> list[str]:
+    """Three runs: 2 steps unresolved, 3 steps resolved, 4 steps of unknown resolution."""
+    return _upload(
+        client,
+        caller,
+        make_trajectory(2, salt="a", resolved=False),
+        make_trajectory(3, salt="b", resolved=True),
+        make_trajectory(4, salt="c"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "location"),
+    [
+        ({"selection": {"trajectory_ids": []}}, "empty_selection", "selection.trajectory_ids"),
+        (
+            {"selection": {"trajectory_ids": [str(uuid.uuid4())]}},
+            "unknown_trajectories",
+            "selection.trajectory_ids",
+        ),
+        ({"selection": {"task_id": "no-such-task"}}, "empty_selection", "selection"),
+        ({"selection": {}, "critic": {"votes": 0}}, "validation_error", "body.critic.votes"),
+        ({"selection": {}, "critic": {"mode": "vibes"}}, "validation_error", "body.critic.mode"),
+        ({"selection": {}, "critic": {"votes": 3}}, "invalid_job", "critic.temperature"),
+        (
+            {"selection": {}, "critic": {"labels": {"only": "one label"}}},
+            "invalid_labels",
+            "critic.labels",
+        ),
+        (
+            {"selection": {}, "critic": {"labels": {"Good": "x", "bad": "y"}}},
+            "invalid_labels",
+            "critic.labels.Good",
+        ),
+        (
+            {"selection": {}, "critic": {"labels": {"good": "", "bad": "y"}}},
+            "invalid_labels",
+            "critic.labels.good",
+        ),
+        ({"selection": {}, "scope": "some"}, "validation_error", "body.scope"),
+        ({"selection": {}, "surprise": 1}, "validation_error", "body.surprise"),
+    ],
+)
+def test_bad_job_requests_are_4xx_and_create_nothing(
+    client: TestClient,
+    caller: Caller,
+    session: Session,
+    stored: list[str],
+    body: dict[str, Any],
+    code: str,
+    location: str,
+) -> None:
+    before = _counts(session)
+    response = client.post("/v1/jobs", json=body, headers=caller.headers)
+    assert 400 <= response.status_code < 500, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["location"] == location
+    assert error["message"]
+    assert _counts(session) == before
+
+
+def test_resolved_only_selection_is_empty_under_the_default_scope(
+    client: TestClient, caller: Caller, session: Session, stored: list[str]
+) -> None:
+    before = _counts(session)
+    response = client.post(
+        "/v1/jobs", json={"selection": {"trajectory_ids": [stored[1]]}}, headers=caller.headers
+    )
+    assert response.status_code == 422
+    assert "scope=all" in response.json()["error"]["message"]
+    assert _counts(session) == before
+
+
+def test_another_projects_trajectory_is_unknown(
+    client: TestClient,
+    caller: Caller,
+    other_caller: Caller,
+    session: Session,
+    stored: list[str],
+) -> None:
+    response = client.post(
+        "/v1/jobs", json={"selection": {"trajectory_ids": stored}}, headers=other_caller.headers
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "unknown_trajectories"
+
+
+def test_job_selects_unresolved_and_unknown_by_default(
+    client: TestClient, caller: Caller, session: Session, stored: list[str]
+) -> None:
+    response = client.post("/v1/jobs", json={"selection": {}}, headers=caller.headers)
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["status"] == "queued"
+    assert job["counts"]["trajectories"]["total"] == 2
+    assert job["counts"]["steps"] == {"total": 6, "done": 0, "failed": 0, "pending": 6, "cached": 0}
+    assert job["critic"]["mode"] == "trajectory"
+    assert set(job["critic"]["labels"]) == {"good", "unnecessary", "mistake", "recover"}
+    rows = session.execute(
+        select(Verdict.trajectory_id, Verdict.step_index).where(Verdict.job_id == job["id"])
+    ).all()
+    assert sorted((str(t), s) for t, s in rows) == sorted(
+        [(stored[0], i) for i in range(2)] + [(stored[2], i) for i in range(4)]
+    )
+    everything = client.post(
+        "/v1/jobs", json={"selection": {}, "scope": "all"}, headers=caller.headers
+    ).json()
+    assert everything["counts"]["steps"]["total"] == 9
+
+
+def _finish_all(session: Session, job_id: str, label: str = "good") -> None:
+    session.execute(
+        update(Verdict)
+        .where(Verdict.job_id == uuid.UUID(job_id))
+        .values(status="done", label=label, reason="r", agreement=1.0, prompt_tokens=10)
+    )
+
+
+def test_identical_work_is_served_from_the_cache(
+    client: TestClient, caller: Caller, session: Session, stored: list[str]
+) -> None:
+    body = {"selection": {"trajectory_ids": [stored[0]]}}
+    first = client.post("/v1/jobs", json=body, headers=caller.headers).json()
+    _finish_all(session, first["id"], label="mistake")
+    second = client.post("/v1/jobs", json=body, headers=caller.headers).json()
+    assert second["status"] == "completed"
+    assert second["counts"]["steps"] == {
+        "total": 2,
+        "done": 2,
+        "failed": 0,
+        "pending": 0,
+        "cached": 2,
+    }
+    assert second["counts"]["trajectories"]["cached"] == 1
+    assert second["labels"] == {"mistake": 2}
+    assert second["usage"]["prompt_tokens"] == 0  # nothing was asked again
+
+    # Different critic settings are different work; "cache": false asks again.
+    other_mode = client.post(
+        "/v1/jobs", json=body | {"critic": {"mode": "step"}}, headers=caller.headers
+    ).json()
+    assert other_mode["counts"]["steps"]["cached"] == 0
+    uncached = client.post("/v1/jobs", json=body | {"cache": False}, headers=caller.headers).json()
+    assert uncached["counts"]["steps"]["cached"] == 0
+    assert uncached["status"] == "queued"
+
+
+def test_cancel_and_retry(
+    client: TestClient, caller: Caller, session: Session, stored: list[str]
+) -> None:
+    job = client.post(
+        "/v1/jobs", json={"selection": {"trajectory_ids": [stored[2]]}}, headers=caller.headers
+    ).json()
+    url = f"/v1/jobs/{job['id']}"
+    nothing_failed = client.post(f"{url}/retry", headers=caller.headers)
+    assert nothing_failed.status_code == 409
+
+    session.execute(
+        update(Verdict)
+        .where(Verdict.job_id == uuid.UUID(job["id"]), Verdict.step_index < 2)
+        .values(status="failed", error="429 from critic (after 6 attempts)")
+    )
+    failed = client.get(url, headers=caller.headers).json()
+    assert failed["counts"]["steps"]["failed"] == 2
+    retried = client.post(f"{url}/retry", headers=caller.headers).json()
+    assert retried["counts"]["steps"]["failed"] == 0
+    assert retried["counts"]["steps"]["pending"] == 4
+
+    cancelled = client.post(f"{url}/cancel", headers=caller.headers)
+    assert cancelled.status_code == 200
+    assert cancelled.json()["status"] == "cancelled"
+    assert client.post(f"{url}/cancel", headers=caller.headers).status_code == 409
+    assert client.post(f"{url}/retry", headers=caller.headers).status_code == 409
+
+
+def test_jobs_of_another_project_answer_404(
+    client: TestClient, caller: Caller, other_caller: Caller, stored: list[str]
+) -> None:
+    job = client.post("/v1/jobs", json={"selection": {}}, headers=caller.headers).json()
+    for method, path in [
+        ("get", ""),
+        ("get", "/verdicts"),
+        ("post", "/cancel"),
+        ("post", "/retry"),
+    ]:
+        response = getattr(client, method)(
+            f"/v1/jobs/{job['id']}{path}", headers=other_caller.headers
+        )
+        assert response.status_code == 404, path
+
+
+def test_verdicts_are_paged(
+    client: TestClient, caller: Caller, session: Session, stored: list[str]
+) -> None:
+    job = client.post(
+        "/v1/jobs", json={"selection": {}, "scope": "all"}, headers=caller.headers
+    ).json()
+    seen: list[tuple[str, int]] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 4} | ({"cursor": cursor} if cursor else {})
+        page = client.get(
+            f"/v1/jobs/{job['id']}/verdicts", params=params, headers=caller.headers
+        ).json()
+        seen += [(v["trajectory_id"], v["step_index"]) for v in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)) == 9

@@ -1,0 +1,179 @@
+"""What a worker process needs to label: the database, one event loop, the critic client and
+the shared limits. Built lazily, once per process (after the fork, in prefork pools).
+
+Critic calls are async so that one process can keep many in flight; Celery tasks are sync, so
+each task hands its coroutine to this process's loop, which runs in a background thread and is
+shared by every task the process runs at once (thread pools) or in turn (prefork).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from app.config import Settings, get_settings
+from app.critic.client import CriticClient
+from app.critic.judge import Judge, JudgeConfig, StepOutcome
+from app.critic.limits import Limiter, LocalLimiter, RedisLimiter
+from app.db import Database
+from app.jobs import queue
+from app.jobs import service as job_service
+from app.recipe.steps import split_steps
+
+log = logging.getLogger("srft.worker")
+T = TypeVar("T")
+
+
+class WorkerRuntime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.database = Database(settings.database_url)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="srft-critic-loop", daemon=True
+        )
+        self._thread.start()
+        self.critic_url = settings.critic_base_url or self._start_rules_critic()
+        api_key = settings.critic_api_key.get_secret_value() if settings.critic_api_key else None
+        self.client = self.run(self._make_client(api_key))
+        self.limiter: Limiter = self.run(self._make_limiter())
+
+    async def _make_client(self, api_key: str | None) -> CriticClient:
+        return CriticClient(self.critic_url, api_key, timeout_s=self.settings.critic_timeout_s)
+
+    async def _make_limiter(self) -> Limiter:
+        s = self.settings
+        if s.broker_url.startswith(("redis://", "rediss://")):
+            return RedisLimiter(
+                s.broker_url,
+                s.critic_max_concurrency,
+                s.critic_rpm,
+                s.critic_tpm,
+                lease_s=s.stale_after_s,
+            )
+        return LocalLimiter(s.critic_max_concurrency, s.critic_rpm, s.critic_tpm)
+
+    def _start_rules_critic(self) -> str:
+        from app.critic.rules_server import start_rules_server_thread
+
+        port = start_rules_server_thread(latency_ms=self.settings.rules_critic_latency_ms)
+        log.warning(
+            "SRFT_CRITIC_BASE_URL is not set: labels come from the built-in rules critic "
+            "(heuristics, not an LLM), started on 127.0.0.1:%d",
+            port,
+        )
+        return f"http://127.0.0.1:{port}/v1"
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run `coroutine` on this process's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    # ------------------------------------------------------------------ labeling
+
+    def label_unit(self, unit: job_service.Unit) -> None:
+        """Claim the unit, ask the critic about its steps, store each outcome as it arrives."""
+        with self.database.transaction() as session:
+            claim = job_service.claim_unit(session, unit, self.settings.stale_after_s)
+            if claim is not None:
+                job = claim.job
+                config = JudgeConfig(
+                    model=job.critic_model,
+                    labels=job_service.job_labels(job),
+                    votes=job.votes,
+                    temperature=job.temperature,
+                    context_tokens=self.settings.critic_context_tokens,
+                    max_attempts=self.settings.critic_max_attempts,
+                    backoff_base_s=self.settings.critic_backoff_base_s,
+                    backoff_max_s=self.settings.critic_backoff_max_s,
+                    max_answer_tokens=self.settings.critic_max_answer_tokens,
+                )
+                messages = claim.trajectory.messages
+                resolved = claim.trajectory.resolved
+                mode = job.mode
+        if claim is not None:
+            judge = Judge(self.client, self.limiter, config)
+            try:
+                self.run(
+                    self._judge(
+                        judge, mode, unit, claim.token, messages, resolved, claim.step_indices
+                    )
+                )
+            except BaseException:
+                self._release(unit, claim.token)
+                raise
+        self._finish(unit)
+
+    async def _judge(
+        self,
+        judge: Judge,
+        mode: str,
+        unit: job_service.Unit,
+        token: str,
+        messages: list[dict[str, Any]],
+        resolved: bool | None,
+        targets: tuple[int, ...],
+    ) -> None:
+        steps = split_steps(messages)
+        if mode == "trajectory":
+            async for outcomes in judge.judge_trajectory(messages, steps, resolved, set(targets)):
+                if not await asyncio.to_thread(self._record, unit, token, outcomes):
+                    return
+        else:
+            async for outcome in judge.judge_steps(messages, steps, resolved, targets):
+                if not await asyncio.to_thread(self._record, unit, token, [outcome]):
+                    return
+
+    def _record(self, unit: job_service.Unit, token: str, outcomes: list[StepOutcome]) -> bool:
+        """Store outcomes; False when the job was cancelled meanwhile (stop asking)."""
+        with self.database.transaction() as session:
+            for outcome in outcomes:
+                job_service.record_outcome(session, unit.job_id, unit.trajectory_id, token, outcome)
+            status = job_service.job_status(session, unit.job_id)
+        return status not in ("cancelled", None)
+
+    def _release(self, unit: job_service.Unit, token: str) -> None:
+        """Give back what this task claimed but did not finish, for the next task to take."""
+        try:
+            with self.database.transaction() as session:
+                job_service.release_claim(session, unit, token)
+        except Exception:
+            log.exception("could not release claim %s; the sweeper will take it over", token)
+
+    def _finish(self, unit: job_service.Unit) -> None:
+        with self.database.transaction() as session:
+            job_service.finish_if_done(session, unit.job_id)
+
+    def sweep(self) -> int:
+        """Re-enqueue lost work and close jobs with nothing open; return units enqueued."""
+        with self.database.transaction() as session:
+            units = job_service.sweep(
+                session, self.settings.stale_after_s, self.settings.step_chunk_size
+            )
+            job_service.close_finished_jobs(session)
+        if units:
+            queue.enqueue(self.settings.broker_url, units)
+            log.warning("sweeper re-enqueued %d units of lost or stalled work", len(units))
+        return len(units)
+
+    def resume(self) -> int:
+        """Enqueue every open item (at start-up, when the broker may have lost messages)."""
+        with self.database.transaction() as session:
+            units = job_service.resume_all(session, self.settings.step_chunk_size)
+        if units:
+            queue.enqueue(self.settings.broker_url, units)
+        return len(units)
+
+
+_runtime: WorkerRuntime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime() -> WorkerRuntime:
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = WorkerRuntime(get_settings())
+        return _runtime
