@@ -123,6 +123,24 @@ def test_embedded_service_end_to_end(served: Served) -> None:
     ).json()
     assert len(unresolved["items"]) == 5
 
+    # `srft label --wait` labels them on the embedded worker with the built-in rules critic.
+    labeled = subprocess.run(
+        [*SRFT, "label", "--mode", "step", "--wait"], env=cli_env, capture_output=True,
+        text=True, timeout=180,
+    )
+    assert labeled.returncode == 0, labeled.stdout + labeled.stderr
+    assert "status completed" in labeled.stdout
+    total_steps = sum(item["num_steps"] for item in unresolved["items"])
+    assert f"steps done {total_steps} (cached 0), failed 0, pending 0" in labeled.stdout
+    assert "built-in rules critic" in served.log.read_text()  # the warning users must see
+    detail = httpx.get(
+        f"{served.url}/v1/trajectories/{unresolved['items'][0]['id']}", headers=headers
+    ).json()
+    assert all(len(step["verdicts"]) == 1 for step in detail["steps"])
+    assert {v["label"] for s in detail["steps"] for v in s["verdicts"]} <= {
+        "good", "unnecessary", "mistake", "recover"
+    }
+
     # A bad file makes the command fail and names the file and the error.
     bad = served.workdir / "bad.json"
     bad.write_text('{"messages": [')
