@@ -180,3 +180,26 @@ def test_two_workers_share_one_concurrency_cap_through_redis(
     stats = _stats(critic)
     assert stats["completions"] == 24
     assert stats["max_in_flight"] == 3  # reached, never exceeded, across both "workers"
+
+
+def test_a_run_too_long_for_the_context_gets_one_verdict_per_step(critic: str) -> None:
+    path = "mini-swe-agent/mini-v2.2.7__deepseek-chat__django__django-13265.traj.json"
+    messages = parse_upload(trajectory_file(path).read_bytes())[0].messages
+    steps = split_steps(messages)
+    judge = _judge(critic, context_tokens=16_000, max_answer_tokens=4096)
+
+    async def go() -> list[StepOutcome]:
+        found = [
+            o
+            async for batch in judge.judge_trajectory(
+                messages, steps, False, set(range(len(steps)))
+            )
+            for o in batch
+        ]
+        await judge.client.close()
+        return found
+
+    outcomes = asyncio.run(go())
+    assert sorted(o.index for o in outcomes) == list(range(156))
+    assert all(o.label in DEFAULT_LABELS.names for o in outcomes)
+    assert _stats(critic)["completions"] > 1  # it really was split into windows
