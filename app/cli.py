@@ -20,6 +20,7 @@ app.add_typer(critic_app, name="critic")
 app.add_typer(db_app, name="db")
 
 UPLOAD_SUFFIXES = (".json", ".jsonl", ".traj", ".ndjson")
+WORKER_POOLS = ("prefork", "threads", "solo")
 
 
 @app.command()
@@ -54,7 +55,17 @@ def serve(
 
 @app.command()
 def worker(
-    concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 2,
+    concurrency: Annotated[
+        int, typer.Option(help="Tasks run at once: threads, or processes with --pool prefork.")
+    ] = 8,
+    pool: Annotated[
+        str,
+        typer.Option(
+            help="Celery pool: prefork (a process per task), threads (one process, whose "
+            "event loop and critic client serve all its tasks: many calls in flight on few "
+            "cores) or solo."
+        ),
+    ] = "threads",
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
 ) -> None:
     """Run a Celery worker against SRFT_BROKER_URL (Redis in production)."""
@@ -68,8 +79,17 @@ def worker(
             err=True,
         )
         raise typer.Exit(2)
+    if pool not in WORKER_POOLS:
+        typer.echo(f"--pool must be one of: {', '.join(WORKER_POOLS)}", err=True)
+        raise typer.Exit(2)
     celery_app.worker_main(
-        ["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}", "--without-gossip"]
+        [
+            "worker",
+            f"--pool={pool}",
+            f"--concurrency={concurrency}",
+            f"--loglevel={loglevel}",
+            "--without-gossip",
+        ]
     )
 
 

@@ -46,7 +46,10 @@ class Settings(BaseSettings):
     rules_critic_latency_ms: int = 0
 
     # Step mode: how many steps of one trajectory one task judges (each step is its own call).
-    step_chunk_size: int = 16
+    # Large enough that a task keeps many calls in flight (bench/labeling.py: 50 steps per
+    # task reached 90% of the endpoint's limit, 16 only 81%), small enough to spread a long
+    # run over several workers.
+    step_chunk_size: int = 50
     # The sweeper re-enqueues work claimed longer ago than this (a dead or stuck worker), and
     # pending work not picked up within it (a lost broker message).
     stale_after_s: float = 900.0

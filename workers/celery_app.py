@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from functools import lru_cache
+from typing import Any
 
 from celery import Celery
+from celery.signals import worker_process_init, worker_ready
 from kombu.connection import Connection
 
 from app.config import get_settings
+
+log = logging.getLogger("srft.worker")
 
 
 def create_celery(broker_url: str) -> Celery:
@@ -40,6 +46,37 @@ def create_celery(broker_url: str) -> Celery:
         enable_utc=True,
     )
     return celery
+
+
+def _warm_up() -> None:
+    """Build this process's worker runtime (database engine, event loop, critic clients,
+    limits) in the background now, rather than in the first task: the first job then does not
+    wait for it. A failure is only logged; the first task builds it again."""
+
+    def build() -> None:
+        try:
+            from workers.runtime import get_runtime
+
+            get_runtime()
+        except Exception:
+            log.exception("could not prepare the worker runtime; the first task will retry")
+
+    threading.Thread(target=build, name="srft-warm-up", daemon=True).start()
+
+
+@worker_process_init.connect
+def _warm_up_pool_process(**_: Any) -> None:
+    """A prefork pool process, just forked: its runtime must be built here, after the fork."""
+    _warm_up()
+
+
+@worker_ready.connect
+def _warm_up_worker(sender: Any = None, **_: Any) -> None:
+    """Pools that run tasks in the worker's own process (threads, solo); never the prefork
+    parent, whose runtime would be copied, loop thread gone, into every process it forks."""
+    pool = getattr(sender, "pool", None)
+    if pool is not None and "prefork" not in type(pool).__module__:
+        _warm_up()
 
 
 @lru_cache

@@ -9,9 +9,11 @@ shared by every task the process runs at once (thread pools) or in turn (prefork
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
-from collections.abc import Coroutine
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 from app.config import Settings, get_settings
@@ -40,9 +42,15 @@ class WorkerRuntime:
         api_key = settings.critic_api_key.get_secret_value() if settings.critic_api_key else None
         self.client = self.run(self._make_client(api_key))
         self.limiter: Limiter = self.run(self._make_limiter())
+        self._recorder = _Recorder(self._record)
 
     async def _make_client(self, api_key: str | None) -> CriticClient:
-        return CriticClient(self.critic_url, api_key, timeout_s=self.settings.critic_timeout_s)
+        return CriticClient(
+            self.critic_url,
+            api_key,
+            timeout_s=self.settings.critic_timeout_s,
+            max_connections=self.settings.critic_max_concurrency,
+        )
 
     async def _make_limiter(self) -> Limiter:
         s = self.settings
@@ -117,22 +125,37 @@ class WorkerRuntime:
         targets: tuple[int, ...],
     ) -> None:
         steps = split_steps(messages)
+        source: AsyncIterator[list[StepOutcome] | StepOutcome]
         if mode == "trajectory":
-            async for outcomes in judge.judge_trajectory(messages, steps, resolved, set(targets)):
-                if not await asyncio.to_thread(self._record, unit, token, outcomes):
-                    return
+            source = judge.judge_trajectory(messages, steps, resolved, set(targets))
         else:
-            async for outcome in judge.judge_steps(messages, steps, resolved, targets):
-                if not await asyncio.to_thread(self._record, unit, token, [outcome]):
-                    return
+            source = judge.judge_steps(messages, steps, resolved, targets)
+        # Outcomes are handed to the recorder as they come and written in batches; the unit
+        # is done when all of its writes are. Closing the judge early (a cancelled job)
+        # cancels its calls still in flight.
+        writes: list[asyncio.Future[bool]] = []
+        try:
+            async for item in source:
+                outcomes = item if isinstance(item, list) else [item]
+                writes.append(self._recorder.submit(unit, token, outcomes))
+                if self._recorder.stopped(unit.job_id):
+                    break
+        finally:
+            aclose = getattr(source, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            for result in await asyncio.gather(*writes, return_exceptions=True):
+                if isinstance(result, BaseException):
+                    raise result
 
-    def _record(self, unit: job_service.Unit, token: str, outcomes: list[StepOutcome]) -> bool:
-        """Store outcomes; False when the job was cancelled meanwhile (stop asking)."""
+    def _record(
+        self, outcomes: list[tuple[uuid.UUID, uuid.UUID, str, StepOutcome]]
+    ) -> dict[uuid.UUID, str]:
+        """Store outcomes in one transaction; return the status of each job they belong to
+        (a job missing from the result was deleted)."""
         with self.database.transaction() as session:
-            for outcome in outcomes:
-                job_service.record_outcome(session, unit.job_id, unit.trajectory_id, token, outcome)
-            status = job_service.job_status(session, unit.job_id)
-        return status not in ("cancelled", None)
+            job_service.record_outcomes(session, outcomes)
+            return job_service.job_statuses(session, {job_id for job_id, *_ in outcomes})
 
     def _release(self, unit: job_service.Unit, token: str) -> None:
         """Give back what this task claimed but did not finish, for the next task to take."""
@@ -165,6 +188,75 @@ class WorkerRuntime:
         if units:
             queue.enqueue(self.settings.broker_url, units)
         return len(units)
+
+
+_Write = tuple[uuid.UUID, uuid.UUID, str, StepOutcome]
+
+
+class _Recorder:
+    """Writes the outcomes of every unit this process judges, in batches.
+
+    One transaction per batch instead of one per step: outcomes that arrive within
+    FLUSH_DELAY_S of the first one waiting (or FLUSH_MAX of them) are written together,
+    each still under its own claim token, by one statement executed for all of them. One
+    batch is written at a time, off the event loop; what arrives meanwhile waits for the next.
+    Each submitter learns, when its outcomes are stored, whether its job is still open.
+    """
+
+    FLUSH_DELAY_S = 0.05
+    FLUSH_MAX = 64
+
+    def __init__(self, write: Callable[[list[_Write]], dict[uuid.UUID, str]]) -> None:
+        self._write = write
+        self._pending: list[tuple[list[_Write], asyncio.Future[bool]]] = []
+        self._count = 0
+        self._full = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._statuses: dict[uuid.UUID, str | None] = {}
+
+    def submit(
+        self, unit: job_service.Unit, token: str, outcomes: list[StepOutcome]
+    ) -> asyncio.Future[bool]:
+        """Queue outcomes for writing; the future says whether the job is still open."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        writes = [(unit.job_id, unit.trajectory_id, token, outcome) for outcome in outcomes]
+        self._pending.append((writes, future))
+        self._count += len(writes)
+        if self._count >= self.FLUSH_MAX:
+            self._full.set()
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_all())
+        return future
+
+    def stopped(self, job_id: uuid.UUID) -> bool:
+        """Whether the last write for this job found it cancelled or deleted."""
+        return job_id in self._statuses and self._statuses[job_id] in ("cancelled", None)
+
+    async def _flush_all(self) -> None:
+        try:
+            while self._pending:
+                if self._count < self.FLUSH_MAX:
+                    self._full.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._full.wait(), self.FLUSH_DELAY_S)
+                batch, self._pending, self._count = self._pending, [], 0
+                writes = [write for group, _ in batch for write in group]
+                try:
+                    statuses = await asyncio.to_thread(self._write, writes)
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                if len(self._statuses) > 1000:
+                    self._statuses.clear()  # only an early signal; the futures carry it too
+                for job_id in {job_id for job_id, *_ in writes}:
+                    self._statuses[job_id] = statuses.get(job_id)
+                for group, future in batch:
+                    if not future.done():
+                        future.set_result(not self.stopped(group[0][0]))
+        finally:
+            self._flusher = None
 
 
 _runtime: WorkerRuntime | None = None

@@ -8,8 +8,12 @@ honoured and unparseable answers are re-asked. Here each failure is classified o
 
 from __future__ import annotations
 
+import functools
+import itertools
+import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,18 +60,103 @@ def _retry_after(headers: Any) -> float | None:
     return None
 
 
-class CriticClient:
-    """Calls one endpoint. The API key is held by the SDK client and never logged."""
+_dumps = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
-    def __init__(self, base_url: str, api_key: str | None, *, timeout_s: float) -> None:
+
+class RequestEncoder:
+    """A request body as JSON, as the SDK would encode it, with long texts encoded once.
+
+    Step-mode requests of one trajectory repeat one long prefix (the trajectory, often
+    100 KB or more) and differ only in a short question; escaping that prefix anew for every
+    call was the largest single CPU cost of a call. The JSON of the last LONG_TEXTS long
+    message texts is kept and reused.
+    """
+
+    LONG_CHARS = 1024
+    LONG_TEXTS = 64
+
+    def __init__(self) -> None:
+        self._texts: OrderedDict[str, bytes] = OrderedDict()
+
+    def encode(self, body: dict[str, Any]) -> bytes:
+        parts: list[bytes] = [b"{"]
+        for key, value in body.items():
+            if len(parts) > 1:
+                parts.append(b",")
+            parts.append(_dumps(key).encode() + b":")
+            if key == "messages" and isinstance(value, list):
+                parts.append(b"[")
+                for number, message in enumerate(value):
+                    if number:
+                        parts.append(b",")
+                    self._message(message, parts)
+                parts.append(b"]")
+            else:
+                parts.append(_dumps(value).encode())
+        parts.append(b"}")
+        return b"".join(parts)
+
+    def _message(self, message: Any, parts: list[bytes]) -> None:
+        if not isinstance(message, dict):
+            parts.append(_dumps(message).encode())
+            return
+        parts.append(b"{")
+        for number, (key, value) in enumerate(message.items()):
+            parts.append(f"{',' if number else ''}{_dumps(key)}:".encode())
+            parts.append(self._value(value))
+        parts.append(b"}")
+
+    def _value(self, value: Any) -> bytes:
+        if not isinstance(value, str) or len(value) < self.LONG_CHARS:
+            return _dumps(value).encode()
+        encoded = self._texts.get(value)
+        if encoded is None:
+            encoded = _dumps(value).encode()
+            self._texts[value] = encoded
+            if len(self._texts) > self.LONG_TEXTS:
+                self._texts.popitem(last=False)
+        else:
+            self._texts.move_to_end(value)
+        return encoded
+
+
+# Connections per SDK client (see `CriticClient`).
+CONNECTIONS_PER_CLIENT = 8
+
+
+class CriticClient:
+    """Calls one endpoint. The API key is held by the SDK client and never logged.
+
+    `max_connections` is how many calls may be in flight at once (the concurrency cap). The
+    HTTP connection pool under the SDK does work proportional to its connections on every
+    request (it probes each idle connection's socket), which with dozens of calls in flight
+    costs more CPU than the rest of the call; so calls are spread round-robin over several
+    SDK clients of about CONNECTIONS_PER_CLIENT connections each, whose pools stay small.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        *,
+        timeout_s: float,
+        max_connections: int | None = None,
+    ) -> None:
         self.base_url = base_url
-        self._client = openai.AsyncOpenAI(
-            base_url=base_url,
-            # Local servers (vLLM, Ollama, the rules critic) accept any key; the SDK needs one.
-            api_key=api_key or "not-needed",
-            timeout=timeout_s,
-            max_retries=0,
-        )
+        count = 1 if not max_connections else -(-max_connections // CONNECTIONS_PER_CLIENT)
+        self._clients = [
+            openai.AsyncOpenAI(
+                base_url=base_url,
+                # Local servers (vLLM, Ollama, the rules critic) accept any key; the SDK needs
+                # one.
+                api_key=api_key or "not-needed",
+                timeout=timeout_s,
+                max_retries=0,
+            )
+            for _ in range(count)
+        ]
+        self._turns = itertools.cycle(self._clients)
+        self._encoder = RequestEncoder()
         # Some servers reject `response_format` json_schema; after the first such refusal we
         # stop sending it and rely on the prompt and tolerant parsing instead.
         self._schema_supported = True
@@ -91,7 +180,13 @@ class CriticClient:
         if response_format is not None and self._schema_supported:
             kwargs["response_format"] = response_format
         try:
-            response = await self._client.chat.completions.create(**kwargs)
+            # The SDK's generic `post`: the same request, headers, auth and errors as
+            # `chat.completions.create`, without its walk of the whole (long) request through
+            # the typed-parameter transform and of the answer through its models on every
+            # call; the body is encoded here (see `RequestEncoder`), the answer read below.
+            answer = await next(self._turns).post(
+                "/chat/completions", content=self._encoder.encode(kwargs), cast_to=bytes
+            )
         except openai.BadRequestError as exc:
             if "response_format" in kwargs and "response_format" in str(exc):
                 log.warning("critic endpoint refused response_format; continuing without it")
@@ -129,22 +224,36 @@ class CriticClient:
                 retryable=retryable,
                 retry_after=_retry_after(exc.response.headers),
             ) from exc
+        try:
+            response = json.loads(answer)
+        except ValueError as exc:
+            raise CriticCallError(
+                "server_error", f"the critic's answer is not JSON: {exc}", retryable=True
+            ) from exc
         return _completion(response, time.monotonic() - started)
 
     async def close(self) -> None:
-        await self._client.close()
+        for client in self._clients:
+            await client.close()
 
 
 def _completion(response: Any, latency_s: float) -> Completion:
-    choice = response.choices[0] if response.choices else None
-    text = (choice.message.content or "") if choice is not None else ""
-    usage = response.usage
-    details = getattr(usage, "prompt_tokens_details", None) if usage is not None else None
+    """A Completion from a ChatCompletion as JSON (tolerant of missing parts)."""
+    body = response if isinstance(response, dict) else {}
+    choices = body.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    choice = choice if isinstance(choice, dict) else None
+    message = choice.get("message") if choice is not None else None
+    content = message.get("content") if isinstance(message, dict) else None
+    usage = body.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
+    details = usage.get("prompt_tokens_details")
+    details = details if isinstance(details, dict) else {}
     return Completion(
-        text=text,
-        prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-        completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
-        cached_tokens=int(getattr(details, "cached_tokens", 0) or 0),
+        text=content if isinstance(content, str) else ("" if content is None else str(content)),
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        cached_tokens=int(details.get("cached_tokens") or 0),
         latency_s=latency_s,
-        finish_reason=choice.finish_reason if choice is not None else None,
+        finish_reason=choice.get("finish_reason") if choice is not None else None,
     )

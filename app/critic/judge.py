@@ -28,7 +28,12 @@ from app.critic.parse import (
     parse_step_answer,
     parse_trajectory_answer,
 )
-from app.critic.prompt import CriticRequest, reask_messages, step_request, trajectory_windows
+from app.critic.prompt import (
+    CriticRequest,
+    StepRequests,
+    reask_messages,
+    trajectory_windows,
+)
 from app.recipe.steps import Step
 
 T = TypeVar("T")
@@ -177,16 +182,18 @@ class Judge:
     ) -> AsyncIterator[StepOutcome]:
         """One outcome per target step, each from its own call(s), as they complete."""
 
+        # One layout for all the steps: every request shares the trajectory's prefix.
+        requests = StepRequests(
+            messages,
+            list(steps),
+            resolved,
+            self.config.labels,
+            self.config.context_tokens,
+            reserve_tokens=self.config.max_answer_tokens,
+        )
+
         async def one(index: int) -> StepOutcome:
-            request = step_request(
-                messages,
-                list(steps),
-                index,
-                resolved,
-                self.config.labels,
-                self.config.context_tokens,
-                reserve_tokens=self.config.max_answer_tokens,
-            )
+            request = requests.request(index)
 
             def parse(text: str) -> Judgment:
                 return parse_step_answer(text, index, self.config.labels)

@@ -19,8 +19,10 @@ import logging
 import random
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
@@ -104,8 +106,28 @@ class LocalLimiter:
             yield
 
 
+@dataclass(frozen=True)
+class _Slot:
+    """A place in the shared concurrency cap: a member of the Redis in-flight set."""
+
+    member: str
+    acquired_at: float  # monotonic
+    handoffs: int = 0
+
+
 class RedisLimiter:
-    """Limits shared by every worker through one Redis."""
+    """Limits shared by every worker through one Redis.
+
+    Within a process, calls queue locally for a place once the process holds as many as the
+    cap allows, and a finished call hands its place straight to the next call waiting here
+    instead of giving it back to Redis for that call to take again: under load a call then
+    costs no Redis round trip for its slot, and waiting calls do not poll Redis. A place is
+    handed on at most MAX_HANDOFFS times and while younger than half its lease, so places
+    return to Redis regularly (other processes get their turn, and leases never lapse on a
+    place still in use).
+    """
+
+    MAX_HANDOFFS = 16
 
     def __init__(
         self,
@@ -130,6 +152,10 @@ class RedisLimiter:
         self._take_tokens = self._redis.register_script(_TAKE_TOKENS)
         self._fallback = LocalLimiter(max_concurrency, rpm, tpm)
         self._warned = False
+        # Places this process holds or is taking from Redis, and the calls queued for one:
+        # each waiter's future gets a handed-on _Slot, or None to take a place itself.
+        self._held = 0
+        self._waiters: deque[asyncio.Future[_Slot | None]] = deque()
 
     async def _take(self, key: str, per_minute: int, cost: int) -> None:
         if not per_minute:
@@ -158,15 +184,67 @@ class RedisLimiter:
             await asyncio.sleep(pause * random.uniform(0.5, 1.5))
             pause = min(pause * 1.5, 0.1)
 
+    async def _take_slot(self) -> _Slot:
+        if self._held < self.max_concurrency and not self._waiters:
+            self._held += 1
+        else:
+            waiter: asyncio.Future[_Slot | None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                handed = await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    await self._pass_on(waiter.result())  # what we were given goes on
+                raise
+            if handed is not None:
+                return handed
+            # None: our turn to take a place from Redis (the local count came with it).
+        member = uuid.uuid4().hex
+        try:
+            await self._acquire_slot(member)
+        except BaseException:
+            await self._pass_on(None)
+            raise
+        return _Slot(member, time.monotonic())
+
+    async def _pass_on(self, slot: _Slot | None) -> None:
+        """Hand a place (or with None, the turn to take one) to the next waiting call, or
+        give it back. The bookkeeping is done before the first await, so a cancellation
+        can at worst leave a place in Redis until its lease runs out."""
+        release = None
+        if slot is not None and (
+            slot.handoffs >= self.MAX_HANDOFFS
+            or time.monotonic() - slot.acquired_at >= self.lease_s / 2
+        ):
+            release, slot = slot.member, None
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if waiter.done():  # cancelled while waiting
+                continue
+            waiter.set_result(None if slot is None else replace(slot, handoffs=slot.handoffs + 1))
+            break
+        else:
+            self._held -= 1
+            if slot is not None:
+                release = slot.member
+        if release is not None:
+            await asyncio.shield(self._release(release))
+
+    async def _release(self, member: str) -> None:
+        from redis.exceptions import RedisError
+
+        # If Redis is gone the lease simply expires by itself.
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.zrem(self._inflight_key, member)
+
     @asynccontextmanager
     async def slot(self, tokens: int) -> AsyncIterator[None]:
         from redis.exceptions import RedisError
 
-        member = uuid.uuid4().hex
         try:
             await self._take(self._rpm_key, self.rpm, 1)
             await self._take(self._tpm_key, self.tpm, tokens)
-            await self._acquire_slot(member)
+            taken = await self._take_slot()
         except (RedisError, OSError) as exc:
             if not self._warned:
                 log.warning("critic limits fall back to this process: Redis unavailable (%s)", exc)
@@ -177,9 +255,7 @@ class RedisLimiter:
         try:
             yield
         finally:
-            # If Redis is gone the lease simply expires by itself.
-            with contextlib.suppress(RedisError, OSError):
-                await self._redis.zrem(self._inflight_key, member)
+            await self._pass_on(taken)
 
     async def in_flight(self) -> int:
         now = time.time()

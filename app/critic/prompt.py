@@ -625,6 +625,62 @@ def trajectory_windows(
     return [_request(layout, window) for window in _plan(layout)]
 
 
+class StepRequests:
+    """Step-mode requests for the steps of one trajectory, from one layout.
+
+    The layout, its plan and each window's user message depend only on the trajectory, so
+    they are built once here and shared by every step's request (the requests' first two
+    messages are the very same strings). Building them per step would neutralise, render and
+    measure the whole trajectory once per step: quadratic in its length.
+    """
+
+    def __init__(
+        self,
+        messages: Sequence[dict[str, Any]],
+        steps: Sequence[Step],
+        resolved: bool | None,
+        labels: LabelSet,
+        context_tokens: int,
+        reserve_tokens: int = DEFAULT_RESERVE_TOKENS,
+    ) -> None:
+        self._layout = _Layout(
+            messages, steps, resolved, labels, "step", context_tokens, reserve_tokens
+        )
+        self._positions = {index: position for position, index in enumerate(self._layout.indices)}
+        self._windows: list[_Window] | None = None
+        self._prefixes: dict[_Window, list[dict[str, Any]]] = {}
+
+    def request(self, step_index: int) -> CriticRequest:
+        """The request for one step; equal to `step_request` for that step."""
+        position = self._positions.get(step_index)
+        if position is None:
+            raise ValueError(f"step {step_index} is not a step of this trajectory")
+        if self._windows is None:
+            self._windows = _plan(self._layout)  # may raise PromptTooLarge, each time asked
+        window = next(w for w in self._windows if w.first_target <= position < w.end)
+        prefix = self._prefixes.get(window)
+        if prefix is None:
+            prefix = _request(self._layout, window).messages
+            self._prefixes[window] = prefix
+        layout = self._layout
+        messages = [
+            *(dict(message) for message in prefix),
+            {"role": "user", "content": step_question(step_index, layout.labels)},
+        ]
+        return CriticRequest(
+            mode=layout.mode,
+            messages=messages,
+            response_format=layout.response_format,
+            target_indices=(step_index,),
+            shown_indices=tuple(layout.indices[window.start : window.end]),
+            approx_prompt_tokens=estimate_prompt_tokens(messages, layout.response_format),
+            max_completion_tokens=layout.reserve_tokens,
+            prompt_hash=layout.hash,
+            observation_cap=window.observation_cap,
+            text_cap=window.text_cap,
+        )
+
+
 def step_request(
     messages: Sequence[dict[str, Any]],
     steps: Sequence[Step],
@@ -638,14 +694,12 @@ def step_request(
 
     Its first two messages are byte-identical for every step of the trajectory: the layout
     (shortening, and windows if even shortened the trajectory does not fit) depends only on
-    the trajectory, never on the step asked about. Windows share a prefix per window.
+    the trajectory, never on the step asked about. Windows share a prefix per window. To ask
+    about many steps of one trajectory, build `StepRequests` once instead.
     """
-    layout = _Layout(messages, steps, resolved, labels, "step", context_tokens, reserve_tokens)
-    if step_index not in layout.indices:
-        raise ValueError(f"step {step_index} is not a step of this trajectory")
-    position = layout.indices.index(step_index)
-    window = next(w for w in _plan(layout) if w.first_target <= position < w.end)
-    return _request(layout, window, question=step_index)
+    return StepRequests(messages, steps, resolved, labels, context_tokens, reserve_tokens).request(
+        step_index
+    )
 
 
 def reask_messages(

@@ -15,12 +15,13 @@ import hashlib
 import json
 import uuid
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Table, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy.orm import Session, load_only
 
 from app.config import Settings
 from app.critic.judge import StepOutcome
@@ -126,13 +127,26 @@ def create_job(
             rows.append(_pending_row(job, project_id, trajectory.id, step, key))
     if body.cache:
         _fill_from_cache(session, project_id, rows, exclude_job=job.id)
-    for start in range(0, len(rows), 5000):
-        session.execute(insert(Verdict), rows[start : start + 5000])
+    _insert_verdicts(session, rows)
     if all(row["status"] == "done" for row in rows):
         job.status = "completed"
         job.started_at = job.finished_at = utcnow()
     session.flush()
     return job
+
+
+def _insert_verdicts(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert verdict rows with Core executemany, rows with the same keys together (as the
+    ORM's bulk insert groups them, without its per-row bookkeeping)."""
+    table = Verdict.__table__
+    assert isinstance(table, Table)
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[tuple(row)].append(row)
+    connection = session.connection()
+    for group in groups.values():
+        for start in range(0, len(group), 5000):
+            connection.execute(insert(table), group[start : start + 5000])
 
 
 def _pending_row(
@@ -158,7 +172,12 @@ def _pending_row(
 def _select(
     session: Session, project_id: uuid.UUID, selection: schemas.Selection, scope: str
 ) -> list[Trajectory]:
-    query = select(Trajectory).where(Trajectory.project_id == project_id)
+    # Only what a job needs of each trajectory: not its messages (often 100 KB or more each).
+    query = (
+        select(Trajectory)
+        .options(load_only(Trajectory.id, Trajectory.num_steps, Trajectory.content_hash))
+        .where(Trajectory.project_id == project_id)
+    )
     if selection.trajectory_ids is not None:
         wanted = set(selection.trajectory_ids)
         if not wanted:
@@ -268,12 +287,14 @@ def units_of(job: Job, rows: list[tuple[uuid.UUID, int]], chunk_size: int) -> li
 
 def pending_units(session: Session, job: Job, chunk_size: int) -> list[Unit]:
     """Every pending item of a job as units, marked enqueued now."""
-    rows = session.execute(
+    # Core: a large job has a row per step, and ORM rows cost more than tuples.
+    connection = session.connection()
+    rows = connection.execute(
         select(Verdict.trajectory_id, Verdict.step_index).where(
             Verdict.job_id == job.id, Verdict.status == "pending"
         )
     ).all()
-    session.execute(
+    connection.execute(
         update(Verdict)
         .where(Verdict.job_id == job.id, Verdict.status == "pending")
         .values(enqueued_at=utcnow())
@@ -400,14 +421,76 @@ def record_outcome(
     return bool(getattr(result, "rowcount", 0))
 
 
+def record_outcomes(
+    session: Session, outcomes: Sequence[tuple[uuid.UUID, uuid.UUID, str, StepOutcome]]
+) -> None:
+    """Store many (job, trajectory, claim token, outcome) at once, each as `record_outcome`
+    stores one: under its claim token only. One statement executed for all (pipelined)."""
+    if not outcomes:
+        return
+    table = Verdict.__table__
+    assert isinstance(table, Table)
+    c = table.c
+    statement = (
+        update(table)
+        .where(
+            c.job_id == bindparam("b_job_id"),
+            c.trajectory_id == bindparam("b_trajectory_id"),
+            c.step_index == bindparam("b_step_index"),
+            c.claim_token == bindparam("b_token"),
+            c.status == "running",
+        )
+        .values(
+            status=bindparam("b_status"),
+            label=bindparam("b_label"),
+            reason=bindparam("b_reason"),
+            agreement=bindparam("b_agreement"),
+            vote_labels=bindparam("b_vote_labels", type_=c.vote_labels.type),
+            prompt_tokens=bindparam("b_prompt_tokens"),
+            completion_tokens=bindparam("b_completion_tokens"),
+            cached_tokens=bindparam("b_cached_tokens"),
+            latency_ms=bindparam("b_latency_ms"),
+            attempts=c.attempts + bindparam("b_attempts", type_=c.attempts.type),
+            error=bindparam("b_error"),
+            finished_at=bindparam("b_finished_at", type_=c.finished_at.type),
+        )
+    )
+    now = utcnow()
+    rows = []
+    for job_id, trajectory_id, token, outcome in outcomes:
+        usage = outcome.usage
+        rows.append(
+            {
+                "b_job_id": job_id,
+                "b_trajectory_id": trajectory_id,
+                "b_step_index": outcome.index,
+                "b_token": token,
+                "b_status": "done" if outcome.label is not None else "failed",
+                "b_label": outcome.label,
+                "b_reason": outcome.reason,
+                "b_agreement": outcome.agreement,
+                "b_vote_labels": outcome.vote_labels or None,
+                "b_prompt_tokens": usage.prompt_tokens,
+                "b_completion_tokens": usage.completion_tokens,
+                "b_cached_tokens": usage.cached_tokens,
+                "b_latency_ms": round(usage.latency_s * 1000, 3),
+                "b_attempts": usage.attempts,
+                "b_error": outcome.error,
+                "b_finished_at": now,
+            }
+        )
+    # Core, not the ORM: a list of parameters to an ORM update() means "by primary key".
+    session.connection().execute(statement, rows)
+
+
 def finish_if_done(session: Session, job_id: uuid.UUID) -> str | None:
     """Close the job when no item is open; return its new status, or None if still open."""
+    # Whether any item is open, not how many: counting a large job's open items per task
+    # would read its whole index range every time.
     remaining = session.scalar(
-        select(func.count())
-        .select_from(Verdict)
-        .where(Verdict.job_id == job_id, Verdict.status.in_(OPEN_ITEMS))
+        select(Verdict.id).where(Verdict.job_id == job_id, Verdict.status.in_(OPEN_ITEMS)).limit(1)
     )
-    if remaining:
+    if remaining is not None:
         return None
     done = session.scalar(
         select(func.count())
@@ -646,6 +729,15 @@ def retry_failed(session: Session, job: Job, chunk_size: int) -> list[Unit]:
 
 def job_status(session: Session, job_id: uuid.UUID) -> str | None:
     return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+def job_statuses(session: Session, job_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """The status of each job that exists among `job_ids`."""
+    wanted = list(set(job_ids))
+    if not wanted:
+        return {}
+    rows = session.execute(select(Job.id, Job.status).where(Job.id.in_(wanted))).all()
+    return {row.id: row.status for row in rows}
 
 
 def release_claim(session: Session, unit: Unit, token: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -178,6 +179,30 @@ def _wait_for_progress(api: Api, job_id: str, done: int, timeout: float = 60) ->
         time.sleep(0.05)
 
 
+def _label_through(
+    api: Api,
+    corpus: list[str],
+    rules_critic: RulesCritic,
+    e2e_database_url: str,
+    interrupt: Callable[[], None],
+) -> None:
+    """Label everything in step mode, `interrupt` once 20 steps are done, then check that
+    the job finishes with exactly one verdict per step, each the one the rules prescribe."""
+    rules_critic.set_faults({"latency_ms": 300, "faults": []})
+    try:
+        job = api.start_job(
+            {"selection": {"trajectory_ids": corpus}, "critic": {"mode": "step"}, "cache": False}
+        )
+        _wait_for_progress(api, job["id"], done=20)
+        interrupt()
+        finished = api.wait(job["id"], timeout=300)
+    finally:
+        rules_critic.set_faults({"latency_ms": 20, "faults": []})
+    assert finished["status"] == "completed", finished
+    rows = _assert_one_verdict_per_step(e2e_database_url, finished)
+    assert {(t, s): label for t, s, _, label in rows} == _expected(api, corpus)
+
+
 def test_sigkill_of_a_worker_mid_job_loses_and_duplicates_nothing(
     api: Api,
     corpus: list[str],
@@ -185,22 +210,13 @@ def test_sigkill_of_a_worker_mid_job_loses_and_duplicates_nothing(
     workers: Workers,
     e2e_database_url: str,
 ) -> None:
-    rules_critic.set_faults({"latency_ms": 300, "faults": []})
-    try:
-        job = api.start_job(
-            {"selection": {"trajectory_ids": corpus}, "critic": {"mode": "step"}, "cache": False}
-        )
-        _wait_for_progress(api, job["id"], done=20)
+    def kill_a_worker() -> None:
         victim = workers.processes[0]
-        workers.kill(victim)
+        workers.kill(victim)  # SIGKILL to the whole process group: no clean-up at all
         workers.processes.remove(victim)
         workers.start_worker()
-        finished = api.wait(job["id"], timeout=300)
-    finally:
-        rules_critic.set_faults({"latency_ms": 20, "faults": []})
-    assert finished["status"] == "completed", finished
-    rows = _assert_one_verdict_per_step(e2e_database_url, finished)
-    assert {(t, s): label for t, s, _, label in rows} == _expected(api, corpus)
+
+    _label_through(api, corpus, rules_critic, e2e_database_url, kill_a_worker)
 
 
 def test_redis_restart_mid_job_loses_and_duplicates_nothing(
@@ -210,21 +226,12 @@ def test_redis_restart_mid_job_loses_and_duplicates_nothing(
     e2e_redis: RedisServer,
     e2e_database_url: str,
 ) -> None:
-    rules_critic.set_faults({"latency_ms": 300, "faults": []})
-    try:
-        job = api.start_job(
-            {"selection": {"trajectory_ids": corpus}, "critic": {"mode": "step"}, "cache": False}
-        )
-        _wait_for_progress(api, job["id"], done=20)
+    def restart_redis() -> None:
         e2e_redis.stop()  # queued messages and limiter state are gone with it
         time.sleep(2)
         e2e_redis.start()
-        finished = api.wait(job["id"], timeout=300)
-    finally:
-        rules_critic.set_faults({"latency_ms": 20, "faults": []})
-    assert finished["status"] == "completed", finished
-    rows = _assert_one_verdict_per_step(e2e_database_url, finished)
-    assert {(t, s): label for t, s, _, label in rows} == _expected(api, corpus)
+
+    _label_through(api, corpus, rules_critic, e2e_database_url, restart_redis)
 
 
 def test_the_critic_key_appears_in_no_response_log_or_table(
