@@ -20,6 +20,9 @@ app.add_typer(critic_app, name="critic")
 app.add_typer(db_app, name="db")
 
 UPLOAD_SUFFIXES = (".json", ".jsonl", ".traj", ".ndjson")
+DEFAULT_URL = "http://127.0.0.1:8000"
+UrlOption = Annotated[str, typer.Option(envvar="SRFT_URL", help="Service URL.")]
+ApiKeyOption = Annotated[str, typer.Option(envvar="SRFT_API_KEY", help="API key.")]
 WORKER_POOLS = ("prefork", "threads", "solo")
 
 
@@ -137,6 +140,12 @@ def keys_create(
     typer.echo(new_key.key)
 
 
+def _require_key(api_key: str) -> None:
+    if not api_key:
+        typer.echo("no API key: pass --api-key or set SRFT_API_KEY", err=True)
+        raise typer.Exit(2)
+
+
 def _collect(paths: list[Path]) -> list[Path]:
     files: list[Path] = []
     for path in paths:
@@ -160,18 +169,14 @@ def ingest(
     resolved: Annotated[
         bool | None, typer.Option("--resolved/--unresolved", help="Resolution of every run.")
     ] = None,
-    url: Annotated[
-        str, typer.Option(envvar="SRFT_URL", help="Service URL.")
-    ] = "http://127.0.0.1:8000",
-    api_key: Annotated[str, typer.Option(envvar="SRFT_API_KEY", help="API key.")] = "",
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = "",
 ) -> None:
     """Upload trajectory files over HTTP, one request per file, with a progress bar."""
     import httpx
     from rich.progress import Progress
 
-    if not api_key:
-        typer.echo("no API key: pass --api-key or set SRFT_API_KEY", err=True)
-        raise typer.Exit(2)
+    _require_key(api_key)
     files = _collect(paths)
     if not files:
         typer.echo("no trajectory files found", err=True)
@@ -249,17 +254,13 @@ def label(
     task_id: Annotated[str | None, typer.Option(help="Only this task.")] = None,
     cache: Annotated[bool, typer.Option(help="Reuse identical earlier verdicts.")] = True,
     wait: Annotated[bool, typer.Option(help="Show progress until the job ends.")] = False,
-    url: Annotated[
-        str, typer.Option(envvar="SRFT_URL", help="Service URL.")
-    ] = "http://127.0.0.1:8000",
-    api_key: Annotated[str, typer.Option(envvar="SRFT_API_KEY", help="API key.")] = "",
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = "",
 ) -> None:
     """Start a labeling job (and with --wait, follow it to the end)."""
     import httpx
 
-    if not api_key:
-        typer.echo("no API key: pass --api-key or set SRFT_API_KEY", err=True)
-        raise typer.Exit(2)
+    _require_key(api_key)
     selection: dict[str, object] = {}
     if trajectory_id:
         selection["trajectory_ids"] = trajectory_id
