@@ -32,13 +32,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
-import os
-import platform
 import queue
-import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -46,12 +41,10 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import httpx
@@ -59,19 +52,34 @@ import psycopg
 import zstandard
 from psycopg import sql
 from psycopg.types.json import Jsonb
-from sqlalchemy import Table, create_engine, func, insert, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Table, create_engine, func, insert, select
 from sqlalchemy.pool import NullPool
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from app.db import upgrade_database
 from app.models import Project, Step, Trajectory, Upload, new_id, utcnow
 from app.recipe.steps import split_steps
 from app.trajectories.formats import parse_upload
 from app.trajectories.service import content_hash
+from bench.common import (
+    PostgresServer,
+    child_env,
+    describe_machine,
+    exit_status,
+    http_ok,
+    libpq_url,
+    log_tail,
+    machine_facts,
+    make_trajectories,
+    options_for_json,
+    percentile,
+    process_cpu_seconds,
+    run_cleaning_up,
+    start_logged,
+    write_report,
+)
 from tests.servers import free_port, postgres_server
 
 SERVE_COMMAND = (sys.executable, "-m", "app.cli", "serve", "--no-migrate")
@@ -79,8 +87,6 @@ API_KEY = "srft_bench_" + "k" * 32
 PROJECT_NAME = "default"
 # The level the service compresses stored uploads with (app.trajectories.service).
 UPLOAD_ZSTD_LEVEL = 6
-TOOL_NAMES = ("bash", "str_replace_editor", "view_file", "search_code", "run_tests")
-MODELS = ("agent-model-large", "agent-model-small", "agent-model-mini")
 
 
 # ------------------------------------------------------------------------ options
@@ -167,87 +173,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     )
 
 
-# ------------------------------------------------------------------------ synthetic data
-
-
-class TextSource:
-    """Deterministic filler text: slices of one pool of made-up words and code-like lines."""
-
-    def __init__(self, rng: random.Random, pool_chars: int = 1 << 20) -> None:
-        syllables = ["ra", "to", "ne", "ki", "su", "mo", "la", "pe", "di", "ca", "vo", "zu"]
-        words = ["".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(600)]
-        words += ["def", "return", "self", "None", "import", "class", "if", "for", "in", "=="]
-        pieces: list[str] = []
-        size = 0
-        while size < pool_chars:
-            line = " ".join(rng.choices(words, k=rng.randint(4, 14)))
-            if rng.random() < 0.3:
-                line = "    " * rng.randint(0, 3) + line.replace(" ", "_", 2) + "()"
-            pieces.append(line)
-            size += len(line) + 1
-        self.pool = "\n".join(pieces)
-        self.rng = rng
-
-    def text(self, length: int) -> str:
-        start = self.rng.randrange(0, len(self.pool) - length)
-        return self.pool[start : start + length]
-
-    def sized_between(self, low: int, high: int) -> str:
-        """Text of a length drawn log-uniformly from [low, high]: many short, a few long."""
-        length = round(math.exp(self.rng.uniform(math.log(low), math.log(high))))
-        return self.text(length)
-
-
-def make_trajectories(count: int, steps: int, seed: int) -> list[dict[str, Any]]:
-    """`count` distinct canonical runs of `steps` tool-calling steps each."""
-    rng = random.Random(seed)
-    source = TextSource(rng)
-    system_prompt = "You are an autonomous software engineering agent.\n" + source.text(2000)
-    runs: list[dict[str, Any]] = []
-    for number in range(count):
-        task_id = f"bench-{seed}-{number:06d}"
-        messages: list[dict[str, Any]] = [
-            {"role": "system", "content": system_prompt},
-            {
-                "role": "user",
-                "content": f"Task {task_id}: fix the issue below.\n{source.text(1000)}",
-            },
-        ]
-        for step in range(steps):
-            call_id = f"call_{number}_{step}"
-            command = source.sized_between(30, 300)
-            messages.append(
-                {
-                    "role": "assistant",
-                    "content": source.sized_between(100, 800),
-                    "tool_calls": [
-                        {
-                            "id": call_id,
-                            "type": "function",
-                            "function": {
-                                "name": rng.choice(TOOL_NAMES),
-                                "arguments": json.dumps({"command": command}),
-                            },
-                        }
-                    ],
-                }
-            )
-            messages.append(
-                {
-                    "role": "tool",
-                    "tool_call_id": call_id,
-                    "content": source.sized_between(200, 4000),
-                }
-            )
-        runs.append(
-            {
-                "messages": messages,
-                "task_id": task_id,
-                "resolved": rng.random() < 0.4,
-                "metadata": {"model": rng.choice(MODELS), "seed": seed, "number": number},
-            }
-        )
-    return runs
+# ------------------------------------------------------------------------ request bodies
 
 
 @dataclass(frozen=True)
@@ -367,54 +293,6 @@ BULK_TABLES: tuple[tuple[Table, str], ...] = (
 )
 
 
-def database_url(server_url: str, name: str) -> str:
-    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
-
-
-def libpq_url(url: str) -> str:
-    """The SQLAlchemy URL as a plain postgresql:// conninfo for psycopg.connect."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-class PostgresServer:
-    """Creates fresh migrated databases on one server, and drops them again."""
-
-    def __init__(self, admin_url: str) -> None:
-        self.admin_url = admin_url
-        self.engine = create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-        self.prefix = f"srft_bench_{os.getpid()}"
-
-    def facts(self) -> dict[str, str]:
-        with self.engine.connect() as connection:
-            version = connection.scalar(text("SHOW server_version"))
-            fsync = connection.scalar(text("SHOW fsync"))
-            synchronous_commit = connection.scalar(text("SHOW synchronous_commit"))
-        return {
-            "server_version": str(version),
-            "fsync": str(fsync),
-            "synchronous_commit": str(synchronous_commit),
-        }
-
-    @contextmanager
-    def fresh_database(self, label: str) -> Iterator[str]:
-        """A new database with the migrations applied; dropped when the block ends."""
-        name = f"{self.prefix}_{label}"
-        quoted = f'"{name}"'
-        with self.engine.connect() as connection:
-            connection.execute(text(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
-            connection.execute(text(f"CREATE DATABASE {quoted}"))
-        try:
-            url = database_url(self.admin_url, name)
-            upgrade_database(url)
-            yield url
-        finally:
-            with self.engine.connect() as connection:
-                connection.execute(text(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
-
-    def close(self) -> None:
-        self.engine.dispose()
-
-
 @dataclass(frozen=True)
 class RowCounts:
     trajectories: int
@@ -527,16 +405,6 @@ BASELINES: dict[str, tuple[str, Callable[[str, StoredRows], float]]] = {
 # ------------------------------------------------------------------------ the service
 
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a live process (Linux /proc), or None if unknown."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    # After the command name: state is field 3, utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class Service:
     """`srft serve --no-migrate` in a subprocess against one database."""
 
@@ -544,35 +412,23 @@ class Service:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SRFT_")}
-        env |= {
+        env = child_env() | {
             "SRFT_DATABASE_URL": url,
             "SRFT_BROKER_URL": broker_url,
             "SRFT_BOOTSTRAP_API_KEY": API_KEY,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
         }
-        with log_path.open("ab") as log:
-            # Its own session: a Ctrl-C reaches only this script, which stops the service
-            # before it drops the database under it.
-            self.process = subprocess.Popen(
-                [*SERVE_COMMAND, "--port", str(self.port)],
-                cwd=REPO_ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        # Stopped before the database under it is dropped.
+        self.process = start_logged(
+            [*SERVE_COMMAND, "--port", str(self.port)], REPO_ROOT, env, log_path
+        )
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the service exited early:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.base_url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
+            if http_ok(f"{self.base_url}/healthz"):
+                break
             time.sleep(0.1)
         else:
             raise TimeoutError(f"no /healthz after {timeout} s:\n{self.log_tail()}")
@@ -588,10 +444,7 @@ class Service:
         return process_cpu_seconds(self.process.pid)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log_path, lines)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -694,35 +547,6 @@ class RunResult:
     @property
     def steps_per_second(self) -> float:
         return self.steps / self.seconds
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
-
-
-def machine_facts() -> dict[str, Any]:
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        usable = os.cpu_count() or 0
-    return {
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": usable,
-        "cpu_model": _cpu_model(),
-        "platform": f"{platform.system()} {platform.machine()}",
-        "python": platform.python_version(),
-    }
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def render_table(results: list[RunResult], reference: RunResult | None) -> str:
@@ -889,23 +713,13 @@ def benchmark(options: Options) -> int:
         "store the same rows as batch 1: one upload (zstd of the original bytes), one "
         "trajectory and its steps per run."
     )
-    print(
-        f"machine: {machine['usable_cpus']} usable of {machine['cpu_count']} CPUs "
-        f"({machine['cpu_model'] or 'unknown CPU'}), {machine['platform']}, "
-        f"Python {machine['python']}; PostgreSQL {facts['server_version']} "
-        f"(fsync={facts['fsync']}, synchronous_commit={facts['synchronous_commit']}), "
-        f"broker {options.broker_url}"
-    )
+    print(f"{describe_machine(machine, facts)}, broker {options.broker_url}")
     if options.keep_logs:
         print(f"service logs: {log_dir}")
 
     if options.json_path is not None:
         report = {
-            "options": {
-                key: (str(value) if isinstance(value, Path) else value)
-                for key, value in asdict(options).items()
-                if key != "database_url"
-            },
+            "options": options_for_json(options),
             "payload_bytes": payload,
             "upload_bytes_compressed": expected.upload_bytes,
             "machine": machine,
@@ -925,39 +739,14 @@ def benchmark(options: Options) -> int:
                 for r in results
             ],
             "problems": problems,
-            "finished_at": datetime.now().astimezone().isoformat(timespec="seconds"),
         }
-        options.json_path.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"numbers written to {options.json_path}")
-
-    if problems:
-        print("\nFAILED:", file=sys.stderr)
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 1
-    return 0
-
-
-class Terminated(Exception):
-    """SIGTERM, raised in the main thread so that every clean-up runs as for Ctrl-C."""
-
-
-def _terminate(_signum: int, _frame: FrameType | None) -> None:
-    raise Terminated
+        write_report(options.json_path, report)
+    return exit_status(problems)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    options = parse_options(argv)
     # SIGTERM unwinds like Ctrl-C, so the service, the databases and the server go away.
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        return benchmark(options)
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaned up", file=sys.stderr)
-        return 128 + signal.SIGINT
-    except Terminated:
-        print("\nterminated; cleaned up", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    return run_cleaning_up(benchmark, parse_options(argv))
 
 
 if __name__ == "__main__":

@@ -52,7 +52,6 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -72,13 +71,22 @@ from app.critic.prompt import StepRequests
 from app.critic.rules import label_trajectory
 from app.models import Job, Trajectory, Verdict
 from app.recipe.steps import split_steps
-from bench.ingest import (
+from bench.common import (
     PostgresServer,
-    Terminated,
-    _terminate,
+    ProcStat,
+    child_env,
+    describe_machine,
+    exit_status,
+    http_ok,
+    log_tail,
     machine_facts,
     make_trajectories,
+    options_for_json,
     percentile,
+    proc_stat,
+    run_cleaning_up,
+    start_logged,
+    write_report,
 )
 from tests.servers import RedisServer, free_port, postgres_server
 
@@ -219,30 +227,20 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
 # ------------------------------------------------------------------------ CPU accounting
 
 
-def _proc_stat(pid: int) -> tuple[int, float] | None:
-    """(parent pid, CPU seconds of the process and its reaped children), or None."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    ticks = sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
-    return int(fields[1]), ticks / os.sysconf("SC_CLK_TCK")
-
-
 def tree_cpu_seconds(root: int) -> float:
     """CPU seconds of a process and all its descendants, live or reaped (Linux /proc)."""
-    stats: dict[int, tuple[int, float]] = {}
+    stats: dict[int, ProcStat] = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and (stat := _proc_stat(int(entry))) is not None:
+        if entry.isdigit() and (stat := proc_stat(int(entry))) is not None:
             stats[int(entry)] = stat
     children: dict[int, list[int]] = {}
-    for pid, (parent, _) in stats.items():
-        children.setdefault(parent, []).append(pid)
+    for pid, stat in stats.items():
+        children.setdefault(stat.parent_pid, []).append(pid)
     total, todo = 0.0, [root]
     while todo:
         pid = todo.pop()
         if pid in stats:
-            total += stats[pid][1]
+            total += stats[pid].total_cpu_seconds
         todo.extend(children.get(pid, []))
     return total
 
@@ -287,10 +285,7 @@ class Proc:
     log_path: Path
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log_path, lines)
 
     def cpu_seconds(self) -> float:
         return tree_cpu_seconds(self.process.pid)
@@ -327,17 +322,7 @@ class Stack:
         log_path = self.workdir / f"{name}.log"
         cwd = self.workdir / name
         cwd.mkdir(exist_ok=True)
-        with log_path.open("ab") as log:
-            # Its own session: a Ctrl-C reaches only this script, which then stops everything
-            # in order (workers before the database they write to).
-            process = subprocess.Popen(
-                [*SRFT, *args],
-                cwd=cwd,
-                env=self.base_env | env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        process = start_logged([*SRFT, *args], cwd, self.base_env | env, log_path)
         proc = Proc(name, process, log_path)
         self.procs.append(proc)
         return proc
@@ -361,18 +346,11 @@ def wait_until(
         time.sleep(0.1)
 
 
-def http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
-    try:
-        return httpx.get(url, headers=headers, timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
 def postmaster_pid(engine: Engine) -> int | None:
     with engine.connect() as connection:
         backend = int(connection.scalar(text("SELECT pg_backend_pid()")) or 0)
-    stat = _proc_stat(backend)
-    return None if stat is None else stat[0]
+    stat = proc_stat(backend)
+    return None if stat is None else stat.parent_pid
 
 
 # ------------------------------------------------------------------------ the critic
@@ -485,9 +463,7 @@ class Service:
         self.redis.start()
         stack.callback(self.redis.close)
 
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SRFT_")}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        self.stack = Stack(workdir, env)
+        self.stack = Stack(workdir, child_env())
         stack.callback(self.stack.stop)
 
         self.critic_url = f"http://127.0.0.1:{free_port()}"
@@ -1124,22 +1100,15 @@ def benchmark(options: Options) -> int:
         "prefix of messages it saw before as cached)."
     )
     print(
-        f"machine: {machine['usable_cpus']} usable of {machine['cpu_count']} CPUs "
-        f"({machine['cpu_model'] or 'unknown CPU'}), {machine['platform']}, "
-        f"Python {machine['python']}; PostgreSQL {facts['server_version']} "
-        f"(fsync={facts['fsync']}, synchronous_commit={facts['synchronous_commit']}); all "
-        f"processes (critic, Postgres, Redis, API, beat, workers, this script) share it"
+        f"{describe_machine(machine, facts)}; all processes (critic, Postgres, Redis, API, "
+        f"beat, workers, this script) share it"
     )
     if options.keep_logs:
         print(f"logs: {workdir}")
 
     if options.json_path is not None:
         report = {
-            "options": {
-                key: (str(value) if isinstance(value, Path) else value)
-                for key, value in asdict(options).items()
-                if key != "database_url"
-            },
+            "options": options_for_json(options),
             "limit_calls_per_second": options.limit,
             "machine": machine,
             "postgres": facts,
@@ -1163,31 +1132,14 @@ def benchmark(options: Options) -> int:
                 for t in tokens
             ],
             "problems": problems,
-            "finished_at": datetime.now().astimezone().isoformat(timespec="seconds"),
         }
-        options.json_path.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"numbers written to {options.json_path}")
-
-    if problems:
-        print("\nFAILED:", file=sys.stderr)
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 1
-    return 0
+        write_report(options.json_path, report)
+    return exit_status(problems)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    options = parse_options(argv)
     # SIGTERM unwinds like Ctrl-C, so the processes, the database and the servers go away.
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        return benchmark(options)
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaned up", file=sys.stderr)
-        return 128 + signal.SIGINT
-    except Terminated:
-        print("\nterminated; cleaned up", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    return run_cleaning_up(benchmark, parse_options(argv))
 
 
 if __name__ == "__main__":
