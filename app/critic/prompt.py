@@ -588,6 +588,12 @@ def _request(layout: _Layout, window: _Window, question: int | None = None) -> C
     if question is not None:
         messages.append({"role": "user", "content": step_question(question, layout.labels)})
         targets = (question,)
+    return _assemble(layout, window, messages, targets)
+
+
+def _assemble(
+    layout: _Layout, window: _Window, messages: list[dict[str, Any]], targets: tuple[int, ...]
+) -> CriticRequest:
     return CriticRequest(
         mode=layout.mode,
         messages=messages,
@@ -662,23 +668,11 @@ class StepRequests:
         if prefix is None:
             prefix = _request(self._layout, window).messages
             self._prefixes[window] = prefix
-        layout = self._layout
         messages = [
             *(dict(message) for message in prefix),
-            {"role": "user", "content": step_question(step_index, layout.labels)},
+            {"role": "user", "content": step_question(step_index, self._layout.labels)},
         ]
-        return CriticRequest(
-            mode=layout.mode,
-            messages=messages,
-            response_format=layout.response_format,
-            target_indices=(step_index,),
-            shown_indices=tuple(layout.indices[window.start : window.end]),
-            approx_prompt_tokens=estimate_prompt_tokens(messages, layout.response_format),
-            max_completion_tokens=layout.reserve_tokens,
-            prompt_hash=layout.hash,
-            observation_cap=window.observation_cap,
-            text_cap=window.text_cap,
-        )
+        return _assemble(self._layout, window, messages, (step_index,))
 
 
 def step_request(
