@@ -384,48 +384,12 @@ def _claim_from_cache(
     return remaining
 
 
-def record_outcome(
-    session: Session,
-    job_id: uuid.UUID,
-    trajectory_id: uuid.UUID,
-    token: str,
-    outcome: StepOutcome,
-) -> bool:
-    """Store one step's outcome under the claim `token`; False if the claim was lost."""
-    usage = outcome.usage
-    values: dict[str, Any] = {
-        "status": "done" if outcome.label is not None else "failed",
-        "label": outcome.label,
-        "reason": outcome.reason,
-        "agreement": outcome.agreement,
-        "vote_labels": outcome.vote_labels or None,
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "cached_tokens": usage.cached_tokens,
-        "latency_ms": round(usage.latency_s * 1000, 3),
-        "attempts": Verdict.attempts + usage.attempts,
-        "error": outcome.error,
-        "finished_at": utcnow(),
-    }
-    result = session.execute(
-        update(Verdict)
-        .where(
-            Verdict.job_id == job_id,
-            Verdict.trajectory_id == trajectory_id,
-            Verdict.step_index == outcome.index,
-            Verdict.claim_token == token,
-            Verdict.status == "running",
-        )
-        .values(**values)
-    )
-    return bool(getattr(result, "rowcount", 0))
-
-
 def record_outcomes(
     session: Session, outcomes: Sequence[tuple[uuid.UUID, uuid.UUID, str, StepOutcome]]
 ) -> None:
-    """Store many (job, trajectory, claim token, outcome) at once, each as `record_outcome`
-    stores one: under its claim token only. One statement executed for all (pipelined)."""
+    """Store many (job, trajectory, claim token, outcome) at once. Each is written only under
+    its claim token and while its item is still running, so a lost claim writes nothing.
+    One statement executed for all (pipelined)."""
     if not outcomes:
         return
     table = Verdict.__table__
