@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     stale_after_s: float = 900.0
     sweep_interval_s: float = 30.0
 
+    # Exports: files under this folder (published atomically from a `.building` folder on the
+    # same filesystem). Tokenizing runs in this many processes (0: one per core).
+    export_dir: Path = Path("var") / "exports"
+    export_processes: int = 0
+    export_batch_size: int = 32
+
     @property
     def embedded_worker(self) -> bool:
         """True when work is queued in memory, so a worker must run inside this process."""

@@ -1,4 +1,4 @@
-"""The one migration builds exactly the models' schema, on Postgres and SQLite, and reverses."""
+"""The migrations build exactly the models' schema, on Postgres and SQLite, and reverses."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from sqlalchemy import create_engine, inspect, text
 from app.db import downgrade_database, upgrade_database
 from app.models import Base
 
-TABLES = {"projects", "api_keys", "uploads", "trajectories", "steps", "jobs", "verdicts"}
+TABLES = {"projects", "api_keys", "uploads", "trajectories", "steps", "jobs", "verdicts", "exports"}
 
 
 def _schema_diff(url: str) -> list[object]:

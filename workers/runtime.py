@@ -21,6 +21,9 @@ from app.critic.client import CriticClient
 from app.critic.judge import Judge, JudgeConfig, StepOutcome
 from app.critic.limits import Limiter, LocalLimiter, RedisLimiter
 from app.db import Database
+from app.exports import builder as export_builder
+from app.exports import queue as export_queue
+from app.exports import service as export_service
 from app.jobs import queue
 from app.jobs import service as job_service
 from app.recipe.steps import split_steps
@@ -176,18 +179,29 @@ class WorkerRuntime:
                 session, self.settings.stale_after_s, self.settings.step_chunk_size
             )
             job_service.close_finished_jobs(session)
+            exports = export_service.sweep(session, self.settings.stale_after_s)
         if units:
             queue.enqueue(self.settings.broker_url, units)
             log.warning("sweeper re-enqueued %d units of lost or stalled work", len(units))
-        return len(units)
+        for export_id in exports:
+            export_queue.enqueue_build(self.settings.broker_url, export_id)
+        if exports:
+            log.warning("sweeper re-enqueued %d lost or stalled exports", len(exports))
+        return len(units) + len(exports)
 
     def resume(self) -> int:
         """Enqueue every open item (at start-up, when the broker may have lost messages)."""
         with self.database.transaction() as session:
             units = job_service.resume_all(session, self.settings.step_chunk_size)
+            exports = export_service.sweep(session, stale_after_s=0)
         if units:
             queue.enqueue(self.settings.broker_url, units)
-        return len(units)
+        for export_id in exports:
+            export_queue.enqueue_build(self.settings.broker_url, export_id)
+        return len(units) + len(exports)
+
+    def build_export(self, export_id: uuid.UUID) -> str | None:
+        return export_builder.build_export(self.database, self.settings, export_id)
 
 
 _Write = tuple[uuid.UUID, uuid.UUID, str, StepOutcome]

@@ -30,3 +30,12 @@ def label_unit(job_id: str, trajectory_id: str, step_indices: list[int]) -> None
 def sweep() -> int:
     """Periodic (beat): re-enqueue work lost to dead workers or a restarted broker."""
     return get_runtime().sweep()
+
+
+# Exports can run for long; a dead worker is detected by its stopped heartbeat instead.
+@celery_app.task(
+    name="srft.exports.build", acks_late=True, reject_on_worker_lost=True, time_limit=7 * 86400
+)
+def build_export(export_id: str) -> str | None:
+    """Build one export's shards and manifest, and publish them."""
+    return get_runtime().build_export(uuid.UUID(export_id))

@@ -1,6 +1,7 @@
 """All ORM models on one metadata, so Alembic sees every table."""
 
 from app.models.base import Base, new_id, utcnow
+from app.models.export import Export
 from app.models.job import Job, Verdict
 from app.models.project import ApiKey, Project
 from app.models.trajectory import Step, Trajectory, Upload
@@ -8,6 +9,7 @@ from app.models.trajectory import Step, Trajectory, Upload
 __all__ = [
     "ApiKey",
     "Base",
+    "Export",
     "Job",
     "Project",
     "Step",

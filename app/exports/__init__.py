@@ -1,0 +1,1 @@
+"""Exports: loss-masked training shards, served as files and pulled into folders."""

@@ -1,0 +1,413 @@
+"""Building an export: trajectories and verdicts in, policy applied, rows written to shards,
+a manifest, and an atomic publish. Run by a worker task; never half-published.
+
+Files are written under `<export_dir>/.building/<id>-<claim>/` and renamed to
+`<export_dir>/<project>/<id>/` only when complete; a failure removes the building folder, so
+a failed export leaves no files. Trajectories are read and written in batches, so memory does
+not grow with the size of the export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app import __version__
+from app.config import Settings
+from app.db import Database
+from app.exports import rows as row_builders
+from app.exports import service
+from app.exports.writers.jsonl import JsonlShards
+from app.exports.writers.shards import ShardInfo, ShardLimits
+from app.models import Export
+from app.recipe.masking import PolicyCounts, PolicyOptions, TrajectoryDecision, decide
+from app.recipe.render import SpanStats, template_hash
+
+log = logging.getLogger("srft.exports")
+
+HEARTBEAT_S = 10.0
+MANIFEST = "manifest.json"
+MAX_LISTED = 20
+
+
+class ExportRefused(Exception):
+    """The export cannot be built as asked; the reason goes to the caller."""
+
+    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+class ClaimLost(Exception):
+    """Another worker took the export over (this one stalled past the timeout)."""
+
+
+def export_path(settings: Settings, project_id: uuid.UUID, export_id: uuid.UUID) -> Path:
+    return settings.export_dir / str(project_id) / str(export_id)
+
+
+def building_root(settings: Settings) -> Path:
+    return settings.export_dir / ".building"
+
+
+@dataclass
+class RowCounts:
+    written: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    split_rows: int = 0  # rows that are a piece of a split conversation
+
+    def drop(self, reason: str, count: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + count
+
+
+def build_export(database: Database, settings: Settings, export_id: uuid.UUID) -> str | None:
+    """Claim and build one export. Returns its final status, or None if it was not ours."""
+    with database.transaction() as session:
+        token = service.claim(session, export_id, settings.stale_after_s)
+        export = session.get(Export, export_id) if token else None
+        if export is None or token is None:
+            return None
+        session.expunge(export)
+    building = building_root(settings) / f"{export_id}-{token}"
+    _remove_stale_building(settings, export_id)
+    try:
+        manifest = _build(database, settings, export, token, building)
+        final = export_path(settings, export.project_id, export_id)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():  # a crashed earlier attempt published but did not record it
+            shutil.rmtree(final)
+        building.rename(final)
+        with database.transaction() as session:
+            if not service.complete(session, export_id, token, manifest):
+                log.warning("export %s was taken over while finishing; kept its files", export_id)
+                return None
+        log.info("export %s completed: %d rows", export_id, manifest["counts"]["rows"]["written"])
+        return "completed"
+    except ClaimLost:
+        log.warning("export %s was taken over by another worker; stopping", export_id)
+        shutil.rmtree(building, ignore_errors=True)
+        return None
+    except ExportRefused as refused:
+        shutil.rmtree(building, ignore_errors=True)
+        with database.transaction() as session:
+            service.fail(
+                session,
+                export_id,
+                token,
+                code=refused.code,
+                message=refused.message,
+                details=refused.details,
+            )
+        log.info("export %s failed: %s", export_id, refused.message)
+        return "failed"
+    except Exception as error:
+        shutil.rmtree(building, ignore_errors=True)
+        log.exception("export %s failed unexpectedly", export_id)
+        with database.transaction() as session:
+            service.fail(
+                session,
+                export_id,
+                token,
+                code="internal_error",
+                message=f"the export failed: {type(error).__name__}: {error}",
+            )
+        return "failed"
+
+
+def _remove_stale_building(settings: Settings, export_id: uuid.UUID) -> None:
+    """Folders left by earlier, dead attempts at this export."""
+    root = building_root(settings)
+    if root.exists():
+        for stale in root.glob(f"{export_id}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+class _Heartbeat:
+    def __init__(self, database: Database, export_id: uuid.UUID, token: str) -> None:
+        self.database = database
+        self.export_id = export_id
+        self.token = token
+        self.last = 0.0
+
+    def beat(self, done: int, total: int, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < HEARTBEAT_S:
+            return
+        self.last = now
+        with self.database.transaction() as session:
+            if not service.heartbeat(session, self.export_id, self.token, done=done, total=total):
+                raise ClaimLost()
+
+
+def _build(
+    database: Database, settings: Settings, export: Export, token: str, building: Path
+) -> dict[str, Any]:
+    config = export.config
+    options = PolicyOptions(
+        mask_labels=frozenset(config["options"]["mask_labels"]),
+        critique_resolved=config["options"]["critique_resolved"],
+        unlabeled=config["options"]["unlabeled"],
+        soft=config["options"]["soft"],
+        min_trained_steps=config["options"]["min_trained_steps"],
+    )
+    with database.sessions() as session:
+        ids = service.trajectory_ids(
+            session, export.project_id, export.job_ids, config.get("selection")
+        )
+        jobs = service.job_infos(session, export.job_ids)
+    if not ids:
+        raise ExportRefused("no_trajectories", "the jobs' selections match no trajectory")
+    if config.get("seed") is not None:
+        random.Random(config["seed"]).shuffle(ids)
+    heartbeat = _Heartbeat(database, export.id, token)
+    heartbeat.beat(0, len(ids), force=True)
+
+    building.mkdir(parents=True, exist_ok=False)
+    limits = ShardLimits(config["shard_max_rows"], config["shard_max_bytes"])
+    policy = config["policy"]
+    counts = PolicyCounts()
+    rows = RowCounts()
+    stats = SpanStats()
+
+    def decided() -> Iterator[list[tuple[service.Source, TrajectoryDecision]]]:
+        done = 0
+        for start in range(0, len(ids), settings.export_batch_size):
+            batch = ids[start : start + settings.export_batch_size]
+            with database.sessions() as session:
+                sources = service.load_sources(session, batch, export.job_ids)
+            out = []
+            for source in sources:
+                decision = decide(policy, source.resolved, source.labels, options)
+                counts.add(decision)
+                if decision.kept:
+                    out.append((source, decision))
+            done += len(batch)
+            heartbeat.beat(done, len(ids))
+            yield out
+
+    tokenizer_info: dict[str, Any] | None = None
+    if export.format == "tokenized_parquet":
+        shards, tokenizer_info = _write_tokenized(
+            settings, config, building, limits, decided(), rows, stats
+        )
+    else:
+        shards = _write_jsonl(export.format, building, limits, decided(), rows)
+    if rows.written == 0:
+        raise ExportRefused(
+            "no_rows",
+            "no row has a trained step under this policy and these options "
+            f"(trajectories dropped: {counts.trajectories_dropped}, rows dropped: "
+            f"{rows.dropped})",
+            details={"policy": counts.as_dict(), "rows": rows.dropped},
+        )
+    manifest = _manifest(export, jobs, config, tokenizer_info, counts, rows, stats, shards, ids)
+    (building / MANIFEST).write_bytes(manifest_bytes(manifest))
+    heartbeat.beat(len(ids), len(ids), force=True)
+    return manifest
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    return json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n"
+
+
+def _write_jsonl(
+    fmt: str,
+    building: Path,
+    limits: ShardLimits,
+    batches: Iterator[list[tuple[service.Source, TrajectoryDecision]]],
+    rows: RowCounts,
+) -> list[ShardInfo]:
+    make = row_builders.openai_row if fmt == "openai_jsonl" else row_builders.prm_row
+    writer = JsonlShards(building, limits)
+    try:
+        for batch in batches:
+            for source, decision in batch:
+                row = make(source, decision)
+                if row is None:
+                    rows.drop("no_trained_tokens")
+                    continue
+                writer.write(row)
+                rows.written += 1
+        return writer.close()
+    finally:
+        writer.abort()
+
+
+def _write_tokenized(
+    settings: Settings,
+    config: dict[str, Any],
+    building: Path,
+    limits: ShardLimits,
+    batches: Iterator[list[tuple[service.Source, TrajectoryDecision]]],
+    rows: RowCounts,
+    stats: SpanStats,
+) -> tuple[list[ShardInfo], dict[str, Any]]:
+    from app.exports.pool import TokenizePool
+    from app.exports.tokenize import TokenizeConfig, load_chat_tokenizer
+    from app.exports.writers.parquet import ParquetShards
+
+    name, revision = config["tokenizer"], config.get("tokenizer_revision")
+    try:
+        chat = load_chat_tokenizer(name, revision)
+    except ImportError as error:
+        raise ExportRefused(
+            "missing_dependency",
+            f"tokenized_parquet needs transformers on the worker: pip install 'srft[export]' "
+            f"({error})",
+        ) from error
+    except Exception as error:
+        raise ExportRefused(
+            "tokenizer_unavailable", f"could not load tokenizer {name!r}: {error}"
+        ) from error
+    tokenize_config = TokenizeConfig(config.get("max_seq_len"), config["overflow"])
+    pool = TokenizePool(chat, name, revision, tokenize_config, settings.export_processes)
+    writer = ParquetShards(building, limits, soft=config["options"]["soft"])
+    examples = (
+        [row_builders.example(source, decision) for source, decision in batch] for batch in batches
+    )
+    try:
+        for results in pool.map(examples):
+            _refuse_on_errors(results, name)
+            for result in results:
+                stats.add(result.stats)
+                rows.truncated += result.truncated
+                for reason, count in result.dropped.items():
+                    rows.drop(reason, count)
+                for row in result.rows:
+                    writer.write(result.key, row)
+                    rows.written += 1
+                    if len(result.rows) > 1:
+                        rows.split_rows += 1
+        shards = writer.close()
+    finally:
+        writer.abort()
+        pool.close()
+    tokenizer = chat.tokenizer
+    info = {
+        "name": name,
+        "revision": revision,
+        "class": type(tokenizer).__name__,
+        "chat_template_sha256": template_hash(chat.renderer.template_for(None)),
+        "vocab_size": len(tokenizer),
+        "eos_token": tokenizer.eos_token,
+        "bos_token": tokenizer.bos_token,
+        "pad_token": tokenizer.pad_token,
+    }
+    return shards, info
+
+
+def _refuse_on_errors(results: Sequence[Any], tokenizer: str) -> None:
+    failed = [r for r in results if r.error is not None]
+    if not failed:
+        return
+    code = failed[0].error_code or "tokenize_failed"
+    listed = [{"trajectory_id": r.key, "reason": r.error} for r in failed[:MAX_LISTED]]
+    if code == "template_not_prefix_stable":
+        message = (
+            f"the chat template of {tokenizer!r} is not prefix-stable, so no mask computed "
+            f"from it would be right: {len(failed)} rows of this batch render past turns "
+            f"differently once later turns follow (first: trajectory {failed[0].key}, "
+            f"{failed[0].error}). Use a template that renders history as it was generated."
+        )
+    else:
+        message = f"trajectory {failed[0].key}: {failed[0].error}"
+        if len(failed) > 1:
+            message += f" (and {len(failed) - 1} more rows of this batch)"
+    raise ExportRefused(code, message, details={"rows": listed})
+
+
+def _manifest(
+    export: Export,
+    jobs: Sequence[service.JobInfo],
+    config: dict[str, Any],
+    tokenizer: dict[str, Any] | None,
+    counts: PolicyCounts,
+    rows: RowCounts,
+    stats: SpanStats,
+    shards: Sequence[ShardInfo],
+    ids: Sequence[uuid.UUID],
+) -> dict[str, Any]:
+    """Everything needed to trust and reproduce the shards; no times or export id, so the
+    same inputs give the same manifest too."""
+    tokenized = export.format == "tokenized_parquet"
+    policy_counts = counts.as_dict()
+    return {
+        "srft_version": __version__,
+        "format": export.format,
+        "policy": {"name": config["policy"], "options": config["options"]},
+        "config": {
+            key: config.get(key)
+            for key in (
+                "max_seq_len",
+                "overflow",
+                "seed",
+                "selection",
+                "shard_max_rows",
+                "shard_max_bytes",
+            )
+        },
+        "tokenizer": tokenizer,
+        "source_job_ids": list(export.job_ids),
+        "critic": [
+            {
+                "job_id": str(job.id),
+                "model": job.critic_model,
+                "prompt_hash": job.prompt_hash,
+                "mode": job.mode,
+                "votes": job.votes,
+                "temperature": job.temperature,
+                "labels": job.labels,
+            }
+            for job in jobs
+        ],
+        "counts": {
+            "trajectories": {
+                "considered": len(ids),
+                "kept": counts.trajectories_kept,
+                "dropped": policy_counts["trajectories_dropped"],
+            },
+            "steps": {
+                key: policy_counts[key]
+                for key in (
+                    "steps_trained",
+                    "steps_masked",
+                    "steps_cut",
+                    "trained_by_label",
+                    "masked_by_label",
+                    "steps_by_source",
+                )
+            },
+            "rows": {
+                "written": rows.written,
+                "dropped": dict(sorted(rows.dropped.items())),
+                "truncated": rows.truncated,
+                "split_rows": rows.split_rows,
+            },
+            "tokens": {
+                "total": sum(s.tokens or 0 for s in shards) if tokenized else None,
+                "trained": sum(s.trained_tokens or 0 for s in shards) if tokenized else None,
+                "straddling_span_edges": stats.straddling_tokens if tokenized else None,
+                "turns_without_end_token": stats.turns_without_end_token if tokenized else None,
+                "empty_turns": stats.empty_turns if tokenized else None,
+            },
+        },
+        "columns": [f.name for f in _parquet_schema(config)] if tokenized else None,
+        "shards": [s.as_dict() for s in shards],
+    }
+
+
+def _parquet_schema(config: dict[str, Any]) -> Any:
+    from app.exports.writers.parquet import schema
+
+    return schema(config["options"]["soft"])

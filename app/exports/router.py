@@ -1,0 +1,108 @@
+"""Export routes: start an export, poll it, download its files or all of it as a tar."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response, status
+
+from app.deps import ProjectDep, SessionDep, SettingsDep
+from app.errors import Conflict
+from app.exports import queue, schemas
+from app.exports import service as export_service
+from app.exports.builder import MANIFEST, export_path
+from app.exports.files import archive_response, file_response, media_type_for, resolve_export_file
+from app.models import Export
+
+router = APIRouter(prefix="/v1/exports", tags=["exports"])
+log = logging.getLogger(__name__)
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=schemas.ExportOut)
+def create_export(
+    body: schemas.ExportCreate, session: SessionDep, project_id: ProjectDep, settings: SettingsDep
+) -> schemas.ExportOut:
+    """Build training shards from the verdicts of finished labeling jobs (by a worker)."""
+    export = export_service.create_export(session, project_id, body, settings)
+    session.commit()
+    try:
+        queue.enqueue_build(settings.broker_url, export.id)
+    except Exception:
+        # Committed: the sweeper finds queued exports that were never picked up.
+        log.exception("could not enqueue export %s; the sweeper will retry it", export.id)
+    return export_service.describe(export)
+
+
+@router.get("", response_model=schemas.ExportPage)
+def list_exports(
+    session: SessionDep,
+    project_id: ProjectDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[uuid.UUID | None, Query(description="next_cursor of the last page")] = None,
+) -> schemas.ExportPage:
+    """The project's exports, newest first."""
+    items, next_cursor = export_service.list_exports(
+        session, project_id, limit=limit, before=cursor
+    )
+    return schemas.ExportPage(
+        items=[export_service.describe(e) for e in items],
+        next_cursor=str(next_cursor) if next_cursor else None,
+    )
+
+
+@router.get("/{export_id}", response_model=schemas.ExportOut)
+def get_export(
+    export_id: uuid.UUID, session: SessionDep, project_id: ProjectDep
+) -> schemas.ExportOut:
+    """An export's status, progress and, once completed, its manifest."""
+    return export_service.describe(export_service.get_export(session, project_id, export_id))
+
+
+def _completed(session: SessionDep, project_id: uuid.UUID, export_id: uuid.UUID) -> Export:
+    export = export_service.get_export(session, project_id, export_id)
+    if export.status != "completed" or export.manifest is None:
+        raise Conflict(
+            f"export {export_id} is {export.status}: files exist only once it has completed",
+            location="path.export_id",
+            code="export_not_completed",
+        )
+    return export
+
+
+@router.api_route("/{export_id}/files/{path:path}", methods=["GET", "HEAD"])
+def download_file(
+    export_id: uuid.UUID,
+    path: str,
+    request: Request,
+    session: SessionDep,
+    project_id: ProjectDep,
+    settings: SettingsDep,
+) -> Response:
+    """One file of a completed export (a shard's `path` from the manifest, or manifest.json),
+    with ETag = its sha256 and HTTP Range support."""
+    export = _completed(session, project_id, export_id)
+    assert export.manifest is not None
+    root = export_path(settings, export.project_id, export.id)
+    target = resolve_export_file(root, path)
+    sha = next((s["sha256"] for s in export.manifest["shards"] if s["path"] == path), None)
+    return file_response(request, target, sha256=sha, media_type=media_type_for(target))
+
+
+@router.get("/{export_id}/archive")
+def download_archive(
+    export_id: uuid.UUID, session: SessionDep, project_id: ProjectDep, settings: SettingsDep
+) -> Response:
+    """Everything (manifest.json and every shard) as one uncompressed tar."""
+    export = _completed(session, project_id, export_id)
+    assert export.manifest is not None
+    assert export.finished_at is not None
+    root = export_path(settings, export.project_id, export.id)
+    names = [MANIFEST, *(s["path"] for s in export.manifest["shards"])]
+    return archive_response(
+        root,
+        names,
+        filename=f"srft-export-{export.id}.tar",
+        mtime=int(export.finished_at.timestamp()),
+    )

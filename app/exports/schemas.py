@@ -1,0 +1,91 @@
+"""Request and response bodies of the export API."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.jobs.schemas import Selection
+
+PolicyName = Literal["sft", "rft", "srft", "srft_unresolved", "prefix"]
+FormatName = Literal["openai_jsonl", "tokenized_parquet", "prm_jsonl"]
+GiB = 1024**3
+
+
+class PolicyOptionsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mask_labels: list[str] = Field(
+        default_factory=lambda: ["mistake"], description="Labels whose steps get no loss."
+    )
+    critique_resolved: bool = Field(
+        default=False, description="Apply verdicts to resolved trajectories too."
+    )
+    unlabeled: Literal["mask", "train", "drop"] = Field(
+        default="mask", description="Steps with no verdict: mask them, train them, or drop the run."
+    )
+    soft: bool = Field(
+        default=False,
+        description="Weight = share of votes that did not pick a masked label "
+        "(tokenized_parquet only: a `loss_weights` column).",
+    )
+    min_trained_steps: int = Field(default=1, ge=0)
+
+
+class ExportCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job_ids: list[uuid.UUID] = Field(min_length=1, max_length=100)
+    policy: PolicyName = "srft"
+    options: PolicyOptionsIn = Field(default_factory=PolicyOptionsIn)
+    format: FormatName = "openai_jsonl"
+    tokenizer: str | None = Field(
+        default=None,
+        description="Hub id or local path of the target model's tokenizer (tokenized_parquet).",
+    )
+    tokenizer_revision: str | None = None
+    max_seq_len: int | None = Field(default=None, ge=16, le=4_194_304)
+    overflow: Literal["truncate", "drop", "split"] = "truncate"
+    seed: int | None = Field(
+        default=0, description="Row order: shuffled with this seed; null keeps id order."
+    )
+    selection: Selection | None = Field(
+        default=None,
+        description="Which trajectories; defaults to those the jobs selected (any resolution).",
+    )
+    shard_max_rows: int = Field(default=50_000, ge=1)
+    shard_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024, le=64 * GiB)
+
+
+class Progress(BaseModel):
+    trajectories_total: int
+    trajectories_done: int
+
+
+class ExportError(BaseModel):
+    code: str | None
+    message: str
+    details: dict[str, Any] | None = None
+
+
+class ExportOut(BaseModel):
+    id: uuid.UUID
+    status: Literal["queued", "running", "completed", "failed"]
+    policy: str
+    format: str
+    job_ids: list[str]
+    config: dict[str, Any]
+    progress: Progress
+    manifest: dict[str, Any] | None
+    error: ExportError | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class ExportPage(BaseModel):
+    items: list[ExportOut]
+    next_cursor: str | None

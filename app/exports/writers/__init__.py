@@ -1,0 +1,1 @@
+"""One writer per export format, over a common sharding scheme (`shards.py`)."""

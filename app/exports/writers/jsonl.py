@@ -1,0 +1,71 @@
+"""JSON Lines shards (`openai_jsonl`, `prm_jsonl`): one compact, key-ordered object per line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import IO, Any
+
+from app.exports.writers.shards import OpenShard, ShardInfo, ShardLimits, publish_shards
+
+
+def dump_line(row: dict[str, Any]) -> bytes:
+    """Byte-stable serialisation: same row, same bytes."""
+    return json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+class JsonlShards:
+    suffix = ".jsonl"
+
+    def __init__(self, root: Path, limits: ShardLimits) -> None:
+        self.root = root
+        self.limits = limits
+        self._work = root / ".shards"
+        self._work.mkdir(parents=True, exist_ok=True)
+        self._done: list[tuple[Path, OpenShard, str | None]] = []
+        self._shard: OpenShard | None = None
+        self._file: IO[bytes] | None = None
+        self._digest = hashlib.sha256()
+        self._bytes = 0
+
+    def write(self, row: dict[str, Any]) -> None:
+        line = dump_line(row)
+        shard = self._shard
+        if shard is not None and (
+            shard.rows >= self.limits.max_rows or self._bytes + len(line) > self.limits.max_bytes
+        ):
+            self._finish()
+            shard = None
+        if shard is None:
+            shard = self._open()
+        assert self._file is not None
+        self._file.write(line)
+        self._digest.update(line)
+        self._bytes += len(line)
+        shard.rows += 1
+
+    def _open(self) -> OpenShard:
+        temp = self._work / f"{len(self._done):05d}{self.suffix}"
+        self._file = temp.open("wb")
+        self._shard = OpenShard(temp)
+        self._digest = hashlib.sha256()
+        self._bytes = 0
+        return self._shard
+
+    def _finish(self) -> None:
+        if self._shard is None or self._file is None:
+            return
+        self._file.close()
+        self._done.append((self._shard.temp, self._shard, self._digest.hexdigest()))
+        self._shard, self._file = None, None
+
+    def close(self) -> list[ShardInfo]:
+        self._finish()
+        infos = publish_shards(self.root, self._done, self.suffix, tokenized=False)
+        self._work.rmdir()
+        return infos
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
