@@ -17,8 +17,8 @@ from app.critic.labels import DEFAULT_LABELS
 from app.critic.rules import label_trajectory
 from app.models import Verdict
 from app.recipe.steps import split_steps
+from tests.e2e import CRITIC_KEY, Api, RulesCritic, Workers
 from tests.helpers import all_trajectory_files
-from tests.jobs.conftest import CRITIC_KEY, Api, RulesCritic, Workers
 from tests.servers import RedisServer
 
 pytestmark = pytest.mark.slow
