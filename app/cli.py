@@ -331,6 +331,176 @@ def _print_job(job: dict[str, Any]) -> None:
     )
 
 
+@app.command("export")
+def export_command(
+    job: Annotated[
+        list[str], typer.Option("--job", help="Labeling job id (repeatable; later ones win).")
+    ],
+    policy: Annotated[
+        str, typer.Option(help="sft, rft, srft (default), srft_unresolved or prefix.")
+    ] = "srft",
+    format: Annotated[
+        str, typer.Option("--format", help="openai_jsonl, tokenized_parquet or prm_jsonl.")
+    ] = "openai_jsonl",
+    tokenizer: Annotated[
+        str | None, typer.Option(help="Hub id or path of the tokenizer (tokenized_parquet).")
+    ] = None,
+    max_seq_len: Annotated[int | None, typer.Option(help="Longest row, in tokens.")] = None,
+    overflow: Annotated[str, typer.Option(help="truncate, drop or split.")] = "truncate",
+    mask_label: Annotated[
+        list[str] | None, typer.Option("--mask-label", help="Label to mask (repeatable).")
+    ] = None,
+    critique_resolved: Annotated[
+        bool, typer.Option(help="Apply verdicts to resolved runs too.")
+    ] = False,
+    unlabeled: Annotated[
+        str, typer.Option(help="Steps with no verdict: mask, train, drop.")
+    ] = "mask",
+    soft: Annotated[bool, typer.Option(help="Soft weights (tokenized_parquet).")] = False,
+    min_trained_steps: Annotated[int, typer.Option(help="Drop runs training fewer.")] = 1,
+    seed: Annotated[int, typer.Option(help="Row order seed.")] = 0,
+    shard_max_rows: Annotated[int, typer.Option(help="Rows per shard at most.")] = 50_000,
+    wait: Annotated[bool, typer.Option(help="Show progress until the export ends.")] = False,
+    output: Annotated[
+        Path | None, typer.Option(help="With --wait: download the finished export here.")
+    ] = None,
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = "",
+) -> None:
+    """Build training shards from finished labeling jobs (and with --wait, follow it)."""
+    import httpx
+
+    _require_key(api_key)
+    options: dict[str, object] = {
+        "critique_resolved": critique_resolved,
+        "unlabeled": unlabeled,
+        "soft": soft,
+        "min_trained_steps": min_trained_steps,
+    }
+    if mask_label:
+        options["mask_labels"] = mask_label
+    body: dict[str, object] = {
+        "job_ids": job,
+        "policy": policy,
+        "format": format,
+        "options": options,
+        "tokenizer": tokenizer,
+        "max_seq_len": max_seq_len,
+        "overflow": overflow,
+        "seed": seed,
+        "shard_max_rows": shard_max_rows,
+    }
+    with httpx.Client(
+        base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=120
+    ) as client:
+        response = client.post("/v1/exports", json=body)
+        if response.status_code != 202:
+            typer.echo(f"could not start the export: {_describe_error(response)}", err=True)
+            raise typer.Exit(1)
+        export = response.json()
+        typer.echo(f"export {export['id']}: {export['status']}")
+        if wait or output is not None:
+            export = _follow_export(client, export)
+            _print_export(export)
+            if export["status"] != "completed":
+                raise typer.Exit(1)
+            if output is not None:
+                _pull(client, export["id"], output)
+
+
+def _follow_export(client: object, export: dict[str, Any]) -> dict[str, Any]:
+    import time
+
+    import httpx
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    assert isinstance(client, httpx.Client)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} trajectories"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns) as progress:
+        task = progress.add_task("exporting", total=None)
+        while export["status"] not in ("completed", "failed"):
+            time.sleep(0.5)
+            response = client.get(f"/v1/exports/{export['id']}")
+            if response.status_code == 200:
+                export = response.json()
+            done = export["progress"]
+            progress.update(
+                task,
+                total=done["trajectories_total"] or None,
+                completed=done["trajectories_done"],
+            )
+    return export
+
+
+def _print_export(export: dict[str, Any]) -> None:
+    if export["status"] == "failed":
+        error = export["error"] or {}
+        typer.echo(f"export failed ({error.get('code')}): {error.get('message')}", err=True)
+        return
+    counts = export["manifest"]["counts"]
+    rows, steps = counts["rows"], counts["steps"]
+    tokens = counts["tokens"]["total"]
+    typer.echo(
+        f"completed: {rows['written']} rows in {len(export['manifest']['shards'])} shards"
+        + (f", {tokens} tokens ({counts['tokens']['trained']} trained)" if tokens else "")
+        + f"; steps trained {steps['steps_trained']}, masked {steps['steps_masked']}"
+        + (f"; rows dropped {rows['dropped']}" if rows["dropped"] else "")
+    )
+
+
+def _pull(client: object, export_id: str, directory: Path) -> None:
+    import httpx
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TransferSpeedColumn,
+    )
+
+    from app.exports.pull import PullError, pull_export
+
+    assert isinstance(client, httpx.Client)
+    with Progress(BarColumn(), DownloadColumn(), TransferSpeedColumn()) as progress:
+        task = progress.add_task("downloading", total=None)
+
+        def advance(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        try:
+            result = pull_export(client, export_id, directory, progress=advance)
+        except PullError as error:
+            progress.stop()
+            typer.echo(f"pull failed: {error}", err=True)
+            raise typer.Exit(1) from error
+    typer.echo(
+        f"{result.files} files verified in {result.directory} "
+        f"({result.bytes_downloaded} bytes downloaded, {result.resumed} resumed, "
+        f"{result.skipped} already there)"
+    )
+
+
+@app.command()
+def pull(
+    export_id: Annotated[str, typer.Argument(help="The export to download.")],
+    directory: Annotated[Path, typer.Argument(help="Folder to download into.")],
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = "",
+) -> None:
+    """Download a completed export: resumes a broken download, verifies every sha256."""
+    import httpx
+
+    _require_key(api_key)
+    with httpx.Client(
+        base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=300
+    ) as client:
+        _pull(client, export_id, directory)
+
+
 def _describe_error(response: object) -> str:
     import httpx
 

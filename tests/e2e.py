@@ -172,9 +172,12 @@ class Workers:
                 os.killpg(process.pid, signal.SIGKILL)
 
 
-def worker_env(database_url: str, redis_url: str, critic: RulesCritic) -> dict[str, str]:
+def worker_env(
+    database_url: str, redis_url: str, critic: RulesCritic, export_dir: Path
+) -> dict[str, str]:
     return _clean_env(
         SRFT_DATABASE_URL=database_url,
+        SRFT_EXPORT_DIR=str(export_dir),
         SRFT_BROKER_URL=redis_url,
         SRFT_CRITIC_BASE_URL=critic.base_url,
         SRFT_CRITIC_API_KEY=CRITIC_KEY,
@@ -197,10 +200,11 @@ def workers(
     e2e_database_url: str,
     e2e_redis: RedisServer,
     rules_critic: RulesCritic,
+    export_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Workers]:
     pool = Workers(
-        worker_env(e2e_database_url, e2e_redis.url, rules_critic),
+        worker_env(e2e_database_url, e2e_redis.url, rules_critic, export_dir),
         tmp_path_factory.mktemp("workers"),
     )
     pool.start_worker()
@@ -222,10 +226,12 @@ class Api:
         return {"Authorization": f"Bearer {self.key}"}
 
     def post(self, path: str, **kwargs: Any) -> httpx.Response:
-        return self.client.post(path, headers=self.headers, **kwargs)
+        headers = self.headers | kwargs.pop("headers", {})
+        return self.client.post(path, headers=headers, **kwargs)
 
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
-        return self.client.get(path, headers=self.headers, **kwargs)
+        headers = self.headers | kwargs.pop("headers", {})
+        return self.client.get(path, headers=headers, **kwargs)
 
     def upload(self, body: bytes, **params: str) -> list[dict[str, Any]]:
         response = self.post("/v1/trajectories", content=body, params=params)

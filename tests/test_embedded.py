@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.exports.pull import verify_directory
 from tests.helpers import TRAJECTORY_DIR, trajectory_file
 from tests.servers import free_port
 
@@ -140,6 +142,32 @@ def test_embedded_service_end_to_end(served: Served) -> None:
     assert {v["label"] for s in detail["steps"] for v in s["verdicts"]} <= {
         "good", "unnecessary", "mistake", "recover"
     }
+
+    # `srft export --output` builds shards on the embedded worker and downloads them,
+    # verified; `srft pull` of the same export then has nothing left to fetch.
+    job_id = re.search(r"job ([0-9a-f-]{36})", labeled.stdout)
+    assert job_id is not None
+    dataset = served.workdir / "dataset"
+    exported = subprocess.run(
+        [*SRFT, "export", "--job", job_id.group(1), "--output", str(dataset)],
+        env=cli_env, capture_output=True, text=True, timeout=180,
+    )
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    # The job labeled the 5 unresolved runs; srft also trains the resolved one in full.
+    assert "completed: 6 rows in 1 shards" in exported.stdout
+    assert verify_directory(dataset) == []
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    assert manifest["source_job_ids"] == [job_id.group(1)]
+    rows = (dataset / manifest["shards"][0]["path"]).read_text().splitlines()
+    assert len(rows) == 6
+    export_id = re.search(r"export ([0-9a-f-]{36})", exported.stdout)
+    assert export_id is not None
+    pulled = subprocess.run(
+        [*SRFT, "pull", export_id.group(1), str(dataset)],
+        env=cli_env, capture_output=True, text=True, timeout=60,
+    )
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    assert "0 bytes downloaded, 0 resumed, 1 already there" in pulled.stdout
 
     # A bad file makes the command fail and names the file and the error.
     bad = served.workdir / "bad.json"

@@ -309,7 +309,8 @@ class JobInfo:
 
 
 def job_infos(session: Session, job_ids: Sequence[str]) -> list[JobInfo]:
-    jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(job_ids)))}
+    wanted = [uuid.UUID(str(i)) for i in job_ids]
+    jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(wanted)))}
     return [
         JobInfo(
             id=job.id,
@@ -341,7 +342,8 @@ def trajectory_ids(
         filters = [_filters(Selection.model_validate(selection))]
     else:
         filters = []
-        for job in session.scalars(select(Job).where(Job.id.in_(job_ids))):
+        wanted = [uuid.UUID(str(i)) for i in job_ids]
+        for job in session.scalars(select(Job).where(Job.id.in_(wanted))):
             chosen = _filters(Selection.model_validate(job.selection))
             filters.append(and_(chosen, Trajectory.created_at <= job.created_at))
     query = (
