@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -17,7 +18,15 @@ from app.config import Settings
 from app.db import Database, upgrade_database
 from app.deps import get_session
 from app.main import create_app
+from tests.chat_tokenizers import TEMPLATES, build_tokenizer
 from tests.servers import RedisServer, postgres_server
+
+
+@pytest.fixture(scope="session")
+def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tokenizers built locally (no downloads), one per chat template of tests/chat_tokenizers."""
+    root = tmp_path_factory.mktemp("tokenizers")
+    return {name: build_tokenizer(root / name, name) for name in TEMPLATES}
 
 
 @pytest.fixture(scope="session")

@@ -253,19 +253,22 @@ def _write_tokenized(
     rows: RowCounts,
     stats: SpanStats,
 ) -> tuple[list[ShardInfo], dict[str, Any]]:
-    from app.exports.pool import TokenizePool
-    from app.exports.tokenize import TokenizeConfig, load_chat_tokenizer
-    from app.exports.writers.parquet import ParquetShards
+    try:
+        import transformers  # noqa: F401
+
+        from app.exports.pool import TokenizePool
+        from app.exports.tokenize import TokenizeConfig, load_chat_tokenizer
+        from app.exports.writers.parquet import ParquetShards
+    except ImportError as error:
+        raise ExportRefused(
+            "missing_dependency",
+            "tokenized_parquet needs transformers and pyarrow on the worker: "
+            f"pip install 'srft[export]' ({error})",
+        ) from error
 
     name, revision = config["tokenizer"], config.get("tokenizer_revision")
     try:
         chat = load_chat_tokenizer(name, revision)
-    except ImportError as error:
-        raise ExportRefused(
-            "missing_dependency",
-            f"tokenized_parquet needs transformers on the worker: pip install 'srft[export]' "
-            f"({error})",
-        ) from error
     except Exception as error:
         raise ExportRefused(
             "tokenizer_unavailable", f"could not load tokenizer {name!r}: {error}"

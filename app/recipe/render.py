@@ -292,6 +292,8 @@ def encode_rendered(
 ) -> list[Encoded]:
     """Encode full renders (one batched call: the tokenizer runs them in parallel) and map
     every turn's character span onto whole tokens."""
+    if not rendered:
+        return []
     batch = tokenizer(
         [r.text for r in rendered],
         add_special_tokens=False,

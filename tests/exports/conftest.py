@@ -23,7 +23,6 @@ from app.exports.builder import build_export, export_path
 from app.jobs import service as job_service
 from app.models import Export, Verdict
 from app.recipe.steps import split_steps
-from tests.chat_tokenizers import build_tokenizer
 from tests.e2e import (  # noqa: F401
     Api,
     api,
@@ -36,15 +35,6 @@ from tests.e2e import (  # noqa: F401
 from tests.helpers import all_trajectory_files
 
 RESOLUTIONS: tuple[bool | None, ...] = (True, False, None)
-
-
-@pytest.fixture(scope="session")
-def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tokenizers")
-    return {
-        name: build_tokenizer(root / name, name)
-        for name in ("chatml", "llama3", "chatml_drops_past_thoughts")
-    }
 
 
 def votes_for(label: str, step: int) -> list[str] | None:
