@@ -9,8 +9,9 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY app ./app
 COPY workers ./workers
 COPY migrations ./migrations
-# Editable, so the migrations folder next to the package is found at run time.
-RUN pip install -e .
+# Editable, so the migrations folder next to the package is found at run time. The export
+# extra (transformers, pyarrow; no torch) lets workers build tokenized exports.
+RUN pip install -e '.[export]' && mkdir -p /data/exports && chown srft /data/exports
 
 USER srft
 EXPOSE 8000

@@ -34,6 +34,16 @@ def test_compose_has_the_whole_stack_with_health_checks() -> None:
         assert depends["redis"]["condition"] == "service_healthy"
 
 
+def test_the_api_serves_the_exports_the_workers_write() -> None:
+    compose = _compose()
+    services = compose["services"]
+    folder = services["api"]["environment"]["SRFT_EXPORT_DIR"]
+    assert services["worker"]["environment"]["SRFT_EXPORT_DIR"] == folder
+    mounts = {name: services[name]["volumes"] for name in ("api", "worker")}
+    assert mounts["api"] == mounts["worker"] == [f"exports:{folder}"]
+    assert "exports" in compose["volumes"]
+
+
 def test_every_compose_command_is_a_real_cli_command() -> None:
     for name, service in _compose()["services"].items():
         command = service.get("command")
