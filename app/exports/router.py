@@ -25,7 +25,7 @@ def create_export(
     body: schemas.ExportCreate, session: SessionDep, project_id: ProjectDep, settings: SettingsDep
 ) -> schemas.ExportOut:
     """Build training shards from the verdicts of finished labeling jobs (by a worker)."""
-    export = export_service.create_export(session, project_id, body, settings)
+    export = export_service.create_export(session, project_id, body)
     session.commit()
     try:
         queue.enqueue_build(settings.broker_url, export.id)

@@ -11,7 +11,6 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from app.config import Settings
 from app.errors import Conflict, NotFound, SrftError
 from app.exports import schemas
 from app.jobs.schemas import Selection
@@ -30,11 +29,8 @@ class InvalidExport(SrftError):
 # ---------------------------------------------------------------------- creation
 
 
-def create_export(
-    session: Session, project_id: uuid.UUID, body: schemas.ExportCreate, settings: Settings
-) -> Export:
+def create_export(session: Session, project_id: uuid.UUID, body: schemas.ExportCreate) -> Export:
     """Check the request against the jobs it names and write the export, queued."""
-    del settings  # limits on exports, when there are any, come from here
     jobs = _jobs(session, project_id, body.job_ids)
     _check_format(body)
     _check_mask_labels(body, jobs)
