@@ -21,7 +21,9 @@ from app.exports.writers.shards import OpenShard, ShardInfo, ShardLimits, publis
 from app.recipe.render import IGNORE_INDEX, TokenRow
 
 ROW_GROUP_ROWS = 256
-ROW_GROUP_TOKENS = 8 * 1024 * 1024
+# Row groups of ~2M tokens: small enough to keep the writer's buffer (Python lists) modest,
+# large enough for fast column reads.
+ROW_GROUP_TOKENS = 2 * 1024 * 1024
 
 
 def schema(soft: bool) -> pa.Schema:
