@@ -8,6 +8,7 @@ labeling pipeline that produces them is tested end to end in tests/jobs.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,8 +61,13 @@ class Corpus:
         export_id = response.json()["id"]
         settings = self.api.settings.model_copy(update={"export_processes": processes})
         build_export(self.api.database, settings, uuid.UUID(export_id))
-        state: dict[str, Any] = self.api.get(f"/v1/exports/{export_id}").json()
-        return state
+        # A worker process of the module (if one runs) may have claimed it first.
+        deadline = time.monotonic() + 120
+        while True:
+            state: dict[str, Any] = self.api.get(f"/v1/exports/{export_id}").json()
+            if state["status"] in ("completed", "failed") or time.monotonic() > deadline:
+                return state
+            time.sleep(0.1)
 
     def path(self, export: dict[str, Any]) -> Path:
         with self.api.database.transaction() as session:

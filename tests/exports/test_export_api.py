@@ -209,34 +209,3 @@ def test_a_worker_process_builds_the_export(
         result = pull_export(client, export["id"], tmp_path)
     assert result.files == len(export["manifest"]["shards"])
     assert verify_directory(tmp_path) == []
-
-
-def test_an_export_whose_worker_died_is_taken_over_and_rebuilt(corpus: Corpus) -> None:
-    """A worker killed mid-export leaves a `running` row with a stopped heartbeat and a
-    half-written building folder: the sweeper re-enqueues it, the next worker claims it,
-    removes the leftovers and publishes a complete export."""
-    from app.exports import service as export_service
-    from app.exports.builder import build_export, building_root
-
-    response = corpus.api.post("/v1/exports", json={"job_ids": [corpus.job_id]})
-    export_id = uuid.UUID(response.json()["id"])
-    settings = corpus.api.settings
-    with corpus.api.database.transaction() as session:
-        token = export_service.claim(session, export_id, settings.stale_after_s)
-        assert token is not None
-        # A second claim while the first is alive gets nothing.
-        assert export_service.claim(session, export_id, settings.stale_after_s) is None
-    leftover = building_root(settings) / f"{export_id}-{token}"
-    (leftover / "data").mkdir(parents=True)
-    (leftover / "data" / "half.jsonl").write_text('{"messages": [')
-
-    assert build_export(corpus.api.database, settings, export_id) is None  # still claimed
-    later = settings.model_copy(update={"stale_after_s": 0.0})
-    with corpus.api.database.transaction() as session:
-        assert export_id in export_service.sweep(session, later.stale_after_s)
-    assert build_export(corpus.api.database, later, export_id) == "completed"
-    assert not leftover.exists()
-    export = corpus.api.get(f"/v1/exports/{export_id}").json()
-    assert export["status"] == "completed"
-    names = {p.name for p in (corpus.path(export) / "data").iterdir()}
-    assert names == {Path(s["path"]).name for s in export["manifest"]["shards"]}

@@ -5,6 +5,8 @@ under test), and masked steps still present in the rows' context."""
 from __future__ import annotations
 
 import json
+import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -221,3 +223,40 @@ def test_prm_rows_label_each_step_as_the_policy_trains_it(corpus: Corpus) -> Non
             assert row["completions"][0].startswith(first["content"])
         task = next(m for m in detail["messages"] if m["role"] == "user")
         assert task["content"] in row["prompt"]
+
+
+def test_an_export_whose_worker_died_is_taken_over_and_rebuilt(corpus: Corpus) -> None:
+    """A worker killed mid-export leaves a `running` row with a stopped heartbeat and a
+    half-written building folder: the sweeper re-enqueues it, the next worker claims it,
+    removes the leftovers and publishes a complete export."""
+    from app.exports import service as export_service
+    from app.exports.builder import build_export, building_root
+    from app.exports.schemas import ExportCreate
+    from app.models import Job
+
+    settings = corpus.api.settings
+    with corpus.api.database.transaction() as session:
+        # Written but not queued: no other worker may pick it up behind the test's back.
+        job = session.get(Job, uuid.UUID(corpus.job_id))
+        assert job is not None
+        body = ExportCreate(job_ids=[job.id])
+        export_id = export_service.create_export(session, job.project_id, body).id
+    with corpus.api.database.transaction() as session:
+        token = export_service.claim(session, export_id, settings.stale_after_s)
+        assert token is not None
+        # A second claim while the first is alive gets nothing.
+        assert export_service.claim(session, export_id, settings.stale_after_s) is None
+    leftover = building_root(settings) / f"{export_id}-{token}"
+    (leftover / "data").mkdir(parents=True)
+    (leftover / "data" / "half.jsonl").write_text('{"messages": [')
+
+    assert build_export(corpus.api.database, settings, export_id) is None  # still claimed
+    later = settings.model_copy(update={"stale_after_s": 0.0})
+    with corpus.api.database.transaction() as session:
+        assert export_id in export_service.sweep(session, later.stale_after_s)
+    assert build_export(corpus.api.database, later, export_id) == "completed"
+    assert not leftover.exists()
+    export = corpus.api.get(f"/v1/exports/{export_id}").json()
+    assert export["status"] == "completed"
+    names = {p.name for p in (corpus.path(export) / "data").iterdir()}
+    assert names == {Path(s["path"]).name for s in export["manifest"]["shards"]}
