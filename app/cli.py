@@ -501,6 +501,89 @@ def pull(
         _pull(client, export_id, directory)
 
 
+@app.command()
+def train(
+    data: Annotated[
+        str | None, typer.Option(help="Export folder (as `srft pull` writes it) or manifest.")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Base model: hub id or path.")] = None,
+    output: Annotated[str | None, typer.Option(help="Checkpoints, metrics, final model.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML or JSON with any options.")] = None,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="For openai_jsonl exports; default: the model's.")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the data.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    lr_schedule: Annotated[str | None, typer.Option(help="cosine, linear or constant.")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps.")] = None,
+    tokens_per_micro_batch: Annotated[int | None, typer.Option(help="Token budget.")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per step.")] = None,
+    max_seq_len: Annotated[int | None, typer.Option(help="Longest row, in tokens.")] = None,
+    packing: Annotated[bool | None, typer.Option("--packing/--no-packing")] = None,
+    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16")] = None,
+    gradient_checkpointing: Annotated[
+        bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")
+    ] = None,
+    fsdp: Annotated[bool | None, typer.Option("--fsdp/--no-fsdp", help="Shard (FSDP2).")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    eval_fraction: Annotated[float | None, typer.Option(help="Held-out share of rows.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps.")] = None,
+    save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
+    log_every: Annotated[int | None, typer.Option(help="Log every N steps.")] = None,
+    resume: Annotated[
+        bool | None, typer.Option("--resume", help="Continue from the latest checkpoint.")
+    ] = None,
+) -> None:
+    """Fine-tune a causal LM on an export with step-masked loss (needs the `train` extra)."""
+    from app.logs import configure_logging
+
+    try:
+        from app.training.config import TrainConfig
+        from app.training.data import DataError
+        from app.training.trainer import train as run_training
+    except ImportError as error:
+        typer.echo(f"srft train needs the train extra: pip install 'srft[train]' ({error})")
+        raise typer.Exit(2) from error
+    configure_logging("INFO")
+    overrides = {
+        "data": data,
+        "model": model,
+        "output": output,
+        "tokenizer": tokenizer,
+        "max_steps": max_steps,
+        "epochs": epochs,
+        "lr": lr,
+        "lr_schedule": lr_schedule,
+        "warmup_steps": warmup_steps,
+        "tokens_per_micro_batch": tokens_per_micro_batch,
+        "grad_accum": grad_accum,
+        "max_seq_len": max_seq_len,
+        "packing": packing,
+        "bf16": bf16,
+        "gradient_checkpointing": gradient_checkpointing,
+        "fsdp": fsdp,
+        "seed": seed,
+        "eval_fraction": eval_fraction,
+        "eval_every": eval_every,
+        "save_every": save_every,
+        "log_every": log_every,
+        "resume": resume,
+    }
+    try:
+        settings = TrainConfig.load(config, overrides)
+        result = run_training(settings)
+    except (ValueError, DataError) as error:
+        typer.echo(f"srft train: {error}", err=True)
+        raise typer.Exit(2) from error
+    state = "stopped (SIGTERM; --resume continues)" if result.stopped_early else "done"
+    last = f"{result.losses[-1]:.4f}" if result.losses else "-"
+    typer.echo(
+        f"{state} at step {result.steps}: loss {last}; trained-token fraction "
+        f"{result.trained_token_fraction:.3f}; output in {result.output}"
+    )
+
+
 def _describe_error(response: object) -> str:
     import httpx
 
