@@ -52,13 +52,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizers: dict[str, Pa
 def short_ids(corpus: Corpus) -> list[str]:  # noqa: F811
     """The six shortest runs with a masked step: quick to train on, and masks to test."""
     masked = {
-        tid
-        for (tid, _), v in corpus.verdicts(corpus.job_id).items()
-        if v["label"] == "mistake"
+        tid for (tid, _), v in corpus.verdicts(corpus.job_id).items() if v["label"] == "mistake"
     }
-    by_size = sorted(
-        (len(str(d["messages"])), tid) for tid, d in corpus.trajectories.items()
-    )
+    by_size = sorted((len(str(d["messages"])), tid) for tid, d in corpus.trajectories.items())
     chosen = [tid for _, tid in by_size if tid in masked][:3]
     chosen += [tid for _, tid in by_size if tid not in chosen][:3]
     return chosen
