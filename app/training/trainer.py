@@ -290,8 +290,9 @@ def train(
             cursor,
             dist,
         )
+        final_state = _full_model_state(model, config, dist)  # collective under FSDP
         if dist.main:
-            model.save_pretrained(output / "final")
+            model.save_pretrained(output / "final", state_dict=final_state)
             try:
                 AutoTokenizer.from_pretrained(tokenizer_name).save_pretrained(output / "final")
             except (OSError, ValueError):
@@ -408,18 +409,16 @@ def _save(
         gathered: list[Any] = [None] * dist.world
         torch.distributed.all_gather_object(gathered, rngs[0])
         rngs = gathered
+    model_state = _full_model_state(model, config, dist)
     if config.fsdp and dist.world > 1:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
-            get_model_state_dict,
             get_optimizer_state_dict,
         )
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = get_model_state_dict(model, options=options)
         optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
     else:
-        model_state = None
         optimizer_state = optimizer.state_dict()
     if not dist.main:
         return
@@ -439,6 +438,20 @@ def _save(
         path / STATE,
     )
     (path / "srft_train_config.json").write_text(json.dumps(config.as_dict(), indent=2))
+
+
+def _full_model_state(
+    model: torch.nn.Module, config: TrainConfig, dist: Distributed
+) -> dict[str, Any] | None:
+    """Under FSDP the parameters are shards: gather full ones (every rank must call this).
+    Otherwise None: save_pretrained reads the model itself."""
+    if not (config.fsdp and dist.world > 1):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state: dict[str, Any] = get_model_state_dict(model, options=options)
+    return state
 
 
 def _progress_bar(total: int, start: int) -> Any:
