@@ -176,9 +176,8 @@ def train(
         wrapped.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
 
-    per_epoch = math.ceil(
-        len(epoch_batches(train_rows, config, 0)) / (config.grad_accum * dist.world)
-    )
+    per_step = config.grad_accum * dist.world
+    per_epoch = math.ceil(len(epoch_batches(train_rows, config, 0)) / per_step)
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total))
     step, epoch, cursor = 0, 0, 0
@@ -213,10 +212,10 @@ def train(
     try:
         while step < total:
             group: list[list[int]] = []
-            while len(group) < config.grad_accum * dist.world:
+            # Always a full group, crossing into the next epoch if need be: every rank must
+            # run the same number of forward/backward passes (DDP and FSDP synchronise them).
+            while len(group) < per_step:
                 if cursor >= len(batches):
-                    if group:
-                        break
                     epoch, cursor = epoch + 1, 0
                     batches = epoch_batches(train_rows, config, epoch)
                 group.append(batches[cursor])
