@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/labeling.py
 	$(BIN)/python bench/export.py
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache var

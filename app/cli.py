@@ -526,6 +526,9 @@ def train(
         bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")
     ] = None,
     fsdp: Annotated[bool | None, typer.Option("--fsdp/--no-fsdp", help="Shard (FSDP2).")] = None,
+    attn_implementation: Annotated[
+        str | None, typer.Option(help="sdpa, eager, flash_attention_2 (packing on GPU)...")
+    ] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     eval_fraction: Annotated[float | None, typer.Option(help="Held-out share of rows.")] = None,
     eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps.")] = None,

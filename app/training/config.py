@@ -30,6 +30,10 @@ class TrainConfig:
     bf16: bool = False
     gradient_checkpointing: bool = False
     fsdp: bool = False  # with torchrun / accelerate launch: shard (FSDP2) instead of DDP
+    # The model's attention kernel (transformers' attn_implementation). With packing,
+    # "flash_attention_2" (GPU) attends within each row only; the default (sdpa/eager) builds
+    # a dense block-diagonal mask and pays for the whole pack (bench/train.py).
+    attn_implementation: str | None = None
     seed: int = 0
     eval_fraction: float = 0.0
     eval_every: int = 0  # optimizer steps; 0 = at the end only (if there is an eval split)

@@ -166,7 +166,10 @@ def train(
     checkpoint = latest_checkpoint(output) if config.resume else None
     source = str(checkpoint / "model") if checkpoint else config.model
     dtype = torch.bfloat16 if config.bf16 else torch.float32
-    model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    extra: dict[str, Any] = {}
+    if config.attn_implementation:
+        extra["attn_implementation"] = config.attn_implementation
+    model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
     model = model.to(device)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
