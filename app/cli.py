@@ -566,6 +566,7 @@ def train(
         "bf16": bf16,
         "gradient_checkpointing": gradient_checkpointing,
         "fsdp": fsdp,
+        "attn_implementation": attn_implementation,
         "seed": seed,
         "eval_fraction": eval_fraction,
         "eval_every": eval_every,
