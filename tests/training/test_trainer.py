@@ -266,6 +266,8 @@ def test_the_cli_trains_and_writes_metrics(
             "--max-steps",
             "2",
             "--no-packing",
+            "--attn-implementation",
+            "eager",
         ],
         capture_output=True,
         text=True,
@@ -277,4 +279,5 @@ def test_the_cli_trains_and_writes_metrics(
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
     saved = json.loads((tmp_path / "out" / "final" / "srft_train_config.json").read_text())
     assert saved["packing"] is False
+    assert saved["attn_implementation"] == "eager"
     assert saved["lr"] == 0.003
