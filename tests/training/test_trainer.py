@@ -135,7 +135,7 @@ def test_loss_is_the_mean_over_trained_tokens_of_the_whole_accumulated_batch(
         per_batch.append(float(terms.detach().mean()))
     assert trained == count
     by_hand = total / count
-    assert loss == pytest.approx(float(by_hand), rel=1e-6)
+    assert loss == pytest.approx(float(by_hand.detach()), rel=1e-6)
     # Not the mean of the two micro-batch means: that would over-weight the short one.
     assert loss != pytest.approx(sum(per_batch) / 2, rel=1e-3)
     by_hand.float().backward()
