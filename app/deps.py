@@ -42,6 +42,15 @@ def get_project_id(
     return auth_service.authenticate(session, authorization)
 
 
+def get_caller(
+    session: Annotated[Session, Depends(get_session)],
+    authorization: Annotated[str | None, Header()] = None,
+) -> auth_service.Caller:
+    key = auth_service.authenticate_key(session, authorization)
+    return auth_service.Caller(key.project_id, key.name)
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
+CallerDep = Annotated[auth_service.Caller, Depends(get_caller)]
 ProjectDep = Annotated[uuid.UUID, Depends(get_project_id)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

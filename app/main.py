@@ -20,6 +20,7 @@ from app.db import Database
 from app.errors import SrftError
 from app.exports.router import router as exports_router
 from app.jobs.router import router as jobs_router
+from app.review.router import router as review_router
 from app.trajectories.router import router as trajectories_router
 from app.trajectories.router import uploads_router
 
@@ -101,6 +102,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     app.include_router(uploads_router)
     app.include_router(jobs_router)
     app.include_router(exports_router)
+    app.include_router(review_router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

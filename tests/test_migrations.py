@@ -12,7 +12,17 @@ from sqlalchemy import create_engine, inspect, text
 from app.db import downgrade_database, upgrade_database
 from app.models import Base
 
-TABLES = {"projects", "api_keys", "uploads", "trajectories", "steps", "jobs", "verdicts", "exports"}
+TABLES = {
+    "projects",
+    "api_keys",
+    "uploads",
+    "trajectories",
+    "steps",
+    "jobs",
+    "verdicts",
+    "exports",
+    "human_labels",
+}
 
 
 def _schema_diff(url: str) -> list[object]:

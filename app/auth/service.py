@@ -61,8 +61,21 @@ def bootstrap(session: Session, key: str | None = None) -> NewKey | None:
     return create_key(session, "bootstrap", key=key)
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the key's project, and the key's name (recorded as an author)."""
+
+    project_id: uuid.UUID
+    name: str
+
+
 def authenticate(session: Session, authorization: str | None) -> uuid.UUID:
     """The project id for an `Authorization: Bearer <key>` header, or 401."""
+    return authenticate_key(session, authorization).project_id
+
+
+def authenticate_key(session: Session, authorization: str | None) -> ApiKey:
+    """The API key row for an `Authorization: Bearer <key>` header, or 401."""
     if not authorization:
         raise Unauthorized(
             "missing API key: send 'Authorization: Bearer <key>'", location="header.Authorization"
@@ -73,11 +86,9 @@ def authenticate(session: Session, authorization: str | None) -> uuid.UUID:
             "malformed Authorization header: expected 'Bearer <key>'",
             location="header.Authorization",
         )
-    project_id = session.scalar(
-        select(ApiKey.project_id).where(
-            ApiKey.key_hash == hash_key(key.strip()), ApiKey.revoked_at.is_(None)
-        )
+    found = session.scalar(
+        select(ApiKey).where(ApiKey.key_hash == hash_key(key.strip()), ApiKey.revoked_at.is_(None))
     )
-    if project_id is None:
+    if found is None:
         raise Unauthorized("invalid or revoked API key", location="header.Authorization")
-    return project_id
+    return found

@@ -16,6 +16,7 @@ from app.exports import schemas
 from app.jobs.schemas import Selection
 from app.models import Export, Job, Step, Trajectory, Verdict, utcnow
 from app.recipe.masking import StepLabel
+from app.review import service as review_service
 
 TERMINAL = ("completed", "failed")
 JOB_FINISHED = ("completed", "failed", "cancelled")
@@ -378,8 +379,8 @@ class Source:
 def load_sources(
     session: Session, ids: Sequence[uuid.UUID], job_ids: Sequence[str]
 ) -> list[Source]:
-    """Trajectories with their steps and, per step, the verdict of the last listed job that
-    has one (`job_ids` order: a later job overrides an earlier one)."""
+    """Trajectories with their steps and, per step, its human label if a reviewer set one,
+    else the verdict of the last listed job that has one (a later job overrides an earlier)."""
     rank = {uuid.UUID(str(j)): n for n, j in enumerate(job_ids)}
     trajectories = {
         t.id: t for t in session.scalars(select(Trajectory).where(Trajectory.id.in_(list(ids))))
@@ -410,6 +411,9 @@ def load_sources(
         if key not in chosen or chosen[key][0] < order:
             votes = tuple(verdict.vote_labels or ())
             chosen[key] = (order, StepLabel(verdict.label, votes if len(votes) > 1 else ()))
+    # A reviewer's label wins over any critic verdict for the same step.
+    for (trajectory_id, step), human in review_service.labels_of(session, ids).items():
+        chosen[(trajectory_id, step)] = (len(rank), StepLabel(human.label, (), "human"))
     sources: list[Source] = []
     for trajectory_id in ids:
         t = trajectories[trajectory_id]

@@ -4,12 +4,14 @@ from app.models.base import Base, new_id, utcnow
 from app.models.export import Export
 from app.models.job import Job, Verdict
 from app.models.project import ApiKey, Project
+from app.models.review import HumanLabel
 from app.models.trajectory import Step, Trajectory, Upload
 
 __all__ = [
     "ApiKey",
     "Base",
     "Export",
+    "HumanLabel",
     "Job",
     "Project",
     "Step",

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response, status
 from app.deps import ProjectDep, SessionDep, SettingsDep
 from app.errors import PayloadTooLarge
 from app.jobs import service as job_service
+from app.review import service as review_service
 from app.trajectories import schemas
 from app.trajectories import service as trajectory_service
 
@@ -117,10 +118,14 @@ def get_trajectory(
     trajectory = trajectory_service.get_trajectory(session, project_id, trajectory_id)
     out = schemas.TrajectoryOut.model_validate(trajectory)
     verdicts = job_service.verdicts_by_step(session, trajectory.id)
+    humans = review_service.labels_of(session, [trajectory.id])
     for step in out.steps:
         step.verdicts = [
             schemas.StepVerdict.model_validate(v) for v in verdicts.get(step.index, [])
         ]
+        human = humans.get((trajectory.id, step.index))
+        if human is not None:
+            step.human_label = schemas.HumanLabelView.model_validate(human)
     return out
 
 

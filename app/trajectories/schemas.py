@@ -48,6 +48,18 @@ class StepOut(BaseModel):
     action: str | None = Field(description="A readable form of the step's tool call(s).")
     tool_names: list[str]
     verdicts: list[StepVerdict] = Field(default_factory=list)
+    human_label: HumanLabelView | None = Field(
+        default=None, description="A reviewer's label, which exports prefer to verdicts."
+    )
+
+
+class HumanLabelView(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    label: str
+    note: str | None
+    author: str
+    updated_at: datetime
 
 
 class TrajectorySummary(BaseModel):

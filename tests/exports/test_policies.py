@@ -260,3 +260,38 @@ def test_an_export_whose_worker_died_is_taken_over_and_rebuilt(corpus: Corpus) -
     assert export["status"] == "completed"
     names = {p.name for p in (corpus.path(export) / "data").iterdir()}
     assert names == {Path(s["path"]).name for s in export["manifest"]["shards"]}
+
+
+def test_human_labels_win_over_verdicts_and_are_counted(corpus: Corpus) -> None:
+    labels = _labels(corpus, [corpus.job_id])
+    tid = next(
+        t
+        for t, d in corpus.trajectories.items()
+        if d["resolved"] is not True
+        and d["num_steps"] >= 3
+        and labels.get((t, 0)) != "mistake"
+        and labels.get((t, 1)) == "good"
+    )
+    url = f"/v1/trajectories/{tid}/steps/{{}}/human_label"
+    headers = corpus.api.headers
+    for step, label in ((0, "mistake"), (1, "unnecessary")):
+        response = corpus.api.client.put(url.format(step), json={"label": label}, headers=headers)
+        assert response.status_code == 200, response.text
+    try:
+        export = corpus.export({"job_ids": [corpus.job_id], "policy": "srft"})
+        labels[(tid, 0)] = "mistake"
+        labels[(tid, 1)] = "unnecessary"
+        got = {
+            _owner(corpus, row)["id"]: [
+                m["weight"] for m in row["messages"] if m["role"] == "assistant"
+            ]
+            for row in _rows(corpus, export)
+        }
+        expected = expected_weights("srft", corpus.trajectories[tid], labels, {"mistake"})
+        assert got[tid] == expected
+        assert got[tid][0] == 0
+        assert got[tid][1] == 1
+        assert export["manifest"]["counts"]["steps"]["steps_by_source"]["human"] == 2
+    finally:
+        for step in (0, 1):
+            corpus.api.client.delete(url.format(step), headers=headers)

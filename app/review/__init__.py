@@ -1,0 +1,1 @@
+"""Review: human labels on steps, critic evaluation against them, and the review pages."""
