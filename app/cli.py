@@ -588,6 +588,58 @@ def train(
     )
 
 
+@app.command()
+def evaluate(
+    job_id: Annotated[str, typer.Argument(help="The labeling job to score.")],
+    mask_label: Annotated[
+        list[str] | None,
+        typer.Option("--mask-label", help="Label that masks a step (repeatable; default mistake)."),
+    ] = None,
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = "",
+) -> None:
+    """Score a job's critic against the human labels: per label, masked vs trained, confusion."""
+    import httpx
+
+    _require_key(api_key)
+    # Only the scores are printed: one disagreement is the smallest page.
+    params: dict[str, str | list[str]] = {"limit": "1", "mask_labels": mask_label or []}
+    with httpx.Client(
+        base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=120
+    ) as client:
+        response = client.get(f"/v1/jobs/{job_id}/evaluation", params=params)
+    if response.status_code != 200:
+        typer.echo(f"could not evaluate the job: {_describe_error(response)}", err=True)
+        raise typer.Exit(1)
+    result = response.json()
+    typer.echo(
+        f"{result['compared']} steps with both a verdict and a human label; "
+        f"accuracy {result['accuracy']:.3f}, macro F1 {result['macro_f1']:.3f}"
+    )
+    width = max([len("label")] + [len(s["label"]) for s in result["per_label"]])
+    typer.echo(f"{'label':<{width}}  precision  recall     f1  support")
+    for score in result["per_label"]:
+        typer.echo(
+            f"{score['label']:<{width}}  {score['precision']:9.3f}  {score['recall']:6.3f}  "
+            f"{score['f1']:5.3f}  {score['support']:7d}"
+        )
+    masked = result["masked_vs_trained"]
+    counts = masked["counts"]
+    typer.echo(
+        f"masked ({', '.join(masked['mask_labels'])}) vs trained: precision "
+        f"{masked['precision']:.3f}, recall {masked['recall']:.3f}, F1 {masked['f1']:.3f} "
+        f"(TP {counts['true_positive']}, FP {counts['false_positive']}, "
+        f"FN {counts['false_negative']}, TN {counts['true_negative']})"
+    )
+    confusion = result["confusion"]
+    labels = confusion["labels"]
+    cell = max([6] + [len(label) for label in labels])
+    typer.echo("confusion (rows: human, columns: critic):")
+    typer.echo(" " * (width + 2) + "".join(f"{label:>{cell + 1}}" for label in labels))
+    for label, row in zip(labels, confusion["matrix"], strict=True):
+        typer.echo(f"{label:<{width}}  " + "".join(f"{n:>{cell + 1}d}" for n in row))
+
+
 def _describe_error(response: object) -> str:
     import httpx
 

@@ -20,7 +20,10 @@ from app.db import Database
 from app.errors import SrftError
 from app.exports.router import router as exports_router
 from app.jobs.router import router as jobs_router
+from app.metrics import router as metrics_router
+from app.review.evaluation_router import router as evaluation_router
 from app.review.router import router as review_router
+from app.review.ui import router as review_ui_router
 from app.trajectories.router import router as trajectories_router
 from app.trajectories.router import uploads_router
 
@@ -103,6 +106,9 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     app.include_router(jobs_router)
     app.include_router(exports_router)
     app.include_router(review_router)
+    app.include_router(review_ui_router)
+    app.include_router(evaluation_router)
+    app.include_router(metrics_router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

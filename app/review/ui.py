@@ -1,0 +1,489 @@
+"""The review UI: server-rendered pages over jobs, trajectories and steps, behind the API keys.
+
+A page accepts `Authorization: Bearer <key>` or the `srft_ui_key` cookie that `POST /ui/login`
+sets (the key itself, HttpOnly, SameSite=Strict, path /ui). Without a valid key every page is
+the key prompt, never data. Everything from a trajectory is escaped by Jinja2's autoescape.
+The label endpoints here authenticate the same way, so the page's script needs no key.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, cast
+from urllib.parse import parse_qs
+
+import jinja2
+from fastapi import APIRouter, Depends, Query, Request, Response, status
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session, load_only
+
+from app.auth import service as auth_service
+from app.deps import SessionDep
+from app.errors import NotFound, SrftError, Unauthorized
+from app.jobs import service as job_service
+from app.models import HumanLabel, Job, Trajectory, Verdict
+from app.recipe.masking import POLICIES, Policy, PolicyOptions, StepLabel, decide
+from app.review import schemas
+from app.review import service as review_service
+from app.trajectories import service as trajectory_service
+
+router = APIRouter(prefix="/ui", tags=["ui"], include_in_schema=False)
+
+COOKIE = "srft_ui_key"
+OPEN_STATUSES = frozenset({"queued", "running"})
+REFRESH_S = 3
+MAX_JOBS = 100
+MAX_JOB_TRAJECTORIES = 500
+# Observations longer than this are collapsed; the full text stays in the page.
+LONG_TEXT_CHARS = 1500
+LONG_TEXT_LINES = 25
+_PACKAGE = Path(__file__).resolve().parent.parent
+STATIC_DIR = _PACKAGE / "static"
+STATIC_FILES = {"review.js": "text/javascript", "review.css": "text/css"}
+# Scripts and styles only from our own files: even a value that escaped escaping runs nothing.
+_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+templates = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(_PACKAGE / "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+)
+
+
+class BadRequest(SrftError):
+    status_code = 400
+    code = "bad_request"
+
+
+# ---------------------------------------------------------------------- authentication
+
+
+def _key_caller(session: Session, request: Request) -> auth_service.Caller | None:
+    """The caller named by the Authorization header, else by the cookie; None if neither."""
+    authorization = request.headers.get("authorization")
+    if not authorization and request.cookies.get(COOKIE):
+        authorization = f"Bearer {request.cookies[COOKIE]}"
+    if not authorization:
+        return None
+    try:
+        key = auth_service.authenticate_key(session, authorization)
+    except Unauthorized:
+        return None
+    return auth_service.Caller(key.project_id, key.name)
+
+
+def get_ui_caller(request: Request, session: SessionDep) -> auth_service.Caller | None:
+    return _key_caller(session, request)
+
+
+UiCallerDep = Annotated[auth_service.Caller | None, Depends(get_ui_caller)]
+
+
+def require_ui_caller(request: Request, session: SessionDep) -> auth_service.Caller:
+    caller = _key_caller(session, request)
+    if caller is None:
+        raise Unauthorized("sign in at /ui/ or send 'Authorization: Bearer <key>'")
+    return caller
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """An urlencoded form body (the only kind the login form sends)."""
+    body = (await request.body()).decode("utf-8", errors="replace")
+    return {name: values[0] for name, values in parse_qs(body).items() if values}
+
+
+# ---------------------------------------------------------------------- rendering
+
+
+def _page(name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    html = templates.get_template(name).render(**context)
+    return HTMLResponse(html, status_code=status_code, headers=_HEADERS)
+
+
+def _prompt(error: str | None = None, status_code: int = 401) -> HTMLResponse:
+    return _page("login.html", status_code, error=error, signed_in=False)
+
+
+def _not_found(message: str) -> HTMLResponse:
+    return _page("not_found.html", 404, message=message, signed_in=True)
+
+
+def _uuid(raw: str, what: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise NotFound(f"{what} {raw} not found") from None
+
+
+def message_text(content: Any) -> str:
+    """A message's content as plain text: strings as they are, content parts joined."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts: list[str] = []
+        for part in content:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif isinstance(part, str):
+                parts.append(part)
+            else:
+                parts.append(repr(part))
+        return "\n".join(parts)
+    return repr(content)
+
+
+def is_long(text: str) -> bool:
+    return len(text) > LONG_TEXT_CHARS or text.count("\n") > LONG_TEXT_LINES
+
+
+# ---------------------------------------------------------------------- labels per step
+
+
+@dataclass
+class StepView:
+    index: int
+    thought: str
+    action: str | None
+    tool_names: list[str]
+    observations: list[tuple[str, str]]  # (role, text)
+    label: str | None = None
+    source: str = "none"  # "human" | "critic" | "none"
+    verdict: Verdict | None = None
+    human: HumanLabel | None = None
+    outcome: str = "trained"
+    weight: float = 1.0
+    other_verdicts: list[Verdict] = field(default_factory=list)
+
+    @property
+    def low_agreement(self) -> bool:
+        agreement = self.verdict.agreement if self.verdict is not None else None
+        return agreement is not None and agreement < 1
+
+    @property
+    def votes(self) -> tuple[str, ...]:
+        votes = tuple(self.verdict.vote_labels or ()) if self.verdict is not None else ()
+        return votes if len(votes) > 1 else ()
+
+
+def _chosen_verdict(verdicts: list[Verdict], job_id: uuid.UUID | None) -> Verdict | None:
+    """The verdict of the chosen job if it has a finished one, else the latest done one."""
+    if job_id is not None:
+        for verdict in verdicts:
+            if verdict.job_id == job_id:
+                return verdict
+    done = [v for v in verdicts if v.status == "done"]
+    return done[-1] if done else None
+
+
+def _step_label(human: HumanLabel | None, verdict: Verdict | None) -> StepLabel:
+    if human is not None:
+        return StepLabel(human.label, (), "human")
+    if verdict is not None and verdict.status == "done" and verdict.label is not None:
+        votes = tuple(verdict.vote_labels or ())
+        return StepLabel(verdict.label, votes if len(votes) > 1 else ())
+    return StepLabel(None, (), "none")
+
+
+def _options(policy: str, mask: list[str]) -> tuple[Policy, PolicyOptions]:
+    if policy not in POLICIES:
+        raise BadRequest(
+            f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}",
+            location="query.policy",
+        )
+    names = {name.strip() for raw in mask for name in raw.split(",") if name.strip()}
+    return cast(Policy, policy), PolicyOptions(mask_labels=frozenset(names))
+
+
+# ---------------------------------------------------------------------- sign-in
+
+
+@router.get("/", response_class=HTMLResponse)
+def prompt(caller: UiCallerDep) -> Response:
+    """The key prompt; a signed-in reviewer goes on to the jobs."""
+    if caller is not None:
+        return RedirectResponse("/ui/jobs", status_code=status.HTTP_303_SEE_OTHER)
+    return _prompt(status_code=200)
+
+
+@router.post("/login", response_class=HTMLResponse)
+def login(
+    request: Request, session: SessionDep, form: Annotated[dict[str, str], Depends(_form)]
+) -> Response:
+    """Check the key and keep it in an HttpOnly, SameSite=Strict cookie."""
+    key = form.get("key", "").strip()
+    if not key:
+        return _prompt("enter an API key")
+    try:
+        auth_service.authenticate_key(session, f"Bearer {key}")
+    except Unauthorized:
+        return _prompt("invalid or revoked API key")
+    response = RedirectResponse("/ui/jobs", status_code=status.HTTP_303_SEE_OTHER)
+    response.set_cookie(
+        COOKIE,
+        key,
+        path="/ui",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+    return response
+
+
+@router.post("/logout")
+def logout() -> Response:
+    """Forget the key."""
+    response = RedirectResponse("/ui/", status_code=status.HTTP_303_SEE_OTHER)
+    response.delete_cookie(COOKIE, path="/ui", httponly=True, samesite="strict")
+    return response
+
+
+@router.get("/static/{name}")
+def static_file(name: str) -> Response:
+    """The page's script and stylesheet."""
+    if name not in STATIC_FILES:
+        return Response(status_code=404)
+    return FileResponse(
+        STATIC_DIR / name,
+        media_type=STATIC_FILES[name],
+        headers={"X-Content-Type-Options": "nosniff"},
+    )
+
+
+# ---------------------------------------------------------------------- pages
+
+
+@router.get("/jobs", response_class=HTMLResponse)
+def jobs_page(session: SessionDep, caller: UiCallerDep) -> Response:
+    """The project's jobs, newest first, with progress, labels and usage."""
+    if caller is None:
+        return _prompt()
+    jobs = session.scalars(
+        select(Job)
+        .where(Job.project_id == caller.project_id)
+        .order_by(Job.created_at.desc(), Job.id.desc())
+        .limit(MAX_JOBS)
+    ).all()
+    described = [job_service.describe(session, job) for job in jobs]
+    refresh = any(job.status in OPEN_STATUSES for job in described)
+    return _page(
+        "jobs.html",
+        jobs=described,
+        refresh=REFRESH_S if refresh else None,
+        caller=caller,
+        signed_in=True,
+        max_jobs=MAX_JOBS,
+    )
+
+
+@router.get("/jobs/{job_id}", response_class=HTMLResponse)
+def job_page(
+    job_id: str,
+    session: SessionDep,
+    caller: UiCallerDep,
+    policy: str = "srft",
+    mask: Annotated[list[str], Query()] = ["mistake"],  # noqa: B006 (FastAPI copies it)
+) -> Response:
+    """A job's summary and its trajectories, with the steps each masks under the policy."""
+    if caller is None:
+        return _prompt()
+    try:
+        job = job_service.get_job(session, caller.project_id, _uuid(job_id, "job"))
+        chosen_policy, options = _options(policy, mask)
+    except NotFound as exc:
+        return _not_found(exc.message)
+    except BadRequest as exc:
+        return _page("not_found.html", 400, message=exc.message, signed_in=True)
+    summary = job_service.describe(session, job)
+
+    rows = session.execute(
+        select(Verdict.trajectory_id, Verdict.step_index, Verdict.status, Verdict.label)
+        .where(Verdict.job_id == job.id)
+        .order_by(Verdict.trajectory_id, Verdict.step_index)
+    ).all()
+    by_trajectory: dict[uuid.UUID, dict[int, StepLabel]] = defaultdict(dict)
+    statuses: dict[uuid.UUID, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for row in rows:
+        done = row.status == "done" and row.label is not None
+        by_trajectory[row.trajectory_id][row.step_index] = (
+            StepLabel(row.label) if done else StepLabel(None, (), "none")
+        )
+        statuses[row.trajectory_id][row.status] += 1
+    ids = list(by_trajectory)[:MAX_JOB_TRAJECTORIES]
+    trajectories = {
+        t.id: t
+        for t in session.scalars(
+            select(Trajectory)
+            .options(
+                load_only(
+                    Trajectory.id, Trajectory.task_id, Trajectory.resolved, Trajectory.num_steps
+                )
+            )
+            .where(Trajectory.id.in_(ids))
+        )
+    }
+    humans = review_service.labels_of(session, ids)
+    listed: list[dict[str, Any]] = []
+    for trajectory_id in ids:
+        trajectory = trajectories[trajectory_id]
+        labels = [
+            StepLabel(humans[(trajectory_id, k)].label, (), "human")
+            if (trajectory_id, k) in humans
+            else by_trajectory[trajectory_id].get(k, StepLabel(None, (), "none"))
+            for k in range(trajectory.num_steps)
+        ]
+        decision = decide(chosen_policy, trajectory.resolved, labels, options)
+        listed.append(
+            {
+                "id": trajectory_id,
+                "task_id": trajectory.task_id,
+                "resolved": trajectory.resolved,
+                "steps": trajectory.num_steps,
+                "trained": sum(1 for s in decision.steps if s.outcome == "trained"),
+                "masked": sum(1 for s in decision.steps if s.outcome == "masked"),
+                "cut": sum(1 for s in decision.steps if s.outcome == "cut"),
+                "human": sum(1 for label in labels if label.source == "human"),
+                "kept": decision.kept,
+                "drop_reason": decision.drop_reason,
+                "statuses": dict(statuses[trajectory_id]),
+            }
+        )
+    return _page(
+        "job.html",
+        job=summary,
+        trajectories=listed,
+        hidden=max(0, len(by_trajectory) - len(ids)),
+        policy=chosen_policy,
+        policies=POLICIES,
+        mask=sorted(options.mask_labels),
+        labels=review_service.known_labels(session, caller.project_id),
+        refresh=REFRESH_S if summary.status in OPEN_STATUSES else None,
+        signed_in=True,
+    )
+
+
+@router.get("/trajectories/{trajectory_id}", response_class=HTMLResponse)
+def trajectory_page(
+    trajectory_id: str,
+    session: SessionDep,
+    caller: UiCallerDep,
+    job: str | None = None,
+    policy: str = "srft",
+    mask: Annotated[list[str], Query()] = ["mistake"],  # noqa: B006 (FastAPI copies it)
+) -> Response:
+    """Every step of a trajectory as a card: text, label, reason, and the export preview."""
+    if caller is None:
+        return _prompt()
+    try:
+        trajectory = trajectory_service.get_trajectory(
+            session, caller.project_id, _uuid(trajectory_id, "trajectory")
+        )
+        job_row = (
+            job_service.get_job(session, caller.project_id, _uuid(job, "job")) if job else None
+        )
+        chosen_policy, options = _options(policy, mask)
+    except NotFound as exc:
+        return _not_found(exc.message)
+    except BadRequest as exc:
+        return _page("not_found.html", 400, message=exc.message, signed_in=True)
+
+    job_id = job_row.id if job_row is not None else None
+    verdicts = job_service.verdicts_by_step(session, trajectory.id)
+    humans = review_service.labels_of(session, [trajectory.id])
+    messages = trajectory.messages
+    steps: list[StepView] = []
+    for step in trajectory.steps:
+        assistant = messages[step.message_index]
+        view = StepView(
+            index=step.index,
+            thought=message_text(assistant.get("content")),
+            action=step.action,
+            tool_names=list(step.tool_names),
+            observations=[
+                (str(messages[i].get("role")), message_text(messages[i].get("content")))
+                for i in step.observation_indices
+            ],
+        )
+        all_verdicts = verdicts.get(step.index, [])
+        view.verdict = _chosen_verdict(all_verdicts, job_id)
+        view.other_verdicts = [v for v in all_verdicts if v is not view.verdict]
+        view.human = humans.get((trajectory.id, step.index))
+        steps.append(view)
+    labels = [_step_label(view.human, view.verdict) for view in steps]
+    decision = decide(chosen_policy, trajectory.resolved, labels, options)
+    for view, label, decided in zip(steps, labels, decision.steps, strict=True):
+        view.label, view.source = label.label, label.source
+        view.outcome, view.weight = decided.outcome, decided.weight
+
+    task = next((message_text(m.get("content")) for m in messages if m.get("role") == "user"), "")
+    return _page(
+        "trajectory.html",
+        trajectory=trajectory,
+        task=task,
+        steps=steps,
+        decision=decision,
+        job_id=job_id,
+        policy=chosen_policy,
+        policies=POLICIES,
+        mask=sorted(options.mask_labels),
+        labels=review_service.known_labels(session, caller.project_id),
+        is_long=is_long,
+        signed_in=True,
+    )
+
+
+# ---------------------------------------------------------------------- label endpoints
+
+
+@router.post(
+    "/trajectories/{trajectory_id}/steps/{step_index}/label",
+    response_model=schemas.HumanLabelOut,
+)
+def post_label(
+    trajectory_id: uuid.UUID,
+    step_index: int,
+    body: schemas.HumanLabelIn,
+    session: SessionDep,
+    caller: Annotated[auth_service.Caller, Depends(require_ui_caller)],
+) -> schemas.HumanLabelOut:
+    """Set a step's human label from the page (authenticated by the cookie)."""
+    found = review_service.set_label(
+        session,
+        caller.project_id,
+        trajectory_id,
+        step_index,
+        label=body.label,
+        note=body.note,
+        author=caller.name,
+    )
+    session.commit()
+    return schemas.HumanLabelOut.model_validate(found)
+
+
+@router.delete(
+    "/trajectories/{trajectory_id}/steps/{step_index}/label",
+    status_code=status.HTTP_204_NO_CONTENT,
+)
+def delete_label(
+    trajectory_id: uuid.UUID,
+    step_index: int,
+    session: SessionDep,
+    caller: Annotated[auth_service.Caller, Depends(require_ui_caller)],
+) -> Response:
+    """Remove a step's human label from the page."""
+    review_service.remove_label(session, caller.project_id, trajectory_id, step_index)
+    session.commit()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,273 @@
+"""The review UI over HTTP: the key prompt guards every page, pages show only the caller's
+project, trajectory text is escaped, the export preview follows the policy, and the page's
+label endpoints work with the cookie and only with it."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from app.jobs import service as job_service
+from app.models import Verdict
+from app.review.ui import COOKIE
+from tests.builders import make_trajectory
+from tests.conftest import Caller
+
+PLANTED = "<script>alert(1)</script>"
+
+
+def _trajectory(steps: int = 3, *, salt: str = "") -> dict[str, Any]:
+    item = make_trajectory(steps, resolved=False, salt=salt)
+    item["messages"][3]["content"] = f"output {PLANTED} & more"  # step 0's observation
+    return item
+
+
+def _upload(client: TestClient, caller: Caller, body: dict[str, Any]) -> str:
+    response = client.post("/v1/trajectories", json=body, headers=caller.headers)
+    assert response.status_code == 201, response.text
+    trajectory_id: str = response.json()["trajectories"][0]["id"]
+    return trajectory_id
+
+
+def _labeled_job(
+    client: TestClient, session: Session, caller: Caller, trajectory_id: str, labels: list[str]
+) -> str:
+    """A job over one trajectory whose verdicts are written as the critic would."""
+    job = client.post(
+        "/v1/jobs", json={"selection": {"trajectory_ids": [trajectory_id]}}, headers=caller.headers
+    )
+    assert job.status_code == 202, job.text
+    job_id: str = job.json()["id"]
+    for step, label in enumerate(labels):
+        session.execute(
+            update(Verdict)
+            .where(Verdict.job_id == uuid.UUID(job_id), Verdict.step_index == step)
+            .values(
+                status="done",
+                label=label,
+                reason=f"critic says {label} <b>bold</b>",
+                agreement=1.0 if step else 0.5,
+                vote_labels=[label, "good"] if step == 0 else [label],
+                prompt_tokens=7,
+            )
+        )
+    job_service.finish_if_done(session, uuid.UUID(job_id))  # closes it once every step is done
+    session.flush()
+    return job_id
+
+
+def _signed_in(client: TestClient, caller: Caller) -> None:
+    response = client.post("/ui/login", data={"key": caller.key}, follow_redirects=False)
+    assert response.status_code == 303
+    client.cookies.set(COOKIE, caller.key)
+
+
+def _badges(html: str) -> list[str]:
+    marker = 'data-testid="badge">'
+    return [part.split("<", 1)[0] for part in html.split(marker)[1:]]
+
+
+@pytest.fixture
+def stored(client: TestClient, session: Session, caller: Caller) -> tuple[str, str]:
+    trajectory_id = _upload(client, caller, _trajectory())
+    job_id = _labeled_job(client, session, caller, trajectory_id, ["good", "good", "mistake"])
+    return trajectory_id, job_id
+
+
+def test_without_a_key_every_page_is_the_prompt(
+    client: TestClient, stored: tuple[str, str]
+) -> None:
+    trajectory_id, job_id = stored
+    for path in ("/ui/jobs", f"/ui/jobs/{job_id}", f"/ui/trajectories/{trajectory_id}"):
+        response = client.get(path)
+        assert response.status_code == 401, path
+        assert 'action="/ui/login"' in response.text
+        assert trajectory_id not in response.text
+        assert job_id not in response.text
+    first = client.get("/ui/")
+    assert first.status_code == 200
+    assert 'name="key"' in first.text
+
+
+def test_a_bad_key_shows_the_prompt_with_an_error(
+    client: TestClient, stored: tuple[str, str]
+) -> None:
+    response = client.post("/ui/login", data={"key": "srft_not-a-key"}, follow_redirects=False)
+    assert response.status_code == 401
+    assert "invalid or revoked API key" in response.text
+    assert COOKIE not in response.headers.get("set-cookie", "")
+    client.cookies.set(COOKIE, "srft_not-a-key")
+    forged = client.get("/ui/jobs")
+    assert forged.status_code == 401
+    assert stored[1] not in forged.text
+
+
+def test_login_sets_an_httponly_strict_cookie_and_logout_clears_it(
+    client: TestClient, caller: Caller, stored: tuple[str, str]
+) -> None:
+    response = client.post("/ui/login", data={"key": caller.key}, follow_redirects=False)
+    assert response.status_code == 303
+    assert response.headers["location"] == "/ui/jobs"
+    cookie = response.headers["set-cookie"]
+    assert cookie.startswith(f"{COOKIE}={caller.key};")
+    assert "HttpOnly" in cookie
+    assert "SameSite=strict" in cookie
+    assert "Path=/ui" in cookie
+    assert "Secure" not in cookie  # plain http here; https requests get a secure cookie
+    client.cookies.set(COOKIE, caller.key)
+    jobs = client.get("/ui/jobs")
+    assert jobs.status_code == 200
+    assert stored[1] in jobs.text
+    assert "script-src 'self'" in jobs.headers["content-security-policy"]
+    out = client.post("/ui/logout", follow_redirects=False)
+    assert out.status_code == 303
+    assert f'{COOKIE}=""' in out.headers["set-cookie"]
+
+
+def test_a_bearer_header_works_like_the_cookie(
+    client: TestClient, caller: Caller, stored: tuple[str, str]
+) -> None:
+    response = client.get("/ui/jobs", headers=caller.headers)
+    assert response.status_code == 200
+    assert stored[1] in response.text
+
+
+def test_jobs_lists_only_the_callers_jobs_newest_first(
+    client: TestClient,
+    session: Session,
+    caller: Caller,
+    other_caller: Caller,
+    stored: tuple[str, str],
+) -> None:
+    _, first_job = stored
+    second = _upload(client, caller, _trajectory(2, salt="second"))
+    second_job = _labeled_job(client, session, caller, second, ["good"])  # one step left open
+    foreign = _upload(client, other_caller, _trajectory(2, salt="other"))
+    foreign_job = _labeled_job(client, session, other_caller, foreign, ["mistake", "good"])
+
+    _signed_in(client, caller)
+    html = client.get("/ui/jobs").text
+    assert first_job in html
+    assert second_job in html
+    assert foreign_job not in html
+    assert html.index(second_job) < html.index(first_job)
+    assert 'http-equiv="refresh"' in html  # the second job is still queued
+    assert '<progress value="3" max="3">' in html
+    assert '<progress value="1" max="2">' in html
+    assert "mistake 1" in html  # the first job's histogram
+    assert "21 in / 0 out" in html  # its token usage
+
+
+def test_another_projects_job_and_trajectory_are_404_pages(
+    client: TestClient, other_caller: Caller, stored: tuple[str, str]
+) -> None:
+    trajectory_id, job_id = stored
+    _signed_in(client, other_caller)
+    for path in (
+        f"/ui/jobs/{job_id}",
+        f"/ui/trajectories/{trajectory_id}",
+        f"/ui/trajectories/{uuid.uuid4()}",
+        "/ui/jobs/not-a-uuid",
+    ):
+        response = client.get(path)
+        assert response.status_code == 404, path
+        assert "Not found" in response.text
+        assert "output" not in response.text
+        assert "critic says" not in response.text
+    # Nor may the job of another project choose the verdicts shown on one's own trajectory.
+    own = _upload(client, other_caller, _trajectory(2, salt="own"))
+    assert client.get(f"/ui/trajectories/{own}?job={job_id}").status_code == 404
+
+
+def test_the_job_page_lists_its_trajectories_with_masked_counts(
+    client: TestClient, caller: Caller, stored: tuple[str, str]
+) -> None:
+    trajectory_id, job_id = stored
+    _signed_in(client, caller)
+    html = client.get(f"/ui/jobs/{job_id}").text
+    assert f"/ui/trajectories/{trajectory_id}?job={job_id}&amp;policy=srft&amp;mask=mistake" in html
+    assert '<td class="masked-count">1</td>' in html
+    sft = client.get(f"/ui/jobs/{job_id}", params={"policy": "sft"}).text
+    assert '<td class="masked-count">0</td>' in sft
+
+
+def test_trajectory_text_is_escaped(
+    client: TestClient, caller: Caller, stored: tuple[str, str]
+) -> None:
+    trajectory_id, job_id = stored
+    _signed_in(client, caller)
+    response = client.get(f"/ui/trajectories/{trajectory_id}", params={"job": job_id})
+    assert response.status_code == 200
+    html = response.text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; more" in html
+    assert "<script>alert(1)" not in html
+    assert "critic says good &lt;b&gt;bold&lt;/b&gt;" in html
+    assert "fix the bug" in html  # the task
+    assert "bash(ls 1)" in html  # the tool call
+    assert "agreement 50% (good, good)" in html
+
+
+def test_the_preview_badge_follows_the_policy_and_the_human_label(
+    client: TestClient, caller: Caller, stored: tuple[str, str]
+) -> None:
+    trajectory_id, job_id = stored
+    _signed_in(client, caller)
+    page = f"/ui/trajectories/{trajectory_id}"
+    assert _badges(client.get(page, params={"job": job_id}).text) == [
+        "trained",
+        "trained",
+        "masked",
+    ]
+    prefix = client.get(page, params={"job": job_id, "policy": "prefix"}).text
+    assert _badges(prefix) == ["trained", "trained", "cut"]
+
+    labeled = client.post(f"{page}/steps/0/label", json={"label": "mistake", "note": "<i>n</i>"})
+    assert labeled.status_code == 200, labeled.text
+    assert labeled.json()["author"] == "tests"
+    srft = client.get(page, params={"job": job_id, "policy": "srft"}).text
+    assert _badges(srft) == ["masked", "trained", "masked"]
+    assert 'data-testid="human-label">mistake<' in srft
+    assert "&lt;i&gt;n&lt;/i&gt;" in srft
+    sft = client.get(page, params={"job": job_id, "policy": "sft"}).text
+    assert _badges(sft) == ["trained", "trained", "trained"]
+    # prefix ends the row before the first masked step: here nothing is left to train.
+    prefix = client.get(page, params={"job": job_id, "policy": "prefix"}).text
+    assert _badges(prefix) == ["cut", "cut", "cut"]
+    assert "dropped from the export (too_few_trained_steps)" in prefix
+    none_masked = client.get(page, params={"job": job_id, "mask": "unnecessary"}).text
+    assert _badges(none_masked) == ["trained", "trained", "trained"]
+    bad = client.get(page, params={"policy": "everything"})
+    assert bad.status_code == 400
+    assert "unknown policy" in bad.text
+
+
+def test_label_endpoints_work_with_the_cookie_and_refuse_without_it(
+    client: TestClient, caller: Caller, other_caller: Caller, stored: tuple[str, str]
+) -> None:
+    trajectory_id, _ = stored
+    url = f"/ui/trajectories/{trajectory_id}/steps/1/label"
+    assert client.post(url, json={"label": "mistake"}).status_code == 401
+    assert client.delete(url).status_code == 401
+    client.cookies.set(COOKIE, "srft_nope")
+    forged = client.post(url, json={"label": "mistake"})
+    assert forged.status_code == 401
+
+    _signed_in(client, caller)
+    assert client.post(url, json={"label": "recover", "note": None}).status_code == 200
+    detail = client.get(f"/v1/trajectories/{trajectory_id}", headers=caller.headers).json()
+    assert detail["steps"][1]["human_label"]["label"] == "recover"
+    unknown = client.post(url, json={"label": "meh"})
+    assert unknown.status_code == 422
+    assert unknown.json()["error"]["code"] == "unknown_label"
+    assert client.delete(url).status_code == 204
+    detail = client.get(f"/v1/trajectories/{trajectory_id}", headers=caller.headers).json()
+    assert detail["steps"][1]["human_label"] is None
+
+    client.cookies.set(COOKIE, other_caller.key)
+    assert client.post(url, json={"label": "good"}).status_code == 404
+    assert client.delete(url).status_code == 404
