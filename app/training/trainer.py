@@ -212,6 +212,20 @@ def train(
     losses: list[float] = []
     bar = _progress_bar(total, step) if progress and dist.main else None
     batches = epoch_batches(train_rows, config, epoch)
+
+    def save_checkpoint() -> None:
+        _save(
+            output / f"checkpoint-{step}",
+            model,
+            optimizer,
+            scheduler,
+            config,
+            step,
+            epoch,
+            cursor,
+            dist,
+        )
+
     try:
         while step < total:
             group: list[list[int]] = []
@@ -266,32 +280,12 @@ def train(
                 _evaluate(wrapped, eval_rows, config, dist, device, step, metrics_path)
             stopping = stop.requested or (stop_after is not None and step >= stop_after)
             if stopping or (config.save_every and step % config.save_every == 0):
-                _save(
-                    output / f"checkpoint-{step}",
-                    model,
-                    optimizer,
-                    scheduler,
-                    config,
-                    step,
-                    epoch,
-                    cursor,
-                    dist,
-                )
+                save_checkpoint()
             if stopping:
                 return TrainResult(step, losses, output, True, trained_fraction)
         if eval_rows:
             _evaluate(wrapped, eval_rows, config, dist, device, step, metrics_path)
-        _save(
-            output / f"checkpoint-{step}",
-            model,
-            optimizer,
-            scheduler,
-            config,
-            step,
-            epoch,
-            cursor,
-            dist,
-        )
+        save_checkpoint()
         final_state = _full_model_state(model, config, dist)  # collective under FSDP
         if dist.main:
             model.save_pretrained(output / "final", state_dict=final_state)
