@@ -33,6 +33,8 @@ from app.recipe.render import SpanStats, template_hash
 
 log = logging.getLogger("srft.exports")
 
+# At most this long between heartbeats, and never more than a third of the stale timeout, so
+# a live builder is never taken for a dead one.
 HEARTBEAT_S = 10.0
 MANIFEST = "manifest.json"
 MAX_LISTED = 20
@@ -134,15 +136,18 @@ def _remove_stale_building(settings: Settings, export_id: uuid.UUID) -> None:
 
 
 class _Heartbeat:
-    def __init__(self, database: Database, export_id: uuid.UUID, token: str) -> None:
+    def __init__(
+        self, database: Database, export_id: uuid.UUID, token: str, stale_after_s: float
+    ) -> None:
         self.database = database
         self.export_id = export_id
         self.token = token
+        self.interval = min(HEARTBEAT_S, stale_after_s / 3)
         self.last = 0.0
 
     def beat(self, done: int, total: int, *, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self.last < HEARTBEAT_S:
+        if not force and now - self.last < self.interval:
             return
         self.last = now
         with self.database.transaction() as session:
@@ -170,7 +175,7 @@ def _build(
         raise ExportRefused("no_trajectories", "the jobs' selections match no trajectory")
     if config.get("seed") is not None:
         random.Random(config["seed"]).shuffle(ids)
-    heartbeat = _Heartbeat(database, export.id, token)
+    heartbeat = _Heartbeat(database, export.id, token, settings.stale_after_s)
     heartbeat.beat(0, len(ids), force=True)
 
     building.mkdir(parents=True, exist_ok=False)
