@@ -132,15 +132,13 @@ def loss_sum(logits: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
     """Sum of cross-entropy over the trained targets (times their soft weights, if any):
     position t predicts token t + 1."""
     targets = batch.labels[:, 1:]
-    scores = logits[:, :-1, :].float()
-    ce = functional.cross_entropy(
-        scores.reshape(-1, scores.shape[-1]),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    )
+    # Only the positions with a target, upcast: the float32 copy of a whole micro-batch's
+    # logits (tokens x vocabulary) would dwarf everything else on the GPU.
+    keep = targets != IGNORE_INDEX
+    scores = logits[:, :-1, :][keep].float()
+    ce = functional.cross_entropy(scores, targets[keep], reduction="none")
     if batch.weights is not None:
-        ce = ce * batch.weights[:, 1:].reshape(-1)
+        ce = ce * batch.weights[:, 1:][keep]
     return ce.sum()
 
 
