@@ -281,3 +281,22 @@ def test_the_cli_trains_and_writes_metrics(
     assert saved["packing"] is False
     assert saved["attn_implementation"] == "eager"
     assert saved["lr"] == 0.003
+
+
+def test_no_packed_row_learns_from_the_row_before_it(model_dir: Path) -> None:
+    """Even a row whose first token carries a label: in a pack nothing predicts it, as
+    nothing does when the row is alone."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in (40, 55, 30):
+        ids = rng.integers(10, 3000, size=n).astype(np.int64)
+        rows.append(Row(f"r{n}", ids, ids.copy(), None))  # every label set, the first too
+    model = _model(model_dir).eval()
+    with torch.no_grad():
+        packed = collate(rows, packing=True)
+        together = float(loss_sum(forward(model, packed), packed))
+        alone = sum(
+            float(loss_sum(forward(model, b), b)) for b in (collate([r], True) for r in rows)
+        )
+    assert packed.num_trained == sum(len(r.input_ids) - 1 for r in rows)
+    assert together == pytest.approx(alone, rel=1e-5)
