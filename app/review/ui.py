@@ -27,6 +27,7 @@ from app.errors import NotFound, SrftError, Unauthorized
 from app.jobs import service as job_service
 from app.models import HumanLabel, Job, Trajectory, Verdict
 from app.recipe.masking import POLICIES, Policy, PolicyOptions, StepLabel, decide
+from app.review import router as review_api
 from app.review import schemas
 from app.review import service as review_service
 from app.trajectories import service as trajectory_service
@@ -460,17 +461,7 @@ def post_label(
     caller: Annotated[auth_service.Caller, Depends(require_ui_caller)],
 ) -> schemas.HumanLabelOut:
     """Set a step's human label from the page (authenticated by the cookie)."""
-    found = review_service.set_label(
-        session,
-        caller.project_id,
-        trajectory_id,
-        step_index,
-        label=body.label,
-        note=body.note,
-        author=caller.name,
-    )
-    session.commit()
-    return schemas.HumanLabelOut.model_validate(found)
+    return review_api.put_human_label(trajectory_id, step_index, body, session, caller)
 
 
 @router.delete(
@@ -484,6 +475,4 @@ def delete_label(
     caller: Annotated[auth_service.Caller, Depends(require_ui_caller)],
 ) -> Response:
     """Remove a step's human label from the page."""
-    review_service.remove_label(session, caller.project_id, trajectory_id, step_index)
-    session.commit()
-    return Response(status_code=status.HTTP_204_NO_CONTENT)
+    return review_api.delete_human_label(trajectory_id, step_index, session, caller)
