@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -21,7 +22,10 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db",
     )
     broker_url: str = "memory://localhost/"
+    # Request bodies: trajectory uploads may be large; every other body is a small JSON (or
+    # form) control body. A body past its limit is refused with 413 before it is read further.
     max_upload_bytes: int = 64 * MiB
+    max_body_bytes: int = 256 * 1024
     # A key to create for project `default` on first start instead of a random one (for
     # deployments that provision secrets up front). Never stored in clear.
     bootstrap_api_key: str | None = None
@@ -58,8 +62,18 @@ class Settings(BaseSettings):
     # Exports: files under this folder (published atomically from a `.building` folder on the
     # same filesystem). Tokenizing runs in this many processes (0: one per core).
     export_dir: Path = Path("var") / "exports"
+    # Directories an export's `tokenizer` may name a local path under (separated by the OS path
+    # separator, ':' on Linux). Empty: tokenizers are Hugging Face Hub ids only, never paths.
+    tokenizer_dirs: str = ""
     export_processes: int = 0
     export_batch_size: int = 32
+
+    # The review UI's sign-in: a server-side session (the cookie holds only its random id) that
+    # expires after this long and that sign-out revokes. `cookie_secure`: mark the cookie
+    # Secure; None = only when the request itself came over https (behind a TLS-terminating
+    # proxy, set it to true, or run uvicorn with --proxy-headers).
+    ui_session_ttl_s: int = 12 * 3600
+    cookie_secure: bool | None = None
 
     @property
     def embedded_worker(self) -> bool:
@@ -69,6 +83,15 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def tokenizer_roots(self) -> list[Path]:
+        """`tokenizer_dirs` as absolute paths, symlinks resolved."""
+        return [
+            Path(part).expanduser().resolve()
+            for part in self.tokenizer_dirs.split(os.pathsep)
+            if part.strip()
+        ]
 
 
 @lru_cache

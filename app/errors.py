@@ -94,3 +94,25 @@ class Conflict(SrftError):
 class UnsupportedMediaType(SrftError):
     status_code = 415
     code = "unsupported_media_type"
+
+
+class Forbidden(SrftError):
+    status_code = 403
+    code = "forbidden"
+
+
+class InvalidCursor(SrftError):
+    status_code = 422
+    code = "invalid_cursor"
+
+
+class RangeNotSatisfiable(SrftError):
+    status_code = 416
+    code = "range_not_satisfiable"
+
+
+class DatabaseUnavailable(SrftError):
+    """The database cannot be reached right now; the same request may succeed shortly."""
+
+    status_code = 503
+    code = "database_unavailable"
