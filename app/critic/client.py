@@ -12,6 +12,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -52,12 +53,17 @@ def _retry_after(headers: Any) -> float | None:
     seconds = headers.get("retry-after")
     try:
         if milliseconds is not None:
-            return max(0.0, float(milliseconds) / 1000)
-        if seconds is not None:
-            return max(0.0, float(seconds))
+            wait = float(milliseconds) / 1000
+        elif seconds is not None:
+            wait = float(seconds)
+        else:
+            return None
     except ValueError:
         return None  # an HTTP date: rare from LLM endpoints; fall back to our backoff
-    return None
+    if not math.isfinite(wait):
+        return None
+    # A server may say anything; no one call waits longer than this before trying again.
+    return min(max(0.0, wait), MAX_RETRY_AFTER_S)
 
 
 _dumps = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -122,6 +128,8 @@ class RequestEncoder:
 
 # Connections per SDK client (see `CriticClient`).
 CONNECTIONS_PER_CLIENT = 8
+# The longest wait a Retry-After header can ask for; longer (or infinite) asks are capped.
+MAX_RETRY_AFTER_S = 600.0
 
 
 class CriticClient:

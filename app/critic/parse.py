@@ -198,8 +198,11 @@ def _index(entry: dict[str, Any], where: str) -> int:
         return raw
     if isinstance(raw, float) and raw.is_integer():
         return int(raw)
-    if isinstance(raw, str) and raw.strip().isdigit():
-        return int(raw.strip())
+    # isascii: str.isdigit() also accepts digits such as "²" that int() refuses; no step
+    # number has more than 18 digits, and int() refuses thousands.
+    text = raw.strip() if isinstance(raw, str) else ""
+    if text.isascii() and text.isdigit() and len(text) <= 18:
+        return int(text)
     raise CriticAnswerError(f"{where}: the index must be a step number, got {raw!r}")
 
 

@@ -100,9 +100,11 @@ def failure_signal(observation: str | None) -> str | None:
         if pattern.search(observation):
             return what
     for match in _EXIT_CODE.finditer(observation):
-        code = int(match.group(1) or match.group(2))
-        if code != 0:
-            return f"exit code {code}"
+        digits = match.group(1) or match.group(2)
+        # Any non-zero code fails; a code of thousands of digits is non-zero too, and too long
+        # for int() to read.
+        if digits.lstrip("-").strip("0"):
+            return f"exit code {digits[:20]}"
     return None
 
 

@@ -162,3 +162,9 @@ def test_bad_step_answers_say_what_is_wrong(text: str, message: str) -> None:
     with pytest.raises(CriticAnswerError) as caught:
         parse_step_answer(text, 7, DEFAULT_LABELS)
     assert str(caught.value).startswith(message)
+
+
+@pytest.mark.parametrize("index", ["²", "٣", "9" * 5000, "1" * 19])
+def test_an_index_int_cannot_read_is_a_bad_answer_not_a_crash(index: str) -> None:
+    with pytest.raises(CriticAnswerError, match="step number"):
+        parse_trajectory_answer(answer(entry(index)), [3], DEFAULT_LABELS)

@@ -269,3 +269,16 @@ def test_real_runs_get_the_labels_their_outputs_call_for() -> None:
         for i in range(len(verdicts) - 1)
         if verdicts[i].outcome is Outcome.MISTAKE and verdicts[i + 1].index == verdicts[i].index + 1
     )
+
+
+@pytest.mark.parametrize(
+    ("observation", "signal"),
+    [
+        ("<returncode>" + "9" * 5000 + "</returncode>", "exit code " + "9" * 20),
+        ("exit code -" + "1" * 5000, "exit code -" + "1" * 19),
+    ],
+)
+def test_exit_codes_of_any_length_are_read(observation: str, signal: str) -> None:
+    # int() refuses more than 4,300 digits; a failure is still a failure.
+    assert rules.failure_signal(observation) == signal
+    assert rules.failure_signal("<returncode>" + "0" * 5000 + "</returncode>") is None
