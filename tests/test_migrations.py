@@ -22,6 +22,7 @@ TABLES = {
     "verdicts",
     "exports",
     "human_labels",
+    "ui_sessions",
 }
 
 

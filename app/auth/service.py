@@ -1,4 +1,8 @@
-"""Projects and API keys. A key is shown once at creation; only its sha256 is stored."""
+"""Projects, API keys and review UI sessions.
+
+A key is shown once at creation; only its sha256 is stored. A review UI session is the same
+idea for the browser: its random token lives in the cookie, its sha256 in `ui_sessions`.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,13 @@ import hashlib
 import secrets
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from app.errors import Unauthorized
-from app.models import ApiKey, Project
+from app.models import ApiKey, Project, UiSession, utcnow
 
 KEY_PREFIX = "srft_"
 DEFAULT_PROJECT = "default"
@@ -92,3 +97,53 @@ def authenticate_key(session: Session, authorization: str | None) -> ApiKey:
     if found is None:
         raise Unauthorized("invalid or revoked API key", location="header.Authorization")
     return found
+
+
+def start_ui_session(session: Session, key: ApiKey, ttl_s: int) -> str:
+    """Open a review UI session for `key` that lasts `ttl_s` seconds; return its token, in
+    clear this once."""
+    now = utcnow()
+    # The key's sessions that expired without being presented again go now.
+    session.execute(
+        delete(UiSession).where(UiSession.api_key_id == key.id, UiSession.expires_at <= now)
+    )
+    token = secrets.token_urlsafe(32)
+    session.add(
+        UiSession(
+            api_key_id=key.id,
+            token_hash=hash_key(token),
+            created_at=now,
+            expires_at=now + timedelta(seconds=ttl_s),
+        )
+    )
+    session.flush()
+    return token
+
+
+def ui_session_key(session: Session, token: str) -> ApiKey | None:
+    """The API key of the live session with this token, else None. A session that expired or
+    whose key was revoked is deleted here."""
+    found = session.execute(
+        select(UiSession, ApiKey)
+        .join(ApiKey, UiSession.api_key_id == ApiKey.id)
+        .where(UiSession.token_hash == hash_key(token))
+    ).first()
+    if found is None:
+        return None
+    ui_session, key = found
+    if key.revoked_at is not None or _as_utc(ui_session.expires_at) <= utcnow():
+        session.delete(ui_session)
+        session.flush()
+        return None
+    return key
+
+
+def end_ui_session(session: Session, token: str) -> None:
+    """Delete the session with this token (sign-out): the cookie no longer signs anyone in."""
+    session.execute(delete(UiSession).where(UiSession.token_hash == hash_key(token)))
+    session.flush()
+
+
+def _as_utc(value: datetime) -> datetime:
+    # SQLite hands back the stored UTC time without its zone.
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)

@@ -5,6 +5,7 @@ from app.models.export import Export
 from app.models.job import Job, Verdict
 from app.models.project import ApiKey, Project
 from app.models.review import HumanLabel
+from app.models.session import UiSession
 from app.models.trajectory import Step, Trajectory, Upload
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "Project",
     "Step",
     "Trajectory",
+    "UiSession",
     "Upload",
     "Verdict",
     "new_id",

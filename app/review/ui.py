@@ -1,9 +1,12 @@
 """The review UI: server-rendered pages over jobs, trajectories and steps, behind the API keys.
 
-A page accepts `Authorization: Bearer <key>` or the `srft_ui_key` cookie that `POST /ui/login`
-sets (the key itself, HttpOnly, SameSite=Strict, path /ui). Without a valid key every page is
-the key prompt, never data. Everything from a trajectory is escaped by Jinja2's autoescape.
-The label endpoints here authenticate the same way, so the page's script needs no key.
+A page accepts `Authorization: Bearer <key>` or the `srft_ui_session` cookie that
+`POST /ui/login` sets: the random token of a server-side session (never the key), HttpOnly,
+SameSite=Strict, path /ui, expiring with the session; `POST /ui/logout` deletes the session.
+Without a valid key or session every page is the key prompt, never data. Everything from a
+trajectory is escaped by Jinja2's autoescape. The label endpoints here authenticate the same
+way, so the page's script needs no key. Every state-changing request from another origin is
+refused (`refuse_cross_origin`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, cast
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import jinja2
 from fastapi import APIRouter, Depends, Query, Request, Response, status
@@ -22,8 +25,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, load_only
 
 from app.auth import service as auth_service
-from app.deps import SessionDep
-from app.errors import NotFound, SrftError, Unauthorized
+from app.config import Settings
+from app.deps import SessionDep, SettingsDep
+from app.errors import Forbidden, NotFound, SrftError, Unauthorized
 from app.jobs import service as job_service
 from app.models import HumanLabel, Job, Trajectory, Verdict
 from app.recipe.masking import POLICIES, Policy, PolicyOptions, StepLabel, decide
@@ -32,9 +36,13 @@ from app.review import schemas
 from app.review import service as review_service
 from app.trajectories import service as trajectory_service
 
-router = APIRouter(prefix="/ui", tags=["ui"], include_in_schema=False)
-
-COOKIE = "srft_ui_key"
+COOKIE = "srft_ui_session"
+# Earlier versions kept the raw API key in this cookie; sign-in and sign-out clear it.
+LEGACY_COOKIE = "srft_ui_key"
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Sec-Fetch-Site values of a request the page itself (or the user, typing a URL) made.
+OWN_FETCH_SITES = frozenset({"same-origin", "none"})
+DEFAULT_PORTS = {"http": 80, "https": 443}
 OPEN_STATUSES = frozenset({"queued", "running"})
 REFRESH_S = 3
 MAX_JOBS = 100
@@ -52,7 +60,9 @@ _HEADERS = {
         "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # No URL leaves for another site; our own forms and fetches keep their Origin (under
+    # no-referrer, browsers send `Origin: null`, which refuse_cross_origin refuses).
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 
@@ -68,21 +78,85 @@ class BadRequest(SrftError):
     code = "bad_request"
 
 
+# ---------------------------------------------------------------------- same origin only
+
+
+def _origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an origin, the default port filled in; None if it is no
+    http(s) origin (`null`, garbage)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+        return None
+    return parts.scheme, parts.hostname, port or DEFAULT_PORTS[parts.scheme]
+
+
+def refuse_cross_origin(request: Request) -> None:
+    """Refuse a state-changing request that a page of another origin made the browser send.
+
+    SameSite=Strict keeps the cookie off cross-site requests, but not off same-site ones
+    (another port or subdomain of the host), and a forged sign-in needs no cookie at all: it
+    would swap the reviewer's session for the attacker's, and later labels would land in the
+    attacker's project. Browsers say where a request comes from in Sec-Fetch-Site and Origin;
+    a request with neither (curl, a script) came from no page and passes.
+    """
+    if request.method not in UNSAFE_METHODS:
+        return
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None and fetch_site not in OWN_FETCH_SITES:
+        raise Forbidden(
+            f"cross-origin request refused: Sec-Fetch-Site is {fetch_site[:40]!r}",
+            location="header.Sec-Fetch-Site",
+        )
+    origin = request.headers.get("origin")
+    # Behind a proxy, request.url is the public address when the proxy passes Host on and
+    # uvicorn trusts its X-Forwarded-Proto (--proxy-headers --forwarded-allow-ips).
+    own = _origin(f"{request.url.scheme}://{request.url.netloc}")
+    if origin is not None and (own is None or _origin(origin) != own):
+        raise Forbidden(
+            f"cross-origin request refused: Origin {origin[:100]!r} is not this site",
+            location="header.Origin",
+        )
+
+
+router = APIRouter(
+    prefix="/ui",
+    tags=["ui"],
+    include_in_schema=False,
+    dependencies=[Depends(refuse_cross_origin)],
+)
+
+
 # ---------------------------------------------------------------------- authentication
 
 
 def _key_caller(session: Session, request: Request) -> auth_service.Caller | None:
-    """The caller named by the Authorization header, else by the cookie; None if neither."""
+    """The caller named by the Authorization header, else by the session cookie; None if
+    neither names a valid key or live session."""
     authorization = request.headers.get("authorization")
-    if not authorization and request.cookies.get(COOKIE):
-        authorization = f"Bearer {request.cookies[COOKIE]}"
-    if not authorization:
+    if authorization:
+        try:
+            key = auth_service.authenticate_key(session, authorization)
+        except Unauthorized:
+            return None
+        return auth_service.Caller(key.project_id, key.name)
+    token = request.cookies.get(COOKIE)
+    if not token:
         return None
-    try:
-        key = auth_service.authenticate_key(session, authorization)
-    except Unauthorized:
+    found = auth_service.ui_session_key(session, token)
+    if found is None:
+        session.commit()  # an expired or revoked session was deleted: keep that
         return None
-    return auth_service.Caller(key.project_id, key.name)
+    return auth_service.Caller(found.project_id, found.name)
+
+
+def _cookie_secure(request: Request, settings: Settings) -> bool:
+    if settings.cookie_secure is not None:
+        return settings.cookie_secure
+    return request.url.scheme == "https"
 
 
 def get_ui_caller(request: Request, session: SessionDep) -> auth_service.Caller | None:
@@ -222,33 +296,50 @@ def prompt(caller: UiCallerDep) -> Response:
 
 @router.post("/login", response_class=HTMLResponse)
 def login(
-    request: Request, session: SessionDep, form: Annotated[dict[str, str], Depends(_form)]
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    form: Annotated[dict[str, str], Depends(_form)],
 ) -> Response:
-    """Check the key and keep it in an HttpOnly, SameSite=Strict cookie."""
+    """Check the key and open a session; the cookie holds only the session's random token."""
     key = form.get("key", "").strip()
     if not key:
         return _prompt("enter an API key")
     try:
-        auth_service.authenticate_key(session, f"Bearer {key}")
+        api_key = auth_service.authenticate_key(session, f"Bearer {key}")
     except Unauthorized:
         return _prompt("invalid or revoked API key")
+    previous = request.cookies.get(COOKIE)
+    if previous:
+        auth_service.end_ui_session(session, previous)
+    token = auth_service.start_ui_session(session, api_key, settings.ui_session_ttl_s)
+    session.commit()
     response = RedirectResponse("/ui/jobs", status_code=status.HTTP_303_SEE_OTHER)
+    secure = _cookie_secure(request, settings)
     response.set_cookie(
         COOKIE,
-        key,
+        token,
+        max_age=settings.ui_session_ttl_s,
         path="/ui",
         httponly=True,
         samesite="strict",
-        secure=request.url.scheme == "https",
+        secure=secure,
     )
+    response.delete_cookie(LEGACY_COOKIE, path="/ui", httponly=True, samesite="strict")
     return response
 
 
 @router.post("/logout")
-def logout() -> Response:
-    """Forget the key."""
+def logout(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
+    """End the session: its cookie no longer signs anyone in, even if replayed."""
+    token = request.cookies.get(COOKIE)
+    if token:
+        auth_service.end_ui_session(session, token)
+        session.commit()
     response = RedirectResponse("/ui/", status_code=status.HTTP_303_SEE_OTHER)
-    response.delete_cookie(COOKIE, path="/ui", httponly=True, samesite="strict")
+    secure = _cookie_secure(request, settings)
+    response.delete_cookie(COOKIE, path="/ui", httponly=True, samesite="strict", secure=secure)
+    response.delete_cookie(LEGACY_COOKIE, path="/ui", httponly=True, samesite="strict")
     return response
 
 

@@ -1,24 +1,34 @@
 """The review UI over HTTP: the key prompt guards every page, pages show only the caller's
 project, trajectory text is escaped, the export preview follows the policy, and the page's
-label endpoints work with the cookie and only with it."""
+label endpoints work with the cookie and only with it. The cookie holds a server-side session
+(never the key) that expires, ends at sign-out or with its key; state-changing requests from
+another origin are refused."""
 
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.auth.service import hash_key
+from app.config import Settings
 from app.jobs import service as job_service
-from app.models import Verdict
+from app.models import ApiKey, HumanLabel, UiSession, Verdict, utcnow
 from app.review.ui import COOKIE
 from tests.builders import make_trajectory
 from tests.conftest import Caller
 
 PLANTED = "<script>alert(1)</script>"
+# What a browser sends with a form or fetch of the page itself (TestClient's host: testserver).
+SAME_ORIGIN = {"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"}
+CROSS_SITE = {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"}
+# Another port of the same host: SameSite=Strict still sends the cookie there.
+SAME_SITE = {"Origin": "http://testserver:8081", "Sec-Fetch-Site": "same-site"}
 
 
 def _trajectory(steps: int = 3, *, salt: str = "") -> dict[str, Any]:
@@ -61,10 +71,25 @@ def _labeled_job(
     return job_id
 
 
-def _signed_in(client: TestClient, caller: Caller) -> None:
-    response = client.post("/ui/login", data={"key": caller.key}, follow_redirects=False)
-    assert response.status_code == 303
-    client.cookies.set(COOKIE, caller.key)
+def _signed_in(client: TestClient, caller: Caller) -> str:
+    """Sign in through the form as the page does; the client keeps the cookie. The token."""
+    client.cookies.clear()
+    response = client.post(
+        "/ui/login", data={"key": caller.key}, headers=SAME_ORIGIN, follow_redirects=False
+    )
+    assert response.status_code == 303, response.text
+    token: str = response.cookies[COOKIE]
+    return token
+
+
+def _sessions(session: Session, caller: Caller) -> list[UiSession]:
+    return list(
+        session.scalars(
+            select(UiSession)
+            .join(ApiKey, UiSession.api_key_id == ApiKey.id)
+            .where(ApiKey.project_id == caller.project_id)
+        )
+    )
 
 
 def _badges(html: str) -> list[str]:
@@ -108,22 +133,23 @@ def test_a_bad_key_shows_the_prompt_with_an_error(
 
 
 def test_login_sets_an_httponly_strict_cookie_and_logout_clears_it(
-    client: TestClient, caller: Caller, stored: tuple[str, str]
+    client: TestClient, caller: Caller, settings: Settings, stored: tuple[str, str]
 ) -> None:
     response = client.post("/ui/login", data={"key": caller.key}, follow_redirects=False)
     assert response.status_code == 303
     assert response.headers["location"] == "/ui/jobs"
-    cookie = response.headers["set-cookie"]
-    assert cookie.startswith(f"{COOKIE}={caller.key};")
+    (cookie,) = [c for c in response.headers.get_list("set-cookie") if c.startswith(COOKIE)]
     assert "HttpOnly" in cookie
     assert "SameSite=strict" in cookie
     assert "Path=/ui" in cookie
+    assert f"Max-Age={settings.ui_session_ttl_s}" in cookie
     assert "Secure" not in cookie  # plain http here; https requests get a secure cookie
-    client.cookies.set(COOKIE, caller.key)
     jobs = client.get("/ui/jobs")
     assert jobs.status_code == 200
     assert stored[1] in jobs.text
     assert "script-src 'self'" in jobs.headers["content-security-policy"]
+    # Not no-referrer: under it browsers send `Origin: null` with the page's own forms.
+    assert jobs.headers["referrer-policy"] == "same-origin"
     out = client.post("/ui/logout", follow_redirects=False)
     assert out.status_code == 303
     assert f'{COOKIE}=""' in out.headers["set-cookie"]
@@ -268,6 +294,203 @@ def test_label_endpoints_work_with_the_cookie_and_refuse_without_it(
     detail = client.get(f"/v1/trajectories/{trajectory_id}", headers=caller.headers).json()
     assert detail["steps"][1]["human_label"] is None
 
-    client.cookies.set(COOKIE, other_caller.key)
+    _signed_in(client, other_caller)
     assert client.post(url, json={"label": "good"}).status_code == 404
     assert client.delete(url).status_code == 404
+
+
+# ---------------------------------------------------------------------- sessions and origins
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        CROSS_SITE,
+        SAME_SITE,
+        {"Origin": "http://evil.example"},
+        {"Origin": "null"},  # a sandboxed frame or a data: page
+        {"Origin": "https://testserver"},  # another scheme is another origin
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+    ],
+)
+def test_a_cross_origin_login_is_refused_and_keeps_the_victims_session(
+    client: TestClient,
+    session: Session,
+    caller: Caller,
+    other_caller: Caller,
+    stored: tuple[str, str],
+    headers: dict[str, str],
+) -> None:
+    token = _signed_in(client, caller)
+    # Another site's page submits a form with the attacker's key (login CSRF).
+    forged = client.post(
+        "/ui/login", data={"key": other_caller.key}, headers=headers, follow_redirects=False
+    )
+    assert forged.status_code == 403
+    assert forged.json()["error"]["code"] == "forbidden"
+    assert "set-cookie" not in forged.headers
+    assert _sessions(session, other_caller) == []
+    assert client.cookies[COOKIE] == token
+    jobs = client.get("/ui/jobs")
+    assert jobs.status_code == 200
+    assert stored[1] in jobs.text  # still the victim's project
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        SAME_ORIGIN,
+        {"Sec-Fetch-Site": "none"},  # typed or bookmarked, no page involved
+        {"Origin": "http://testserver:80"},
+        {},  # curl or a script: no browser, nothing to forge
+    ],
+)
+def test_a_same_origin_login_works(
+    client: TestClient,
+    session: Session,
+    caller: Caller,
+    stored: tuple[str, str],
+    headers: dict[str, str],
+) -> None:
+    response = client.post(
+        "/ui/login", data={"key": caller.key}, headers=headers, follow_redirects=False
+    )
+    assert response.status_code == 303, response.text
+    (row,) = _sessions(session, caller)
+    assert row.token_hash == hash_key(response.cookies[COOKIE])
+    assert stored[1] in client.get("/ui/jobs").text
+
+
+@pytest.mark.parametrize("headers", [CROSS_SITE, SAME_SITE])
+def test_cross_origin_logout_and_label_changes_are_refused(
+    client: TestClient,
+    session: Session,
+    caller: Caller,
+    stored: tuple[str, str],
+    headers: dict[str, str],
+) -> None:
+    trajectory_id, job_id = stored
+    token = _signed_in(client, caller)
+    url = f"/ui/trajectories/{trajectory_id}/steps/1/label"
+    assert client.post(url, json={"label": "recover"}, headers=SAME_ORIGIN).status_code == 200
+
+    out = client.post("/ui/logout", headers=headers, follow_redirects=False)
+    assert out.status_code == 403
+    assert out.json()["error"]["code"] == "forbidden"
+    assert "set-cookie" not in out.headers
+    assert [s.token_hash for s in _sessions(session, caller)] == [hash_key(token)]
+    relabel = client.post(url, json={"label": "mistake"}, headers=headers)
+    assert relabel.status_code == 403
+    assert relabel.json()["error"]["code"] == "forbidden"
+    assert client.delete(url, headers=headers).status_code == 403
+
+    label = session.scalar(
+        select(HumanLabel).where(HumanLabel.trajectory_id == uuid.UUID(trajectory_id))
+    )
+    assert label is not None
+    assert (label.step_index, label.label) == (1, "recover")
+    assert job_id in client.get("/ui/jobs").text  # still signed in
+
+
+def test_the_cookie_holds_a_random_token_never_the_key(
+    client: TestClient, session: Session, caller: Caller, settings: Settings
+) -> None:
+    settings.ui_session_ttl_s = 600
+    first = _signed_in(client, caller)
+    # Signing in again from the same browser ends the session its cookie held.
+    again = client.post(
+        "/ui/login", data={"key": caller.key}, headers=SAME_ORIGIN, follow_redirects=False
+    )
+    assert again.status_code == 303
+    assert "Max-Age=600" in again.headers["set-cookie"]
+    second = again.cookies[COOKIE]
+    assert first != second  # random per sign-in, so no function of the key
+    for token in (first, second):
+        assert caller.key not in token
+        assert token not in (hash_key(caller.key), caller.key[len("srft_") :])
+    (row,) = _sessions(session, caller)
+    assert row.token_hash == hash_key(second)  # only the token's hash is stored
+    assert row.expires_at - row.created_at == timedelta(seconds=600)
+    stored_values = set(session.scalars(select(UiSession.token_hash)))
+    assert not stored_values & {first, second, caller.key}
+
+
+def test_logout_revokes_the_session(
+    client: TestClient, session: Session, caller: Caller, stored: tuple[str, str]
+) -> None:
+    trajectory_id, job_id = stored
+    token = _signed_in(client, caller)
+    out = client.post("/ui/logout", headers=SAME_ORIGIN, follow_redirects=False)
+    assert out.status_code == 303
+    assert f'{COOKIE}=""' in out.headers["set-cookie"]
+    assert _sessions(session, caller) == []
+
+    client.cookies.set(COOKIE, token)  # a copy of the old cookie, replayed
+    replayed = client.get("/ui/jobs")
+    assert replayed.status_code == 401
+    assert 'action="/ui/login"' in replayed.text
+    assert job_id not in replayed.text
+    url = f"/ui/trajectories/{trajectory_id}/steps/1/label"
+    assert client.post(url, json={"label": "mistake"}).status_code == 401
+
+
+def test_an_expired_session_is_refused_and_removed(
+    client: TestClient, session: Session, caller: Caller, stored: tuple[str, str]
+) -> None:
+    _signed_in(client, caller)
+    assert client.get("/ui/jobs").status_code == 200
+    session.execute(
+        update(UiSession)
+        .where(
+            UiSession.api_key_id.in_(
+                select(ApiKey.id).where(ApiKey.project_id == caller.project_id)
+            )
+        )
+        .values(expires_at=utcnow() - timedelta(seconds=1))
+    )
+    expired = client.get("/ui/jobs")
+    assert expired.status_code == 401
+    assert stored[1] not in expired.text
+    assert _sessions(session, caller) == []
+
+
+def test_revoking_the_key_ends_its_sessions(
+    client: TestClient, session: Session, caller: Caller, stored: tuple[str, str]
+) -> None:
+    trajectory_id, job_id = stored
+    _signed_in(client, caller)
+    assert len(_sessions(session, caller)) == 1
+    session.execute(
+        update(ApiKey).where(ApiKey.project_id == caller.project_id).values(revoked_at=utcnow())
+    )
+    refused = client.get("/ui/jobs")
+    assert refused.status_code == 401
+    assert job_id not in refused.text
+    url = f"/ui/trajectories/{trajectory_id}/steps/1/label"
+    assert client.post(url, json={"label": "mistake"}).status_code == 401
+    assert _sessions(session, caller) == []
+
+
+@pytest.mark.parametrize(
+    ("cookie_secure", "base", "secure"),
+    [
+        (True, "http://testserver", True),  # TLS ends at a proxy: the app sees http
+        (None, "http://testserver", False),
+        (None, "https://testserver", True),
+        (False, "https://testserver", False),
+    ],
+)
+def test_the_cookie_is_secure_as_configured(
+    client: TestClient,
+    caller: Caller,
+    settings: Settings,
+    cookie_secure: bool | None,
+    base: str,
+    secure: bool,
+) -> None:
+    settings.cookie_secure = cookie_secure
+    response = client.post(f"{base}/ui/login", data={"key": caller.key}, follow_redirects=False)
+    assert response.status_code == 303
+    (cookie,) = [c for c in response.headers.get_list("set-cookie") if c.startswith(COOKIE)]
+    assert ("; Secure" in cookie) is secure
