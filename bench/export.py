@@ -362,8 +362,9 @@ def create_export(
         tokenizer=str(tokenizer),
         selection=None if selection is None else Selection(trajectory_ids=selection),
     )
+    settings = Settings(database_url=database.url, tokenizer_dirs=str(tokenizer))
     with database.transaction() as session:
-        return export_service.create_export(session, setup.project_id, body).id
+        return export_service.create_export(session, setup.project_id, body, settings).id
 
 
 # ------------------------------------------------------------------------ process trees
@@ -453,6 +454,7 @@ settings = Settings(
     database_url=args["url"],
     export_dir=Path(args["export_dir"]),
     export_processes=args["processes"],
+    tokenizer_dirs=args["tokenizer_dirs"],
 )
 try:
     started = time.perf_counter()
@@ -498,6 +500,7 @@ def build_in_child(url: str, settings: Settings, export_id: uuid.UUID) -> BuildR
         "url": url,
         "export_dir": str(settings.export_dir),
         "processes": settings.export_processes,
+        "tokenizer_dirs": settings.tokenizer_dirs,
         "export_id": str(export_id),
     }
     child = subprocess.Popen(
@@ -864,7 +867,10 @@ def benchmark(options: Options) -> int:
             flush=True,
         )
         settings = Settings(
-            database_url=url, export_dir=workdir / "exports", export_processes=options.processes
+            database_url=url,
+            export_dir=workdir / "exports",
+            export_processes=options.processes,
+            tokenizer_dirs=str(tokenizer_dir),  # the one directory exports may load from
         )
 
         # -- the product: every trajectory, then the smaller export for memory

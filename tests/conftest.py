@@ -23,10 +23,15 @@ from tests.servers import RedisServer, postgres_server
 
 
 @pytest.fixture(scope="session")
-def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def tokenizer_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory the test service allows tokenizers in (SRFT_TOKENIZER_DIRS)."""
+    return tmp_path_factory.mktemp("tokenizers")
+
+
+@pytest.fixture(scope="session")
+def tokenizers(tokenizer_root: Path) -> dict[str, Path]:
     """Tokenizers built locally (no downloads), one per chat template of tests/chat_tokenizers."""
-    root = tmp_path_factory.mktemp("tokenizers")
-    return {name: build_tokenizer(root / name, name) for name in TEMPLATES}
+    return {name: build_tokenizer(tokenizer_root / name, name) for name in TEMPLATES}
 
 
 @pytest.fixture(scope="session")
@@ -109,9 +114,12 @@ def other_caller(session: Session) -> Caller:
 
 
 @pytest.fixture
-def settings(postgres_url: str, redis_url: str) -> Settings:
+def settings(postgres_url: str, redis_url: str, tokenizer_root: Path) -> Settings:
     return Settings(
-        database_url=postgres_url, broker_url=redis_url, max_upload_bytes=8 * 1024 * 1024
+        database_url=postgres_url,
+        broker_url=redis_url,
+        max_upload_bytes=8 * 1024 * 1024,
+        tokenizer_dirs=str(tokenizer_root),
     )
 
 

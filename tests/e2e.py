@@ -173,11 +173,16 @@ class Workers:
 
 
 def worker_env(
-    database_url: str, redis_url: str, critic: RulesCritic, export_dir: Path
+    database_url: str,
+    redis_url: str,
+    critic: RulesCritic,
+    export_dir: Path,
+    tokenizer_dirs: str = "",
 ) -> dict[str, str]:
     return _clean_env(
         SRFT_DATABASE_URL=database_url,
         SRFT_EXPORT_DIR=str(export_dir),
+        SRFT_TOKENIZER_DIRS=tokenizer_dirs,
         SRFT_BROKER_URL=redis_url,
         SRFT_CRITIC_BASE_URL=critic.base_url,
         SRFT_CRITIC_API_KEY=CRITIC_KEY,
@@ -201,10 +206,11 @@ def workers(
     e2e_redis: RedisServer,
     rules_critic: RulesCritic,
     export_dir: Path,
+    tokenizer_root: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Workers]:
     pool = Workers(
-        worker_env(e2e_database_url, e2e_redis.url, rules_critic, export_dir),
+        worker_env(e2e_database_url, e2e_redis.url, rules_critic, export_dir, str(tokenizer_root)),
         tmp_path_factory.mktemp("workers"),
     )
     pool.start_worker()
@@ -273,13 +279,16 @@ def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def api(e2e_database_url: str, e2e_redis: RedisServer, export_dir: Path) -> Iterator[Api]:
+def api(
+    e2e_database_url: str, e2e_redis: RedisServer, export_dir: Path, tokenizer_root: Path
+) -> Iterator[Api]:
     settings = Settings(
         database_url=e2e_database_url,
         broker_url=e2e_redis.url,
         step_chunk_size=8,
         export_dir=export_dir,
         export_processes=1,
+        tokenizer_dirs=str(tokenizer_root),
     )
     database = Database(e2e_database_url)
     with database.transaction() as session:

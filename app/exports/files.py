@@ -13,9 +13,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from app.errors import NotFound
+from app.errors import NotFound, RangeNotSatisfiable
 
 CHUNK_SIZE = 1 << 20
 MEDIA_TYPES = {
@@ -25,7 +25,12 @@ MEDIA_TYPES = {
 }
 # One range of bytes; several ranges, other units or anything malformed is ignored (RFC 9110
 # 14.2 lets a server send the whole file instead), so no multipart/byteranges is ever built.
-_BYTE_RANGE = re.compile(r"bytes=(\d*)-(\d*)", re.IGNORECASE)
+_BYTE_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE)
+# No file is 10**19 bytes or more (sizes are below 2**63), so a position with more digits than
+# that only says "past any end": it is read as exactly that, and never given to `int()` (which
+# refuses more than 4300 digits).
+_MAX_DIGITS = 19
+_PAST_ANY_END = 10**_MAX_DIGITS
 
 
 def media_type_for(path: Path) -> str:
@@ -74,8 +79,7 @@ def file_response(request: Request, path: Path, *, sha256: str | None, media_typ
         if byte_range is not None:
             start, stop = byte_range
             if start >= stop:
-                unsatisfiable = {"ETag": etag, "Content-Range": f"bytes */{size}"}
-                return Response(status_code=416, headers=unsatisfiable)
+                return _unsatisfiable(range_header, size, etag)
             status_code = 206
             headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
     headers["Content-Length"] = str(stop - start)
@@ -136,6 +140,20 @@ def _strong_match(tag: str, etag: str) -> bool:
     return tag.strip() == etag and not etag.startswith("W/")
 
 
+def _unsatisfiable(header: str, size: int, etag: str) -> JSONResponse:
+    """416 with the JSON error body every error has, and the size the range missed."""
+    shown = header if len(header) <= 80 else header[:80] + "..."
+    error = RangeNotSatisfiable(
+        f"Range {shown!r} asks for no byte of this {size}-byte file",
+        location="header.Range",
+    )
+    return JSONResponse(
+        error.to_dict(),
+        status_code=error.status_code,
+        headers={"ETag": etag, "Content-Range": f"bytes */{size}"},
+    )
+
+
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     """`(start, stop)` of a single byte range, stop exclusive; `start >= stop` means it cannot
     be satisfied. None for a header to ignore."""
@@ -144,17 +162,23 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
         return None
     first, last = match.groups()
     if first:
-        start = int(first)
+        start = _position(first)
         if not last:
             return start, size
-        if int(last) < start:
+        if _position(last) < start:
             return None
-        return start, min(int(last) + 1, size)
+        return start, min(_position(last) + 1, size)
     if last:
-        suffix = int(last)
+        suffix = _position(last)
         # `bytes=-0` asks for no bytes, which no file can satisfy.
         return (max(size - suffix, 0), size) if suffix else (size, size)
     return None
+
+
+def _position(digits: str) -> int:
+    """A byte position or suffix length; one too long for any file counts as `_PAST_ANY_END`."""
+    significant = digits.lstrip("0")
+    return int(significant or "0") if len(significant) <= _MAX_DIGITS else _PAST_ANY_END
 
 
 def _read(path: Path, start: int, stop: int) -> Iterator[bytes]:

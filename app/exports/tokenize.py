@@ -1,14 +1,18 @@
 """Conversations to training rows with a tokenizer: render, encode, weigh, handle overflow.
 
 Shared by the exporter (`tokenized_parquet`) and the trainer (reading `openai_jsonl`), so both
-tokenize with the same span code. No database, HTTP or torch here.
+tokenize with the same span code. Also which tokenizers an export may name and load (the
+trainer's are its user's own business). No database, HTTP or torch here.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from app.recipe.render import (
@@ -61,12 +65,16 @@ class TokenizeConfig:
     overflow: str = "truncate"
 
 
+class NotFastTokenizer(ValueError):
+    """The tokenizer loaded, but has no token offsets to map turns onto tokens."""
+
+
 class ChatTokenizer:
     """A tokenizer with its renderer and the ids of its special tokens."""
 
     def __init__(self, tokenizer: Any) -> None:
         if not getattr(tokenizer, "is_fast", False):
-            raise ValueError(
+            raise NotFastTokenizer(
                 f"tokenizer {tokenizer.name_or_path!r} is not a fast tokenizer: token offsets "
                 "(needed to map turns onto tokens) come only from a tokenizer.json"
             )
@@ -89,10 +97,156 @@ class ChatTokenizer:
 
 @lru_cache(maxsize=4)
 def load_chat_tokenizer(name: str, revision: str | None = None) -> ChatTokenizer:
-    """Load a tokenizer by local path or hub id (cached per process)."""
+    """Load a tokenizer by local path or hub id (cached per process). Unrestricted: the trainer
+    reads its user's own files; exports go through `load_export_tokenizer`."""
     from transformers import AutoTokenizer
 
     return ChatTokenizer(AutoTokenizer.from_pretrained(name, revision=revision))
+
+
+# ---------------------------------------------------------------- an export's tokenizer
+#
+# An export names its tokenizer, and the worker loads it: a Hugging Face Hub id, or a folder
+# inside a directory the operator allows (SRFT_TOKENIZER_DIRS), nothing else on the server.
+# Refusals are decided on the text alone and say the same whatever exists on disk.
+
+# The Hub's own rule (huggingface_hub `validate_repo_id`): `name` or `namespace/name`, each 1-96
+# of [A-Za-z0-9_.-], starting and ending with a letter, digit or '_'; no '--' or '..'; no
+# trailing '.git'.
+_HUB_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+_HUB_ID = re.compile(rf"(?:{_HUB_PART}/)?{_HUB_PART}")
+# A branch, tag or commit: parts of [A-Za-z0-9_.-] separated by '/' (`refs/pr/1`), none
+# starting with '.' or '-', no '..'. Nothing that could climb out of the Hub cache's refs/.
+_REVISION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
+MAX_REVISION_CHARS = 128
+MAX_PATH_CHARS = 4096
+
+INVALID_TOKENIZER = (
+    "`tokenizer` must be a Hugging Face Hub id (`name` or `org/name`: letters, digits, '-', "
+    "'_' and '.', at most 96 of them each) or an absolute path inside a directory this server "
+    "allows for tokenizers (SRFT_TOKENIZER_DIRS)"
+)
+INVALID_REVISION = (
+    f"`tokenizer_revision` must be a branch, tag or commit of the Hub repository: letters, "
+    f"digits, '-', '_' and '.', parts separated by '/', at most {MAX_REVISION_CHARS} characters"
+)
+
+
+class TokenizerUnavailable(Exception):
+    """An export's tokenizer cannot be loaded. `reason` is for the worker's log only: the
+    caller gets `message`, which says nothing about what exists on the server."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(reason)
+        self.name = name
+        self.reason = reason
+
+    @property
+    def message(self) -> str:
+        return (
+            f"the tokenizer {self.name!r} could not be loaded from the Hub or an allowed directory"
+        )
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` is shaped like a Hugging Face Hub repository id."""
+    return (
+        _HUB_ID.fullmatch(name) is not None
+        and "--" not in name
+        and ".." not in name
+        and not name.endswith(".git")
+    )
+
+
+def revision_allowed(revision: str) -> bool:
+    return (
+        len(revision) <= MAX_REVISION_CHARS
+        and _REVISION.fullmatch(revision) is not None
+        and ".." not in revision
+    )
+
+
+def tokenizer_allowed(name: str, roots: Sequence[Path]) -> bool:
+    """A Hub id, or an absolute path that lies, as written, inside one of `roots`.
+
+    Decided on the text alone (no file is looked at), so the answer never depends on what
+    exists. Loading checks again with symlinks resolved."""
+    if is_hub_id(name):
+        return True
+    if not _path_shaped(name):
+        return False
+    path = Path(os.path.normpath(name))
+    return any(path.is_relative_to(root) for root in roots)
+
+
+def roots_as_written(dirs: str) -> list[Path]:
+    """`SRFT_TOKENIZER_DIRS` made absolute without resolving symlinks, so a path written under
+    a configured directory is accepted as written (touches no file)."""
+    return [
+        Path(os.path.abspath(os.path.expanduser(part)))
+        for part in dirs.split(os.pathsep)
+        if part.strip()
+    ]
+
+
+def load_export_tokenizer(
+    name: str, revision: str | None, roots: Sequence[Path]
+) -> tuple[ChatTokenizer, str]:
+    """An export's tokenizer, and the name its tokenizing processes should load it by.
+
+    A Hub id is loaded from the Hub (or its cache), never from a folder of the same name in the
+    working directory; a path only from inside `roots` (absolute, symlinks resolved) once its
+    own symlinks are resolved too. Raises `TokenizerUnavailable` for every failure but
+    `NotFastTokenizer`."""
+    source = _export_source(name, revision, roots)
+    try:
+        return load_chat_tokenizer(source, revision), source
+    except NotFastTokenizer:
+        raise
+    except Exception as error:
+        raise TokenizerUnavailable(name, f"{type(error).__name__}: {error}") from error
+
+
+def _export_source(name: str, revision: str | None, roots: Sequence[Path]) -> str:
+    if revision is not None and not revision_allowed(revision):
+        raise TokenizerUnavailable(name, f"revision {revision!r} is not allowed")
+    if is_hub_id(name):
+        # transformers loads a name that is also a folder (or file) relative to the working
+        # directory from there, before it asks the Hub.
+        if os.path.lexists(name):
+            raise TokenizerUnavailable(
+                name,
+                f"{name!r} exists in the working directory {os.getcwd()}; a Hub id is "
+                "never loaded from a local folder",
+            )
+        return name
+    if not _path_shaped(name):
+        raise TokenizerUnavailable(name, "neither a Hub id nor an absolute path")
+    real = Path(os.path.realpath(name))
+    if not _inside(real, roots):
+        raise TokenizerUnavailable(name, f"{real} is outside SRFT_TOKENIZER_DIRS {list(roots)}")
+    if not real.is_dir():
+        raise TokenizerUnavailable(name, f"{real} is not a directory")
+    for entry in real.iterdir():
+        target = Path(os.path.realpath(entry))
+        if not _inside(target, roots):
+            raise TokenizerUnavailable(name, f"{entry} leads outside SRFT_TOKENIZER_DIRS: {target}")
+    return str(real)
+
+
+def _path_shaped(name: str) -> bool:
+    """Absolute, bounded, no '..' part, no control characters or backslashes."""
+    return (
+        len(name) <= MAX_PATH_CHARS
+        and os.path.isabs(name)
+        and ".." not in name.split("/")
+        and "\\" not in name
+        and not any(ord(c) < 32 or ord(c) == 127 for c in name)
+    )
+
+
+def _inside(path: Path, roots: Sequence[Path]) -> bool:
+    return any(path.is_relative_to(root) for root in roots)
 
 
 def tokenize_examples(

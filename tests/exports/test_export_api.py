@@ -1,11 +1,13 @@
 """The export API: requests refused with a reason and nothing created, downloads of a completed
-export (Range, ETag = sha256, the archive, a verified pull), other projects kept out, and an
-export built by a real `srft worker` process through Redis."""
+export (Range, ETag = sha256, the archive, a verified pull), other projects kept out, tokenizers
+only from the Hub or SRFT_TOKENIZER_DIRS, and an export built by a real `srft worker` process
+through Redis."""
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 import time
 import uuid
@@ -20,6 +22,7 @@ from sqlalchemy import func, select
 
 from app.auth import service as auth_service
 from app.exports.pull import pull_export, verify_directory
+from app.exports.tokenize import INVALID_REVISION, INVALID_TOKENIZER
 from app.models import Export
 from tests.e2e import Api, Workers
 from tests.exports.conftest import Corpus
@@ -186,6 +189,117 @@ def test_listing_pages_newest_first(corpus: Corpus, completed: dict[str, Any]) -
         "/v1/exports", params={"limit": 1, "cursor": first["next_cursor"]}
     ).json()
     assert second["items"][0]["id"] < first["items"][0]["id"]
+
+
+@pytest.mark.parametrize(
+    ("exists", "missing"),
+    [
+        ("/etc", "/etc-srft-missing"),
+        ("/etc/passwd", "/etc/srft-missing"),
+        ("/proc/self/environ", "/proc/self/srft-missing"),
+        ("..", "../srft-missing"),
+        ("./app", "./srft-missing"),
+        ("app/exports/service.py", "app/exports/srft-missing.py"),
+        ("{export}", "{exports}/{project}/{uuid}"),  # an export's folder (any project's)
+        ("{root}/../{root_name}/chatml", "{root}/../{root_name}/srft-missing"),
+        ("{root}/chatml/../chatml", "{root}/chatml/../srft-missing"),
+        ("{root}/../..", "{root}/../srft-missing"),
+    ],
+)
+def test_a_tokenizer_outside_the_allowed_directories_is_refused_alike(
+    corpus: Corpus, completed: dict[str, Any], tokenizer_root: Path, exists: str, missing: str
+) -> None:
+    export = corpus.path(completed)
+    values = {
+        "export": export,
+        "exports": corpus.api.settings.export_dir,
+        "project": uuid.uuid4(),
+        "uuid": uuid.uuid4(),
+        "root": tokenizer_root,
+        "root_name": tokenizer_root.name,
+    }
+    before = _export_count(corpus.api)
+    errors = []
+    for template, present in ((exists, True), (missing, False)):
+        name = template.format(**values)
+        assert Path(name).exists() is present, name
+        response = corpus.api.post(
+            "/v1/exports",
+            json={"job_ids": [corpus.job_id], "format": "tokenized_parquet", "tokenizer": name},
+        )
+        assert response.status_code == 422, response.text
+        errors.append(response.json()["error"])
+    assert errors[0] == errors[1], "the answer must not tell whether the path exists"
+    assert errors[0] == {
+        "code": "invalid_tokenizer",
+        "message": INVALID_TOKENIZER,
+        "location": "tokenizer",
+    }
+    assert _export_count(corpus.api) == before
+
+
+@pytest.mark.parametrize("revision", ["../../../etc", "refs/../../x", "/main", "main\n", "a" * 200])
+def test_a_tokenizer_revision_that_could_name_a_path_is_refused(
+    corpus: Corpus, revision: str
+) -> None:
+    response = corpus.api.post(
+        "/v1/exports",
+        json={
+            "job_ids": [corpus.job_id],
+            "format": "tokenized_parquet",
+            "tokenizer": "Qwen/Qwen2.5-Coder-7B-Instruct",
+            "tokenizer_revision": revision,
+        },
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == {
+        "code": "invalid_tokenizer",
+        "message": INVALID_REVISION,
+        "location": "tokenizer_revision",
+    }
+
+
+def _unavailable(name: str) -> dict[str, Any]:
+    message = f"the tokenizer {name!r} could not be loaded from the Hub or an allowed directory"
+    return {"code": "tokenizer_unavailable", "message": message, "details": None}
+
+
+def test_a_symlink_out_of_the_allowed_directory_fails_the_export_alike(
+    corpus: Corpus, tokenizers: dict[str, Path], tokenizer_root: Path, tmp_path: Path
+) -> None:
+    """Inside the allowed directory as written, outside once resolved: the worker refuses it,
+    with the same message whether the link leads to a tokenizer or to nothing."""
+    outside = shutil.copytree(tokenizers["chatml"], tmp_path / "outside")
+    link = tokenizer_root / f"escape-{uuid.uuid4().hex[:8]}"
+    body = {"job_ids": [corpus.job_id], "format": "tokenized_parquet", "tokenizer": str(link)}
+    link.symlink_to(outside, target_is_directory=True)
+    try:
+        to_a_tokenizer = corpus.export(body)
+        link.unlink()
+        link.symlink_to(tmp_path / "missing", target_is_directory=True)
+        to_nothing = corpus.export(body)
+    finally:
+        link.unlink()
+    missing = str(tokenizer_root / "srft-missing")
+    never_there = corpus.export(body | {"tokenizer": missing})
+    for export in (to_a_tokenizer, to_nothing):
+        assert export["status"] == "failed"
+        assert export["error"] == _unavailable(str(link))
+    assert never_there["error"] == _unavailable(missing)
+
+
+def test_a_hub_id_is_never_loaded_from_a_folder_of_that_name(
+    corpus: Corpus, tokenizers: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers would load `srft-test/chatml` from the working directory if such a folder
+    is there; the worker refuses instead (and never reaches the Hub for it)."""
+    shutil.copytree(tokenizers["chatml"], tmp_path / "srft-test" / "chatml")
+    monkeypatch.chdir(tmp_path)
+    export = corpus.export(
+        {"job_ids": [corpus.job_id], "format": "tokenized_parquet", "tokenizer": "srft-test/chatml"}
+    )
+    assert export["status"] == "failed"
+    assert export["error"] == _unavailable("srft-test/chatml")
 
 
 def test_a_worker_process_builds_the_export(

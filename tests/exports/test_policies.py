@@ -240,7 +240,7 @@ def test_an_export_whose_worker_died_is_taken_over_and_rebuilt(corpus: Corpus) -
         job = session.get(Job, uuid.UUID(corpus.job_id))
         assert job is not None
         body = ExportCreate(job_ids=[job.id])
-        export_id = export_service.create_export(session, job.project_id, body).id
+        export_id = export_service.create_export(session, job.project_id, body, settings).id
     with corpus.api.database.transaction() as session:
         token = export_service.claim(session, export_id, settings.stale_after_s)
         assert token is not None
