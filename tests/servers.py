@@ -57,74 +57,97 @@ def _as_postgres_user() -> list[str]:
     return ["runuser", "-u", "postgres", "--"]
 
 
-@contextmanager
-def postgres_server() -> Iterator[str]:
-    """A throw-away Postgres cluster; yields a SQLAlchemy URL to its `srft_test` database."""
-    bindir = postgres_bindir()
-    prefix = _as_postgres_user()
-    root = Path(tempfile.mkdtemp(prefix="srft-pg-"))
-    data = root / "data"
-    if prefix:
-        shutil.chown(root, "postgres", "postgres")
-    port = free_port()
-    subprocess.run(
-        [
-            *prefix,
-            str(bindir / "initdb"),
-            "-D",
-            str(data),
-            "-U",
-            "srft",
-            "--auth=trust",
-            "--encoding=UTF8",
-            "--no-sync",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    options = (
-        f"-c listen_addresses=127.0.0.1 -c port={port} -c fsync=off -c synchronous_commit=off "
-        f"-c full_page_writes=off -c unix_socket_directories={root} -c max_connections=200"
-    )
-    subprocess.run(
-        [
-            *prefix,
-            str(bindir / "pg_ctl"),
-            "-D",
-            str(data),
-            "-l",
-            str(root / "log"),
-            "-o",
-            options,
-            "-w",
-            "start",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        wait_for_port(port)
+class PostgresServer:
+    """A throw-away Postgres cluster that a test can stop and start again on the same port,
+    data kept: `url` names its `srft_test` database."""
+
+    def __init__(self) -> None:
+        self.bindir = postgres_bindir()
+        self.prefix = _as_postgres_user()
+        self.root = Path(tempfile.mkdtemp(prefix="srft-pg-"))
+        self.data = self.root / "data"
+        if self.prefix:
+            shutil.chown(self.root, "postgres", "postgres")
+        self.port = free_port()
+        self.running = False
         subprocess.run(
             [
-                str(bindir / "createdb"),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(port),
+                *self.prefix,
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.data),
                 "-U",
                 "srft",
-                "srft_test",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
             ],
             check=True,
             capture_output=True,
         )
-        yield f"postgresql+psycopg://srft@127.0.0.1:{port}/srft_test"
-    finally:
-        subprocess.run(
-            [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+        self._created = False
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://srft@127.0.0.1:{self.port}/srft_test"
+
+    def _pg_ctl(self, *args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [*self.prefix, str(self.bindir / "pg_ctl"), "-D", str(self.data), *args],
             capture_output=True,
         )
-        shutil.rmtree(root, ignore_errors=True)
+
+    def start(self) -> None:
+        """Start (again) and wait until it accepts connections."""
+        options = (
+            f"-c listen_addresses=127.0.0.1 -c port={self.port} -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off "
+            f"-c unix_socket_directories={self.root} -c max_connections=200"
+        )
+        started = self._pg_ctl("-l", str(self.root / "log"), "-o", options, "-w", "start")
+        if started.returncode != 0:
+            raise RuntimeError(f"pg_ctl start failed: {started.stderr.decode(errors='replace')}")
+        self.running = True
+        wait_for_port(self.port)
+        if not self._created:
+            subprocess.run(
+                [
+                    str(self.bindir / "createdb"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-U",
+                    "srft",
+                    "srft_test",
+                ],
+                check=True,
+                capture_output=True,
+            )
+            self._created = True
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop it: `fast` ends every session (their transactions roll back), `immediate`
+        kills the server outright."""
+        if self.running:
+            self._pg_ctl("-m", mode, "-w", "stop")
+            self.running = False
+
+    def close(self) -> None:
+        self._pg_ctl("-m", "immediate", "stop")  # whatever state a failed start left
+        self.running = False
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextmanager
+def postgres_server() -> Iterator[str]:
+    """A throw-away Postgres cluster; yields a SQLAlchemy URL to its `srft_test` database."""
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server.url
+    finally:
+        server.close()
 
 
 class RedisServer:

@@ -12,6 +12,7 @@ from celery.signals import worker_process_init, worker_ready
 from kombu.connection import Connection
 
 from app.config import get_settings
+from app.jobs.queue import SWEEP, SWEEP_QUEUE, WORK_QUEUE
 
 log = logging.getLogger("srft.worker")
 
@@ -30,8 +31,16 @@ def create_celery(broker_url: str) -> Celery:
         worker_prefetch_multiplier=1,
         # A unit is bounded by the stale timeout: past it, the sweeper hands its claim on.
         task_time_limit=int(settings.stale_after_s),
+        # Sweeps have a queue of their own, so they never wait behind a backlog of labeling
+        # work; one that still waited a whole interval is dropped (the next one is queued).
+        task_default_queue=WORK_QUEUE,
+        task_routes={SWEEP: {"queue": SWEEP_QUEUE}},
         beat_schedule={
-            "sweep-lost-work": {"task": "srft.jobs.sweep", "schedule": settings.sweep_interval_s}
+            "sweep-lost-work": {
+                "task": SWEEP,
+                "schedule": settings.sweep_interval_s,
+                "options": {"expires": settings.sweep_interval_s},
+            }
         },
         broker_connection_retry_on_startup=True,
         broker_transport_options=(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import random
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -20,7 +22,7 @@ from app.config import Settings, get_settings
 from app.critic.client import CriticClient
 from app.critic.judge import Judge, JudgeConfig, StepOutcome
 from app.critic.limits import Limiter, LocalLimiter, RedisLimiter
-from app.db import Database
+from app.db import Database, is_database_unavailable
 from app.exports import builder as export_builder
 from app.exports import queue as export_queue
 from app.exports import service as export_service
@@ -30,6 +32,32 @@ from app.recipe.steps import split_steps
 
 log = logging.getLogger("srft.worker")
 T = TypeVar("T")
+
+# While the database is unavailable, work is tried again after 0.5 s, doubling to at most 5 s:
+# a blip costs seconds, not a stale timeout, and a long outage costs one query per try.
+OUTAGE_BACKOFF_BASE_S = 0.5
+OUTAGE_BACKOFF_MAX_S = 5.0
+
+
+def outage_delay(attempt: int) -> float:
+    """Seconds to wait before trying again after `attempt` tries (0, 1, ...) found the
+    database unavailable; half of it random, so that workers do not all return at once."""
+    ceiling = min(OUTAGE_BACKOFF_MAX_S, OUTAGE_BACKOFF_BASE_S * (1 << min(attempt, 16)))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+def outage_reason(error: BaseException) -> str:
+    """What the driver said, first line only: not the statement and its parameters."""
+    return str(getattr(error, "orig", None) or error).partition("\n")[0]
+
+
+def outage_tries(budget_s: float) -> int:
+    """How many times to try again, at `outage_delay`, to keep trying for about `budget_s`."""
+    tries, waited = 0, 0.0
+    while waited < budget_s:
+        waited += 0.75 * min(OUTAGE_BACKOFF_MAX_S, OUTAGE_BACKOFF_BASE_S * (1 << min(tries, 16)))
+        tries += 1
+    return tries
 
 
 class WorkerRuntime:
@@ -45,7 +73,9 @@ class WorkerRuntime:
         api_key = settings.critic_api_key.get_secret_value() if settings.critic_api_key else None
         self.client = self.run(self._make_client(api_key))
         self.limiter: Limiter = self.run(self._make_limiter())
-        self._recorder = _Recorder(self._record)
+        # Outcomes are paid for: a write that finds the database gone is tried again for half
+        # the stale timeout, still well within the claim, before the unit gives up on them.
+        self._recorder = _Recorder(self._record, patience_s=settings.stale_after_s / 2)
 
     async def _make_client(self, api_key: str | None) -> CriticClient:
         return CriticClient(
@@ -84,10 +114,15 @@ class WorkerRuntime:
 
     # ------------------------------------------------------------------ labeling
 
-    def label_unit(self, unit: job_service.Unit) -> None:
-        """Claim the unit, ask the critic about its steps, store each outcome as it arrives."""
+    def label_unit(self, unit: job_service.Unit, token: str | None = None) -> None:
+        """Claim the unit (under `token`, taking back what is still running under it), ask
+        the critic about its steps, store each outcome as it arrives.
+
+        An error that says the database is unavailable is raised with the claim kept, for
+        the task to retry under the same token; any other gives the claim back first.
+        """
         with self.database.transaction() as session:
-            claim = job_service.claim_unit(session, unit, self.settings.stale_after_s)
+            claim = job_service.claim_unit(session, unit, self.settings.stale_after_s, token=token)
             if claim is not None:
                 job = claim.job
                 config = JudgeConfig(
@@ -112,8 +147,9 @@ class WorkerRuntime:
                         judge, mode, unit, claim.token, messages, resolved, claim.step_indices
                     )
                 )
-            except BaseException:
-                self._release(unit, claim.token)
+            except BaseException as error:
+                if not (isinstance(error, Exception) and is_database_unavailable(error)):
+                    self._release(unit, claim.token)
                 raise
         self._finish(unit)
 
@@ -173,13 +209,26 @@ class WorkerRuntime:
             job_service.finish_if_done(session, unit.job_id)
 
     def sweep(self) -> int:
-        """Re-enqueue lost work and close jobs with nothing open; return units enqueued."""
-        with self.database.transaction() as session:
-            units = job_service.sweep(
-                session, self.settings.stale_after_s, self.settings.step_chunk_size
-            )
-            job_service.close_finished_jobs(session)
-            exports = export_service.sweep(session, self.settings.stale_after_s)
+        """Re-enqueue lost work and close jobs with nothing open; return units enqueued.
+
+        Skipped while another sweep runs, and while the database is unavailable: the tasks
+        that lost it retry by themselves, and the next sweep comes soon enough.
+        """
+        try:
+            with self.database.transaction() as session:
+                if not job_service.lock_sweep(session):
+                    log.info("another sweep is running; skipped this one")
+                    return 0
+                units = job_service.sweep(
+                    session, self.settings.stale_after_s, self.settings.step_chunk_size
+                )
+                job_service.close_finished_jobs(session)
+                exports = export_service.sweep(session, self.settings.stale_after_s)
+        except Exception as error:
+            if not is_database_unavailable(error):
+                raise
+            log.warning("sweep skipped: the database is unavailable (%s)", outage_reason(error))
+            return 0
         if units:
             queue.enqueue(self.settings.broker_url, units)
             log.warning("sweeper re-enqueued %d units of lost or stalled work", len(units))
@@ -200,8 +249,15 @@ class WorkerRuntime:
             export_queue.enqueue_build(self.settings.broker_url, export_id)
         return len(units) + len(exports)
 
-    def build_export(self, export_id: uuid.UUID) -> str | None:
-        return export_builder.build_export(self.database, self.settings, export_id)
+    def build_export(
+        self,
+        export_id: uuid.UUID,
+        token: str | None = None,
+        failure: dict[str, Any] | None = None,
+    ) -> str | None:
+        return export_builder.build_export(
+            self.database, self.settings, export_id, token=token, failure=failure
+        )
 
 
 _Write = tuple[uuid.UUID, uuid.UUID, str, StepOutcome]
@@ -215,13 +271,22 @@ class _Recorder:
     each still under its own claim token, by one statement executed for all of them. One
     batch is written at a time, off the event loop; what arrives meanwhile waits for the next.
     Each submitter learns, when its outcomes are stored, whether its job is still open.
+
+    A batch that finds the database unavailable is written again, with backoff, until it has
+    been unavailable for `patience_s` (the critic keeps answering meanwhile, into the next
+    batch); only then do the submitters get the error.
     """
 
     FLUSH_DELAY_S = 0.05
     FLUSH_MAX = 64
 
-    def __init__(self, write: Callable[[list[_Write]], dict[uuid.UUID, str]]) -> None:
+    def __init__(
+        self, write: Callable[[list[_Write]], dict[uuid.UUID, str]], patience_s: float
+    ) -> None:
         self._write = write
+        self._patience_s = patience_s
+        # Loop times of this outage's first and latest failed writes.
+        self._unavailable_since = self._unavailable_last = -math.inf
         self._pending: list[tuple[list[_Write], asyncio.Future[bool]]] = []
         self._count = 0
         self._full = asyncio.Event()
@@ -256,7 +321,7 @@ class _Recorder:
                 batch, self._pending, self._count = self._pending, [], 0
                 writes = [write for group, _ in batch for write in group]
                 try:
-                    statuses = await asyncio.to_thread(self._write, writes)
+                    statuses = await self._write_patiently(writes)
                 except Exception as exc:
                     for _, future in batch:
                         if not future.done():
@@ -271,6 +336,38 @@ class _Recorder:
                         future.set_result(not self.stopped(group[0][0]))
         finally:
             self._flusher = None
+
+    async def _write_patiently(self, writes: list[_Write]) -> dict[uuid.UUID, str]:
+        """Write one batch, again and again while the database is unavailable (the writes
+        are idempotent: each needs its item still running under its token). The patience is
+        counted from the first failure of this outage, not per batch."""
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            try:
+                statuses = await asyncio.to_thread(self._write, writes)
+            except Exception as error:
+                if not is_database_unavailable(error):
+                    raise
+                now = loop.time()
+                if now - self._unavailable_last > 2 * OUTAGE_BACKOFF_MAX_S:
+                    self._unavailable_since = now  # not the outage the last failure saw
+                self._unavailable_last = now
+                delay = outage_delay(attempt)
+                if now + delay > self._unavailable_since + self._patience_s:
+                    raise
+                log.warning(
+                    "could not store %d outcomes, the database is unavailable (%s); "
+                    "trying again in %.1f s",
+                    len(writes),
+                    outage_reason(error),
+                    delay,
+                )
+                attempt += 1
+                await asyncio.sleep(delay)
+            else:
+                self._unavailable_last = -math.inf
+                return statuses
 
 
 _runtime: WorkerRuntime | None = None

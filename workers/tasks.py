@@ -1,16 +1,23 @@
 """Celery tasks. Each takes ids, loads its rows, calls the runtime and commits.
 
 Delivery is at-least-once (`acks_late`); tasks are idempotent because work is claimed in the
-database and results are written under the claim token.
+database and results are written under the claim token. A task that finds the database
+unavailable retries itself within seconds, keeping its claim token (see `_retry_after_outage`).
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
+from typing import Any
 
+from app.db import is_database_unavailable
+from app.exports.builder import BuildInterrupted
 from app.jobs.service import Unit
 from workers.celery_app import celery_app
-from workers.runtime import get_runtime
+from workers.runtime import get_runtime, outage_delay, outage_reason, outage_tries
+
+log = logging.getLogger("srft.worker")
 
 
 @celery_app.task(name="srft.health.ping")
@@ -19,11 +26,58 @@ def ping() -> str:
     return "pong"
 
 
-@celery_app.task(name="srft.jobs.label_unit", acks_late=True, reject_on_worker_lost=True)
-def label_unit(job_id: str, trajectory_id: str, step_indices: list[int]) -> None:
-    """Judge some steps of one trajectory for one job."""
+def _retry_after_outage(task: Any, error: BaseException, **kwargs: Any) -> Exception:
+    """Queue the task again soon, with `kwargs` (its claim token), because the database is
+    unavailable. Past about the stale timeout of tries, `error` is raised instead and the
+    sweeper takes over."""
+    tries, most = task.request.retries, outage_tries(get_runtime().settings.stale_after_s)
+    delay = outage_delay(tries)
+    if tries >= most:
+        log.error(
+            "%s: the database is still unavailable after %d retries (%s); giving up, the "
+            "sweeper will hand the work on",
+            task.name,
+            tries,
+            outage_reason(error),
+        )
+    else:
+        log.warning(
+            "%s: the database is unavailable (%s); trying again in %.1f s (retry %d)",
+            task.name,
+            outage_reason(error),
+            delay,
+            tries + 1,
+        )
+    # Raises Retry (the task is queued again and this message acknowledged), or `error`
+    # past `most` retries.
+    retry: Exception = task.retry(
+        kwargs={**(task.request.kwargs or {}), **kwargs},
+        countdown=delay,
+        max_retries=most,
+        exc=error,
+    )
+    return retry
+
+
+@celery_app.task(bind=True, name="srft.jobs.label_unit", acks_late=True, reject_on_worker_lost=True)
+def label_unit(
+    self: Any,
+    job_id: str,
+    trajectory_id: str,
+    step_indices: list[int],
+    claim_token: str | None = None,
+) -> None:
+    """Judge some steps of one trajectory for one job. The claim token is chosen here and
+    kept by the task's retries, so a retry takes back its own claim even if the database
+    went away before it could confirm the claim."""
     unit = Unit(uuid.UUID(job_id), uuid.UUID(trajectory_id), tuple(step_indices))
-    get_runtime().label_unit(unit)
+    token = claim_token or str(uuid.uuid4())
+    try:
+        get_runtime().label_unit(unit, token)
+    except Exception as error:
+        if not is_database_unavailable(error):
+            raise
+        raise _retry_after_outage(self, error, claim_token=token) from error
 
 
 @celery_app.task(name="srft.jobs.sweep")
@@ -34,8 +88,24 @@ def sweep() -> int:
 
 # Exports can run for long; a dead worker is detected by its stopped heartbeat instead.
 @celery_app.task(
-    name="srft.exports.build", acks_late=True, reject_on_worker_lost=True, time_limit=7 * 86400
+    bind=True,
+    name="srft.exports.build",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    time_limit=7 * 86400,
 )
-def build_export(export_id: str) -> str | None:
-    """Build one export's shards and manifest, and publish them."""
-    return get_runtime().build_export(uuid.UUID(export_id))
+def build_export(
+    self: Any,
+    export_id: str,
+    claim_token: str | None = None,
+    failure: dict[str, Any] | None = None,
+) -> str | None:
+    """Build one export's shards and manifest, and publish them (or record `failure`)."""
+    token = claim_token or str(uuid.uuid4())
+    try:
+        return get_runtime().build_export(uuid.UUID(export_id), token, failure)
+    except BuildInterrupted as interrupted:
+        cause = interrupted.__cause__ or interrupted
+        raise _retry_after_outage(
+            self, cause, claim_token=token, failure=interrupted.failure
+        ) from interrupted

@@ -22,7 +22,7 @@ from typing import Any
 
 from app import __version__
 from app.config import Settings
-from app.db import Database
+from app.db import Database, is_database_unavailable
 from app.exports import rows as row_builders
 from app.exports import service
 from app.exports.writers.jsonl import JsonlShards
@@ -54,6 +54,17 @@ class ClaimLost(Exception):
     """Another worker took the export over (this one stalled past the timeout)."""
 
 
+class BuildInterrupted(Exception):
+    """The database became unavailable during the build. Nothing is left on disk and the
+    export is still claimed under the same token: the caller tries again with that token once
+    the database is back. `failure`: a failure the build found but could not record, for the
+    next try to record instead of building again."""
+
+    def __init__(self, failure: dict[str, Any] | None = None) -> None:
+        super().__init__("the database became unavailable during the export")
+        self.failure = failure
+
+
 def export_path(settings: Settings, project_id: uuid.UUID, export_id: uuid.UUID) -> Path:
     return settings.export_dir / str(project_id) / str(export_id)
 
@@ -73,21 +84,44 @@ class RowCounts:
         self.dropped[reason] = self.dropped.get(reason, 0) + count
 
 
-def build_export(database: Database, settings: Settings, export_id: uuid.UUID) -> str | None:
-    """Claim and build one export. Returns its final status, or None if it was not ours."""
-    with database.transaction() as session:
-        token = service.claim(session, export_id, settings.stale_after_s)
-        export = session.get(Export, export_id) if token else None
-        if export is None or token is None:
-            return None
-        session.expunge(export)
+def build_export(
+    database: Database,
+    settings: Settings,
+    export_id: uuid.UUID,
+    *,
+    token: str | None = None,
+    failure: dict[str, Any] | None = None,
+) -> str | None:
+    """Claim and build one export. Returns its final status, or None if it was not ours.
+
+    `token`: the claim token to build under (a fresh one if None); an export still running
+    under it is taken back. `failure`: record this failure ({code, message, details}) under
+    `token` instead of building. Raises BuildInterrupted when the database becomes
+    unavailable (claiming, reading, beating, completing or recording a failure), for the task
+    to try again with the same token as soon as it is back, rather than leave the export
+    `running` with no reason until the sweeper takes it over.
+    """
+    token = token or str(uuid.uuid4())
+    if failure is not None:
+        return _record_failure(database, export_id, token, failure)
+    try:
+        with database.transaction() as session:
+            claimed = service.claim(session, export_id, settings.stale_after_s, token=token)
+            export = session.get(Export, export_id) if claimed else None
+            if export is None:
+                return None
+            session.expunge(export)
+    except Exception as error:
+        if is_database_unavailable(error):
+            raise BuildInterrupted() from error
+        raise
     building = building_root(settings) / f"{export_id}-{token}"
     _remove_stale_building(settings, export_id)
     try:
         manifest = _build(database, settings, export, token, building)
         final = export_path(settings, export.project_id, export_id)
         final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():  # a crashed earlier attempt published but did not record it
+        if final.exists():  # an earlier attempt published but did not record it
             shutil.rmtree(final)
         building.rename(final)
         with database.transaction() as session:
@@ -100,31 +134,45 @@ def build_export(database: Database, settings: Settings, export_id: uuid.UUID) -
         log.warning("export %s was taken over by another worker; stopping", export_id)
         shutil.rmtree(building, ignore_errors=True)
         return None
-    except ExportRefused as refused:
-        shutil.rmtree(building, ignore_errors=True)
-        with database.transaction() as session:
-            service.fail(
-                session,
-                export_id,
-                token,
-                code=refused.code,
-                message=refused.message,
-                details=refused.details,
-            )
-        log.info("export %s failed: %s", export_id, refused.message)
-        return "failed"
     except Exception as error:
         shutil.rmtree(building, ignore_errors=True)
-        log.exception("export %s failed unexpectedly", export_id)
+        if is_database_unavailable(error):
+            # Not a failure of the export: it is built again, from the start, once the
+            # database is back (the same inputs give the same bytes).
+            reason = str(getattr(error, "orig", None) or error).partition("\n")[0]
+            log.warning("export %s: the database became unavailable (%s)", export_id, reason)
+            raise BuildInterrupted() from error
+        if isinstance(error, ExportRefused):
+            log.info("export %s failed: %s", export_id, error.message)
+            failed = {"code": error.code, "message": error.message, "details": error.details}
+        else:
+            log.exception("export %s failed unexpectedly", export_id)
+            failed = {
+                "code": "internal_error",
+                "message": f"the export failed: {type(error).__name__}: {error}",
+                "details": None,
+            }
+        return _record_failure(database, export_id, token, failed)
+
+
+def _record_failure(
+    database: Database, export_id: uuid.UUID, token: str, failure: dict[str, Any]
+) -> str:
+    try:
         with database.transaction() as session:
             service.fail(
                 session,
                 export_id,
                 token,
-                code="internal_error",
-                message=f"the export failed: {type(error).__name__}: {error}",
+                code=failure["code"],
+                message=failure["message"],
+                details=failure.get("details"),
             )
-        return "failed"
+    except Exception as error:
+        if is_database_unavailable(error):
+            raise BuildInterrupted(failure) from error
+        raise
+    return "failed"
 
 
 def _remove_stale_building(settings: Settings, export_id: uuid.UUID) -> None:
@@ -262,7 +310,12 @@ def _write_tokenized(
         import transformers  # noqa: F401
 
         from app.exports.pool import TokenizePool
-        from app.exports.tokenize import TokenizeConfig, load_chat_tokenizer
+        from app.exports.tokenize import (
+            NotFastTokenizer,
+            TokenizeConfig,
+            TokenizerUnavailable,
+            load_export_tokenizer,
+        )
         from app.exports.writers.parquet import ParquetShards
     except ImportError as error:
         raise ExportRefused(
@@ -273,13 +326,20 @@ def _write_tokenized(
 
     name, revision = config["tokenizer"], config.get("tokenizer_revision")
     try:
-        chat = load_chat_tokenizer(name, revision)
-    except Exception as error:
+        chat, load_as = load_export_tokenizer(name, revision, settings.tokenizer_roots)
+    except NotFastTokenizer as error:
         raise ExportRefused(
-            "tokenizer_unavailable", f"could not load tokenizer {name!r}: {error}"
+            "tokenizer_not_fast",
+            f"the tokenizer {name!r} is not a fast tokenizer: token offsets (needed to map "
+            "turns onto tokens) come only from a tokenizer.json",
         ) from error
+    except TokenizerUnavailable as error:
+        # Why (what exists where) is for the worker's log; the caller learns only that it failed.
+        log.warning("tokenizer %r unavailable: %s", name, error.reason, exc_info=error.__cause__)
+        raise ExportRefused("tokenizer_unavailable", error.message) from error
     tokenize_config = TokenizeConfig(config.get("max_seq_len"), config["overflow"])
-    pool = TokenizePool(chat, name, revision, tokenize_config, settings.export_processes)
+    # The pool's processes load what was checked here: a resolved path, or the Hub id.
+    pool = TokenizePool(chat, load_as, revision, tokenize_config, settings.export_processes)
     writer = ParquetShards(building, limits, soft=config["options"]["soft"])
     examples = (
         [row_builders.example(source, decision) for source, decision in batch] for batch in batches

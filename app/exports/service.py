@@ -11,8 +11,16 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from app.config import Settings
 from app.errors import Conflict, NotFound, SrftError
 from app.exports import schemas
+from app.exports.tokenize import (
+    INVALID_REVISION,
+    INVALID_TOKENIZER,
+    revision_allowed,
+    roots_as_written,
+    tokenizer_allowed,
+)
 from app.jobs.schemas import Selection
 from app.models import Export, Job, Step, Trajectory, Verdict, utcnow
 from app.recipe.masking import StepLabel
@@ -30,10 +38,13 @@ class InvalidExport(SrftError):
 # ---------------------------------------------------------------------- creation
 
 
-def create_export(session: Session, project_id: uuid.UUID, body: schemas.ExportCreate) -> Export:
+def create_export(
+    session: Session, project_id: uuid.UUID, body: schemas.ExportCreate, settings: Settings
+) -> Export:
     """Check the request against the jobs it names and write the export, queued."""
     jobs = _jobs(session, project_id, body.job_ids)
     _check_format(body)
+    _check_tokenizer(body, settings)
     _check_mask_labels(body, jobs)
     if body.selection is not None and body.selection.trajectory_ids is not None:
         _check_trajectories(session, project_id, body.selection.trajectory_ids)
@@ -88,8 +99,8 @@ def _check_format(body: schemas.ExportCreate) -> None:
     tokenized = body.format == "tokenized_parquet"
     if tokenized and not body.tokenizer:
         raise InvalidExport(
-            "tokenized_parquet needs `tokenizer`: the hub id or local path of the target "
-            "model's tokenizer, whose chat template renders the rows",
+            "tokenized_parquet needs `tokenizer`: the Hub id of the target model's tokenizer "
+            "(or its path inside SRFT_TOKENIZER_DIRS), whose chat template renders the rows",
             location="tokenizer",
         )
     if not tokenized:
@@ -106,6 +117,19 @@ def _check_format(body: schemas.ExportCreate) -> None:
                 "(use tokenized_parquet, whose rows get a `loss_weights` column)",
                 location="options.soft",
             )
+
+
+def _check_tokenizer(body: schemas.ExportCreate, settings: Settings) -> None:
+    """A Hub id or a path inside SRFT_TOKENIZER_DIRS, judged on the text alone: the refusal
+    is the same whatever exists on the server (the worker checks again, symlinks resolved)."""
+    roots = [*settings.tokenizer_roots, *roots_as_written(settings.tokenizer_dirs)]
+    if body.tokenizer is not None and not tokenizer_allowed(body.tokenizer, roots):
+        raise InvalidExport(INVALID_TOKENIZER, location="tokenizer", code="invalid_tokenizer")
+    revision = body.tokenizer_revision
+    if revision is not None and not revision_allowed(revision):
+        raise InvalidExport(
+            INVALID_REVISION, location="tokenizer_revision", code="invalid_tokenizer"
+        )
 
 
 def _check_mask_labels(body: schemas.ExportCreate, jobs: Sequence[Job]) -> None:
@@ -148,10 +172,18 @@ def _check_trajectories(session: Session, project_id: uuid.UUID, ids: Sequence[u
 # ---------------------------------------------------------------------- life cycle
 
 
-def claim(session: Session, export_id: uuid.UUID, stale_after_s: float) -> str | None:
-    """Take the export for building; None if it is finished or another worker is on it."""
+def claim(
+    session: Session, export_id: uuid.UUID, stale_after_s: float, *, token: str | None = None
+) -> str | None:
+    """Take the export for building under `token` (a fresh one if None) and return the token;
+    None if it is finished or another worker is on it.
+
+    An export still running under `token` itself is taken back at once: a build that lost
+    the database starts over when its task retries, instead of waiting for its claim to go
+    stale. A token belongs to one task and its retries, which never run at the same time.
+    """
     now = utcnow()
-    token = str(uuid.uuid4())
+    token = token or str(uuid.uuid4())
     stale = now - timedelta(seconds=stale_after_s)
     result = session.execute(
         update(Export)
@@ -159,7 +191,10 @@ def claim(session: Session, export_id: uuid.UUID, stale_after_s: float) -> str |
             Export.id == export_id,
             or_(
                 Export.status == "queued",
-                and_(Export.status == "running", Export.claimed_at < stale),
+                and_(
+                    Export.status == "running",
+                    or_(Export.claimed_at < stale, Export.claim_token == token),
+                ),
             ),
         )
         .values(
@@ -224,7 +259,12 @@ def fail(
 
 
 def sweep(session: Session, stale_after_s: float) -> list[uuid.UUID]:
-    """Exports whose worker died (heartbeat stopped) or whose queue message was lost."""
+    """Exports whose worker died (heartbeat stopped) or whose queue message was lost.
+
+    They are put back to `queued`, claim cleared, marked enqueued now, in the statement that
+    finds them: the next sweep leaves them alone for another timeout, and a builder that was
+    only slow loses its claim at its next heartbeat.
+    """
     now = utcnow()
     stale = now - timedelta(seconds=stale_after_s)
     lost = or_(
@@ -234,14 +274,15 @@ def sweep(session: Session, stale_after_s: float) -> list[uuid.UUID]:
             or_(Export.enqueued_at.is_(None), Export.enqueued_at < stale),
         ),
     )
-    ids = list(session.scalars(select(Export.id).where(lost)))
-    if ids:
-        session.execute(
+    return list(
+        session.scalars(
             update(Export)
-            .where(Export.id.in_(ids), Export.status == "queued")
-            .values(enqueued_at=now)
+            .where(lost)
+            .values(status="queued", claim_token=None, enqueued_at=now)
+            .returning(Export.id)
+            .execution_options(synchronize_session=False)
         )
-    return ids
+    )
 
 
 # ---------------------------------------------------------------------- reading

@@ -8,6 +8,10 @@ from app.jobs.service import Unit
 
 LABEL_UNIT = "srft.jobs.label_unit"
 SWEEP = "srft.jobs.sweep"
+# Labeling and export tasks go to Celery's default queue; sweeps to their own, so that a
+# sweep never waits behind a backlog of labeling work. `srft worker` consumes both.
+WORK_QUEUE = "celery"
+SWEEP_QUEUE = "srft.sweeps"
 
 
 def enqueue(broker_url: str, units: Iterable[Unit]) -> int:

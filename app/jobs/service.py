@@ -9,10 +9,7 @@ never both apply a verdict, and a dead worker's claim is taken over by the sweep
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import json
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -30,6 +27,7 @@ from app.critic.prompt import prompt_hash
 from app.errors import Conflict, NotFound, SrftError
 from app.jobs import schemas
 from app.models import Job, Trajectory, Verdict, utcnow
+from app.pagination import decode_cursor, encode_cursor
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 OPEN_ITEMS = ("pending", "running")
@@ -302,13 +300,21 @@ def pending_units(session: Session, job: Job, chunk_size: int) -> list[Unit]:
     return units_of(job, [(r.trajectory_id, r.step_index) for r in rows], chunk_size)
 
 
-def claim_unit(session: Session, unit: Unit, stale_after_s: float) -> Claim | None:
-    """Claim the unit's open items; None when there is nothing left to do."""
+def claim_unit(
+    session: Session, unit: Unit, stale_after_s: float, *, token: str | None = None
+) -> Claim | None:
+    """Claim the unit's open items under `token` (a fresh one if None); None when there is
+    nothing left to do.
+
+    Items still running under `token` itself are taken back at once: a task that lost the
+    database resumes its own claim when it retries, instead of waiting for the claim to go
+    stale. A token belongs to one task and its retries, which never run at the same time.
+    """
     job = session.get(Job, unit.job_id)
     if job is None or job.status in TERMINAL:
         return None
     now = utcnow()
-    token = str(uuid.uuid4())
+    token = token or str(uuid.uuid4())
     stale = now - timedelta(seconds=stale_after_s)
     claimed = list(
         session.execute(
@@ -319,7 +325,10 @@ def claim_unit(session: Session, unit: Unit, stale_after_s: float) -> Claim | No
                 Verdict.step_index.in_(unit.step_indices),
                 or_(
                     Verdict.status == "pending",
-                    and_(Verdict.status == "running", Verdict.claimed_at < stale),
+                    and_(
+                        Verdict.status == "running",
+                        or_(Verdict.claimed_at < stale, Verdict.claim_token == token),
+                    ),
                 ),
             )
             .values(status="running", claim_token=token, claimed_at=now)
@@ -474,9 +483,29 @@ def finish_if_done(session: Session, job_id: uuid.UUID) -> str | None:
     return status if getattr(result, "rowcount", 0) else None
 
 
+# Any constant shared by every sweeper: the key of their Postgres advisory lock.
+SWEEP_LOCK = 0x53524654  # "SRFT"
+
+
+def lock_sweep(session: Session) -> bool:
+    """Take the sweepers' lock until this transaction ends; False if another sweep holds it.
+
+    Two sweeps at once would each hand the same lost work on. SQLite needs no lock: its
+    embedded worker is the only one, and it sweeps from one thread.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return True
+    return bool(session.scalar(select(func.pg_try_advisory_xact_lock(SWEEP_LOCK))))
+
+
 def sweep(session: Session, stale_after_s: float, chunk_size: int) -> list[Unit]:
     """Units whose work was lost: claims older than the timeout (a dead or stuck worker) and
-    pending items never picked up (a lost broker message). Marks the pending ones enqueued."""
+    pending items not picked up within it (a lost broker message).
+
+    Both are put back to `pending`, claim cleared, marked enqueued now, in the statement that
+    finds them: the next sweep leaves them alone for another timeout instead of handing them
+    on again, and a late write under the old claim finds no row to write to.
+    """
     now = utcnow()
     stale = now - timedelta(seconds=stale_after_s)
     lost = or_(
@@ -486,10 +515,13 @@ def sweep(session: Session, stale_after_s: float, chunk_size: int) -> list[Unit]
             or_(Verdict.enqueued_at.is_(None), Verdict.enqueued_at < stale),
         ),
     )
+    open_jobs = select(Job.id).where(Job.status.in_(("queued", "running")))
     rows = session.execute(
-        select(Verdict.job_id, Verdict.trajectory_id, Verdict.step_index)
-        .join(Job, Job.id == Verdict.job_id)
-        .where(lost, Job.status.in_(("queued", "running")))
+        update(Verdict)
+        .where(lost, Verdict.job_id.in_(open_jobs.scalar_subquery()))
+        .values(status="pending", claim_token=None, claimed_at=None, enqueued_at=now)
+        .returning(Verdict.job_id, Verdict.trajectory_id, Verdict.step_index)
+        .execution_options(synchronize_session=False)
     ).all()
     if not rows:
         return []
@@ -501,11 +533,6 @@ def sweep(session: Session, stale_after_s: float, chunk_size: int) -> list[Unit]
         job = session.get(Job, job_id)
         if job is not None:
             units.extend(units_of(job, items, chunk_size))
-    session.execute(
-        update(Verdict)
-        .where(Verdict.job_id.in_(list(by_job)), Verdict.status == "pending", lost)
-        .values(enqueued_at=now)
-    )
     return units
 
 
@@ -613,30 +640,13 @@ def _eta(job: Job, steps: dict[str, int]) -> float | None:
     return round(elapsed / worked * steps["pending"], 1)
 
 
-def encode_cursor(verdict_id: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps(verdict_id).encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> int:
-    try:
-        value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (ValueError, binascii.Error):
-        value = None
-    if not isinstance(value, int):
-        raise InvalidJob(
-            "invalid cursor: pass back the next_cursor of a previous page unchanged",
-            location="query.cursor",
-            code="invalid_cursor",
-        )
-    return value
-
-
 def list_verdicts(
     session: Session, job: Job, *, limit: int, cursor: str | None
 ) -> tuple[list[Verdict], str | None]:
     query = select(Verdict).where(Verdict.job_id == job.id)
     if cursor is not None:
-        query = query.where(Verdict.id > decode_cursor(cursor))
+        (after,) = decode_cursor(cursor, int)
+        query = query.where(Verdict.id > after)
     items = list(session.scalars(query.order_by(Verdict.id).limit(limit + 1)))
     next_cursor = encode_cursor(items[limit - 1].id) if len(items) > limit else None
     return items[:limit], next_cursor
