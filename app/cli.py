@@ -32,6 +32,21 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     migrate: Annotated[bool, typer.Option(help="Apply database migrations first.")] = True,
     workers: Annotated[int, typer.Option(help="Server processes (each a full API).")] = 1,
+    proxy_headers: Annotated[
+        bool,
+        typer.Option(
+            help="Take the client address and scheme from X-Forwarded-For/-Proto, when sent "
+            "by a trusted proxy (--forwarded-allow-ips)."
+        ),
+    ] = True,
+    forwarded_allow_ips: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated proxy addresses (or '*') whose X-Forwarded-* headers are "
+            "trusted; default: $FORWARDED_ALLOW_IPS, else 127.0.0.1. Behind a TLS-terminating "
+            "proxy, name it so the review UI sees https (Secure cookie, Origin check)."
+        ),
+    ] = None,
 ) -> None:
     """Run the API (and, on the embedded default, the worker inside it)."""
     import uvicorn
@@ -52,6 +67,8 @@ def serve(
         host=host,
         port=port,
         workers=workers,
+        proxy_headers=proxy_headers,
+        forwarded_allow_ips=forwarded_allow_ips,
         log_level="info",
     )
 
@@ -70,6 +87,15 @@ def worker(
         ),
     ] = "threads",
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    queues: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated queues to consume: `celery` (labeling and exports) and "
+            "`srft.sweeps` (the sweeper's). Every deployment needs a worker on each; with long "
+            "labeling tasks, give sweeps a worker of their own (--queues srft.sweeps "
+            "--concurrency 1) so they never wait for a free slot."
+        ),
+    ] = "celery,srft.sweeps",
 ) -> None:
     """Run a Celery worker against SRFT_BROKER_URL (Redis in production)."""
     from app.config import get_settings
@@ -91,6 +117,7 @@ def worker(
             f"--pool={pool}",
             f"--concurrency={concurrency}",
             f"--loglevel={loglevel}",
+            f"--queues={queues}",
             "--without-gossip",
         ]
     )
@@ -343,7 +370,11 @@ def export_command(
         str, typer.Option("--format", help="openai_jsonl, tokenized_parquet or prm_jsonl.")
     ] = "openai_jsonl",
     tokenizer: Annotated[
-        str | None, typer.Option(help="Hub id or path of the tokenizer (tokenized_parquet).")
+        str | None,
+        typer.Option(
+            help="Hub id of the tokenizer, or its path under the server's SRFT_TOKENIZER_DIRS "
+            "(tokenized_parquet)."
+        ),
     ] = None,
     max_seq_len: Annotated[int | None, typer.Option(help="Longest row, in tokens.")] = None,
     overflow: Annotated[str, typer.Option(help="truncate, drop or split.")] = "truncate",

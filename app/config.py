@@ -70,8 +70,9 @@ class Settings(BaseSettings):
 
     # The review UI's sign-in: a server-side session (the cookie holds only its random id) that
     # expires after this long and that sign-out revokes. `cookie_secure`: mark the cookie
-    # Secure; None = only when the request itself came over https (behind a TLS-terminating
-    # proxy, set it to true, or run uvicorn with --proxy-headers).
+    # Secure; None = only when the request itself came over https. Behind a TLS-terminating
+    # proxy run `srft serve --forwarded-allow-ips=<proxy ip>` so that the request's scheme is
+    # the proxy's (the review pages' same-origin check needs it too), or set it to true.
     ui_session_ttl_s: int = 12 * 3600
     cookie_secure: bool | None = None
 

@@ -44,6 +44,21 @@ class SrftError(Exception):
         return f"{self.message} (at {self.location})" if self.location else self.message
 
 
+class InternalError(SrftError):
+    """A bug of ours: the request was not applied."""
+
+    status_code = 500
+    code = "internal_error"
+
+
+class RequestValidation(SrftError):
+    """A field of the request (path, query, header or body) is missing, mistyped or out of
+    range; the location names it (`body.critic.votes`, `query.limit`)."""
+
+    status_code = 422
+    code = "validation_error"
+
+
 class InvalidJson(SrftError):
     status_code = 400
     code = "invalid_json"

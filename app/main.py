@@ -17,10 +17,11 @@ from app import __version__
 from app.auth import service as auth_service
 from app.config import Settings, get_settings
 from app.db import Database
-from app.errors import SrftError
+from app.errors import InvalidJson, RequestValidation, SrftError
 from app.exports.router import router as exports_router
 from app.jobs.router import router as jobs_router
 from app.metrics import router as metrics_router
+from app.middleware import RequestGuard, error_response
 from app.review.evaluation_router import router as evaluation_router
 from app.review.router import router as review_router
 from app.review.ui import router as review_ui_router
@@ -30,38 +31,45 @@ from app.trajectories.router import uploads_router
 log = logging.getLogger("srft")
 
 
-def _error(status: int, code: str, message: str, location: str | None = None) -> JSONResponse:
-    return JSONResponse(
-        status_code=status,
-        content={"error": {"code": code, "message": message, "location": location}},
-    )
-
-
 async def _srft_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, SrftError)
-    return JSONResponse(status_code=exc.status_code, content=exc.to_dict())
+    return error_response(exc)
+
+
+def _field_location(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc)
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors: list[Any] = list(exc.errors())
     first = errors[0] if errors else {}
-    location = ".".join(str(part) for part in first.get("loc", ())) or None
-    message = "; ".join(
-        f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors
+    if first.get("type") == "json_invalid":
+        # The guard parses JSON bodies first; this is only a backstop with the same shape.
+        return error_response(
+            InvalidJson(f"malformed JSON: {first.get('ctx', {}).get('error')}", location="body")
+        )
+    message = "; ".join(f"{_field_location(e.get('loc', ()))}: {e.get('msg')}" for e in errors)
+    return error_response(
+        RequestValidation(
+            message or "invalid request", location=_field_location(first.get("loc", ())) or None
+        )
     )
-    return _error(422, "validation_error", message or "invalid request", location)
+
+
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
 
 
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    codes = {404: "not_found", 405: "method_not_allowed"}
-    return _error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
-
-
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return _error(500, "internal_error", "internal server error; the request was not applied")
+    error = SrftError(str(exc.detail), code=_HTTP_CODES.get(exc.status_code, "http_error"))
+    error.status_code = exc.status_code
+    return error_response(error, headers=dict(exc.headers or {}))
 
 
 def create_app(settings: Settings | None = None, database: Database | None = None) -> FastAPI:
@@ -100,7 +108,9 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     app.add_exception_handler(SrftError, _srft_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected_error)
+    # Outermost of ours: bounds bodies before any route reads them and turns what no handler
+    # took into a JSON error without dropping the connection.
+    app.add_middleware(RequestGuard)
     app.include_router(trajectories_router)
     app.include_router(uploads_router)
     app.include_router(jobs_router)

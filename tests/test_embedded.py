@@ -28,8 +28,11 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 class Served:
-    def __init__(self, workdir: Path) -> None:
+    """`srft serve` in a subprocess: the embedded default, or what `env` (SRFT_*) says."""
+
+    def __init__(self, workdir: Path, **env: str) -> None:
         self.workdir = workdir
+        self.env = env
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / "serve.log"
@@ -40,7 +43,7 @@ class Served:
             self.process = subprocess.Popen(
                 [*SRFT, "serve", "--port", str(self.port)],
                 cwd=self.workdir,
-                env=_env(),
+                env=_env(**self.env),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )

@@ -15,8 +15,12 @@ from app.exports import service as export_service
 from app.exports.builder import MANIFEST, export_path
 from app.exports.files import archive_response, file_response, media_type_for, resolve_export_file
 from app.models import Export
+from app.pagination import decode_cursor, encode_cursor
+from app.schemas import COMMON_ERRORS, error_responses
 
-router = APIRouter(prefix="/v1/exports", tags=["exports"])
+router = APIRouter(
+    prefix="/v1/exports", tags=["exports"], responses=COMMON_ERRORS | error_responses(404, 409)
+)
 log = logging.getLogger(__name__)
 
 
@@ -25,7 +29,7 @@ def create_export(
     body: schemas.ExportCreate, session: SessionDep, project_id: ProjectDep, settings: SettingsDep
 ) -> schemas.ExportOut:
     """Build training shards from the verdicts of finished labeling jobs (by a worker)."""
-    export = export_service.create_export(session, project_id, body)
+    export = export_service.create_export(session, project_id, body, settings)
     session.commit()
     try:
         queue.enqueue_build(settings.broker_url, export.id)
@@ -40,15 +44,16 @@ def list_exports(
     session: SessionDep,
     project_id: ProjectDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[uuid.UUID | None, Query(description="next_cursor of the last page")] = None,
+    cursor: Annotated[str | None, Query(description="next_cursor of the last page")] = None,
 ) -> schemas.ExportPage:
     """The project's exports, newest first."""
-    items, next_cursor = export_service.list_exports(
-        session, project_id, limit=limit, before=cursor
+    before = decode_cursor(cursor, uuid.UUID)[0] if cursor is not None else None
+    items, next_before = export_service.list_exports(
+        session, project_id, limit=limit, before=before
     )
     return schemas.ExportPage(
         items=[export_service.describe(e) for e in items],
-        next_cursor=str(next_cursor) if next_cursor else None,
+        next_cursor=encode_cursor(next_before) if next_before else None,
     )
 
 
@@ -71,7 +76,16 @@ def _completed(session: SessionDep, project_id: uuid.UUID, export_id: uuid.UUID)
     return export
 
 
-@router.api_route("/{export_id}/files/{path:path}", methods=["GET", "HEAD"])
+@router.get(
+    "/{export_id}/files/{path:path}",
+    operation_id="download_export_file",
+    responses=error_responses(416),
+)
+@router.head(
+    "/{export_id}/files/{path:path}",
+    operation_id="head_export_file",
+    responses=error_responses(416),
+)
 def download_file(
     export_id: uuid.UUID,
     path: str,

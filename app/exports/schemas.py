@@ -6,20 +6,21 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from app.jobs.schemas import Selection
+from app.schemas import MAX_INT64, MIN_INT64, Id, Name, RequestModel
 
 PolicyName = Literal["sft", "rft", "srft", "srft_unresolved", "prefix"]
 FormatName = Literal["openai_jsonl", "tokenized_parquet", "prm_jsonl"]
 GiB = 1024**3
 
 
-class PolicyOptionsIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    mask_labels: list[str] = Field(
-        default_factory=lambda: ["mistake"], description="Labels whose steps get no loss."
+class PolicyOptionsIn(RequestModel):
+    mask_labels: list[Name] = Field(
+        default_factory=lambda: ["mistake"],
+        max_length=64,
+        description="Labels whose steps get no loss.",
     )
     critique_resolved: bool = Field(
         default=False, description="Apply verdicts to resolved trajectories too."
@@ -32,31 +33,34 @@ class PolicyOptionsIn(BaseModel):
         description="Weight = share of votes that did not pick a masked label "
         "(tokenized_parquet only: a `loss_weights` column).",
     )
-    min_trained_steps: int = Field(default=1, ge=0)
+    min_trained_steps: int = Field(default=1, ge=0, le=1_000_000)
 
 
-class ExportCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    job_ids: list[uuid.UUID] = Field(min_length=1, max_length=100)
+class ExportCreate(RequestModel):
+    job_ids: list[Id] = Field(min_length=1, max_length=100)
     policy: PolicyName = "srft"
     options: PolicyOptionsIn = Field(default_factory=PolicyOptionsIn)
     format: FormatName = "openai_jsonl"
     tokenizer: str | None = Field(
         default=None,
-        description="Hub id or local path of the target model's tokenizer (tokenized_parquet).",
+        max_length=1000,
+        description="Hub id of the target model's tokenizer, or its path under a directory of "
+        "SRFT_TOKENIZER_DIRS (tokenized_parquet).",
     )
-    tokenizer_revision: str | None = None
+    tokenizer_revision: Name | None = None
     max_seq_len: int | None = Field(default=None, ge=16, le=4_194_304)
     overflow: Literal["truncate", "drop", "split"] = "truncate"
     seed: int | None = Field(
-        default=0, description="Row order: shuffled with this seed; null keeps id order."
+        default=0,
+        ge=MIN_INT64,
+        le=MAX_INT64,
+        description="Row order: shuffled with this seed; null keeps id order.",
     )
     selection: Selection | None = Field(
         default=None,
         description="Which trajectories; defaults to those the jobs selected (any resolution).",
     )
-    shard_max_rows: int = Field(default=50_000, ge=1)
+    shard_max_rows: int = Field(default=50_000, ge=1, le=1_000_000_000)
     shard_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024, le=64 * GiB)
 
 

@@ -11,8 +11,11 @@ from fastapi import APIRouter, Query, status
 from app.deps import ProjectDep, SessionDep, SettingsDep
 from app.jobs import queue, schemas
 from app.jobs import service as job_service
+from app.schemas import COMMON_ERRORS, error_responses
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(
+    prefix="/v1/jobs", tags=["jobs"], responses=COMMON_ERRORS | error_responses(404, 409)
+)
 log = logging.getLogger(__name__)
 
 

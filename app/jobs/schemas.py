@@ -8,33 +8,31 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.schemas import Id, Name, RequestModel
 
-class Selection(BaseModel):
+
+class Selection(RequestModel):
     """Either explicit ids, or a filter over the project's trajectories."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    trajectory_ids: list[uuid.UUID] | None = Field(default=None, max_length=100_000)
+    trajectory_ids: list[Id] | None = Field(default=None, max_length=100_000)
     resolved: bool | None = None
-    source_format: str | None = None
-    task_id: str | None = None
+    source_format: Name | None = None
+    task_id: str | None = Field(default=None, max_length=1000)
 
 
-class CriticOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class CriticOptions(RequestModel):
     mode: Literal["trajectory", "step"] = "trajectory"
-    model: str | None = Field(default=None, description="Defaults to SRFT_CRITIC_MODEL.")
+    model: Name | None = Field(default=None, description="Defaults to SRFT_CRITIC_MODEL.")
     votes: int = Field(default=1, ge=1, le=15)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    labels: dict[str, str] | None = Field(
-        default=None, description="Label name -> definition; defaults to the four SRFT labels."
+    labels: dict[Name, str] | None = Field(
+        default=None,
+        max_length=64,
+        description="Label name -> definition; defaults to the four SRFT labels.",
     )
 
 
-class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class JobCreate(RequestModel):
     selection: Selection
     critic: CriticOptions = Field(default_factory=CriticOptions)
     scope: Literal["unresolved", "all"] = "unresolved"

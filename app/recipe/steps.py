@@ -12,6 +12,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from app import json_input
+from app.json_input import JsonSyntaxError
+
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)
 _INLINE_FUNCTION = re.compile(r"<function=([^>\s]+)>(.*?)(?:</function>|$)", re.DOTALL)
 _INLINE_PARAMETER = re.compile(
@@ -93,8 +96,8 @@ def _render_arguments(raw: Any) -> str:
     arguments = raw
     if isinstance(raw, str):
         try:
-            arguments = json.loads(raw)
-        except json.JSONDecodeError:
+            arguments = json_input.loads(raw)
+        except JsonSyntaxError:
             return raw
     if isinstance(arguments, dict):
         if len(arguments) == 1:

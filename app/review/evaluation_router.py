@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import uuid
 from typing import Annotated, Any
 
@@ -16,36 +13,20 @@ from app.deps import ProjectDep, SessionDep
 from app.errors import SrftError
 from app.jobs import service as job_service
 from app.models import HumanLabel, Job, Verdict
+from app.pagination import decode_cursor, encode_cursor
 from app.review import evaluation
 from app.review import service as review_service
+from app.schemas import COMMON_ERRORS, error_responses
 
-router = APIRouter(prefix="/v1/jobs", tags=["review"])
+router = APIRouter(
+    prefix="/v1/jobs", tags=["review"], responses=COMMON_ERRORS | error_responses(404)
+)
 MAX_PAGE = 1000
 
 
 class InvalidEvaluation(SrftError):
     status_code = 422
     code = "invalid_evaluation"
-
-
-def _encode_cursor(trajectory_id: uuid.UUID, step_index: int) -> str:
-    raw = json.dumps([str(trajectory_id), step_index]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[uuid.UUID, int]:
-    try:
-        value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        trajectory_id, step_index = value
-        if not isinstance(step_index, int):
-            raise ValueError(step_index)
-        return uuid.UUID(trajectory_id), step_index
-    except (ValueError, TypeError, AttributeError, binascii.Error):
-        raise InvalidEvaluation(
-            "invalid cursor: pass back the next_cursor of a previous page unchanged",
-            location="query.cursor",
-            code="invalid_cursor",
-        ) from None
 
 
 def _same_step(job: Job) -> ColumnElement[bool]:
@@ -82,7 +63,7 @@ def _disagreements(
         .where(_done(job), Verdict.label != HumanLabel.label)
     )
     if cursor is not None:
-        after_trajectory, after_step = _decode_cursor(cursor)
+        after_trajectory, after_step = decode_cursor(cursor, uuid.UUID, int)
         query = query.where(
             or_(
                 Verdict.trajectory_id > after_trajectory,
@@ -107,7 +88,7 @@ def _disagreements(
     next_cursor = None
     if len(rows) > limit:
         last = rows[limit - 1][0]
-        next_cursor = _encode_cursor(last.trajectory_id, last.step_index)
+        next_cursor = encode_cursor(last.trajectory_id, last.step_index)
     return items, next_cursor
 
 

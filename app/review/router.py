@@ -9,8 +9,11 @@ from fastapi import APIRouter, Response, status
 from app.deps import CallerDep, SessionDep
 from app.review import schemas
 from app.review import service as review_service
+from app.schemas import COMMON_ERRORS, error_responses
 
-router = APIRouter(prefix="/v1/trajectories", tags=["review"])
+router = APIRouter(
+    prefix="/v1/trajectories", tags=["review"], responses=COMMON_ERRORS | error_responses(404)
+)
 
 
 @router.put("/{trajectory_id}/steps/{step_index}/human_label", response_model=schemas.HumanLabelOut)

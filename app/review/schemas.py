@@ -7,10 +7,10 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.schemas import RequestModel
 
-class HumanLabelIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
+class HumanLabelIn(RequestModel):
     label: str = Field(min_length=1, max_length=64)
     note: str | None = Field(default=None, max_length=10_000)
 

@@ -7,41 +7,35 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 
-from app.deps import ProjectDep, SessionDep, SettingsDep
-from app.errors import PayloadTooLarge
+from app.deps import ProjectDep, SessionDep
 from app.jobs import service as job_service
 from app.review import service as review_service
+from app.schemas import COMMON_ERRORS, error_responses
 from app.trajectories import schemas
 from app.trajectories import service as trajectory_service
 
-router = APIRouter(prefix="/v1/trajectories", tags=["trajectories"])
-uploads_router = APIRouter(prefix="/v1/uploads", tags=["trajectories"])
+router = APIRouter(
+    prefix="/v1/trajectories", tags=["trajectories"], responses=COMMON_ERRORS | error_responses(404)
+)
+uploads_router = APIRouter(
+    prefix="/v1/uploads", tags=["trajectories"], responses=COMMON_ERRORS | error_responses(404)
+)
 
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/x-jsonlines")
 
 
-async def read_body(request: Request, settings: SettingsDep) -> bytes:
-    """The raw body, refused with 413 as soon as it passes SRFT_MAX_UPLOAD_BYTES."""
-    limit = settings.max_upload_bytes
-    too_large = PayloadTooLarge(
-        f"the body is larger than SRFT_MAX_UPLOAD_BYTES = {limit} bytes; split the file "
-        "or raise the limit",
-        location="body",
-    )
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def read_body(request: Request) -> bytes:
+    """The raw body. Its size is bounded by the request guard (`app.middleware`), which
+    refuses it with 413 as soon as it passes SRFT_MAX_UPLOAD_BYTES."""
+    return await request.body()
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=schemas.IngestResponse)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=schemas.IngestResponse,
+    openapi_extra={"requestBody": schemas.UPLOAD_REQUEST_BODY},
+)
 def upload_trajectories(
     request: Request,
     session: SessionDep,

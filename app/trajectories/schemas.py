@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.schemas import RequestModel
+
 
 class IngestedTrajectory(BaseModel):
     id: uuid.UUID
@@ -87,9 +89,52 @@ class TrajectoryPage(BaseModel):
     next_cursor: str | None
 
 
-class TrajectoryPatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+_MESSAGE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["role"],
+    "properties": {
+        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
+        "content": {"anyOf": [{"type": "string"}, {"type": "array"}, {"type": "null"}]},
+        "tool_calls": {"type": "array", "items": {"type": "object"}},
+        "tool_call_id": {"type": "string"},
+        "name": {"type": "string"},
+    },
+}
+_CANONICAL_ITEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["messages"],
+    "additionalProperties": False,
+    "properties": {
+        "messages": {"type": "array", "items": _MESSAGE_SCHEMA},
+        "tools": {"anyOf": [{"type": "array", "items": {"type": "object"}}, {"type": "null"}]},
+        "resolved": {"anyOf": [{"type": "boolean"}, {"type": "null"}]},
+        "task_id": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        "instance_id": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        "metadata": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+    },
+}
+# The upload body as OpenAPI describes it. Only canonical items are spelled out: the other
+# formats are files as agents wrote them (any JSON value, or JSON Lines), detected on upload.
+UPLOAD_REQUEST_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "anyOf": [
+                    _CANONICAL_ITEM_SCHEMA,
+                    {"type": "array", "items": _CANONICAL_ITEM_SCHEMA},
+                    {"description": "a trajectory file in any supported format"},
+                ]
+            }
+        },
+        "application/x-ndjson": {
+            "schema": {"type": "string", "description": "one run (any format) per line"}
+        },
+    },
+}
 
+
+class TrajectoryPatch(RequestModel):
     resolved: bool | None = Field(
         description="true or false from an evaluation report, or null when unknown."
     )

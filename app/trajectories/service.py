@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import uuid
@@ -15,8 +13,10 @@ from sqlalchemy import Table, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, load_only
 
+from app import json_input
 from app.errors import InvalidTrajectory, NoSteps, NotFound
 from app.models import Step, Trajectory, Upload, new_id, utcnow
+from app.pagination import decode_cursor, encode_cursor
 from app.recipe.steps import Step as StepView
 from app.recipe.steps import split_steps
 from app.trajectories import formats
@@ -24,6 +24,9 @@ from app.trajectories.formats.base import Trajectory as Canonical
 
 ResolvedFilter = Literal["true", "false", "unknown"]
 MAX_PAGE = 100
+# Stored runs are served back as JSON, and the response encoder refuses deep nesting; no real
+# run nests anywhere near this deep (messages, tools and metadata together).
+MAX_NESTING = 64
 # Level 3 keeps nearly all of level 6's ratio on trajectories (3.5x vs 3.6x in bench/ingest.py)
 # at a fraction of the CPU, which is a tenth of the ingest path.
 _ZSTD_LEVEL = 3
@@ -138,6 +141,15 @@ def _plan(runs: list[Canonical], resolved: bool | None) -> list[_PlannedRun]:
             raise NoSteps(
                 f"run {position} ({run.task_id or 'no task id'}) has no assistant step, so "
                 "there is nothing to label; nothing was stored",
+                location=where,
+            )
+        deep = json_input.too_deep(
+            {"messages": run.messages, "tools": run.tools, "metadata": run.metadata}, MAX_NESTING
+        )
+        if deep is not None:
+            where = f"run {position}: {deep}" if len(runs) > 1 else deep
+            raise InvalidTrajectory(
+                f"{deep} nests more than {MAX_NESTING} levels deep; nothing was stored",
                 location=where,
             )
         if resolved is not None:
@@ -283,21 +295,6 @@ def set_resolved(
     return trajectory
 
 
-def encode_cursor(trajectory_id: uuid.UUID) -> str:
-    return base64.urlsafe_b64encode(trajectory_id.bytes).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(bytes=base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (ValueError, binascii.Error):
-        raise InvalidTrajectory(
-            "invalid cursor: pass back the next_cursor of a previous page unchanged",
-            location="query.cursor",
-            code="invalid_cursor",
-        ) from None
-
-
 def list_trajectories(
     session: Session,
     project_id: uuid.UUID,
@@ -319,7 +316,8 @@ def list_trajectories(
     if task_id is not None:
         query = query.where(Trajectory.task_id == task_id)
     if cursor is not None:
-        query = query.where(Trajectory.id < decode_cursor(cursor))
+        (before,) = decode_cursor(cursor, uuid.UUID)
+        query = query.where(Trajectory.id < before)
     # Only the summary columns: a page must not drag megabytes of messages along.
     query = query.order_by(Trajectory.id.desc()).limit(limit + 1)
     query = query.options(

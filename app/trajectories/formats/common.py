@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from app import json_input
+from app.json_input import JsonSyntaxError
 from app.trajectories.formats.base import Document, Message, Record, fail, text_of
 
 # The roles of a canonical message (`base.py`).
@@ -118,13 +120,19 @@ def decode_listish(value: Any) -> Any:
     if not isinstance(value, str):
         return value
     try:
-        return json.loads(value)
-    except (json.JSONDecodeError, RecursionError):
+        return json_input.loads(value)
+    except JsonSyntaxError:
         pass
     try:
-        return ast.literal_eval(value)
+        decoded = ast.literal_eval(value)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return value
+    # A Python literal may hold what JSON cannot store (inf, nan, sets, bytes, huge nesting).
+    try:
+        json_input.loads(json.dumps(decoded, allow_nan=False))
+    except (TypeError, ValueError, RecursionError):
+        return value
+    return decoded
 
 
 # ---------------------------------------------------------------- tool calls

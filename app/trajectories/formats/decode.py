@@ -7,10 +7,11 @@ first non-empty line is. A JSONL body with bad lines is rejected whole, listing 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from app import json_input
 from app.errors import InvalidEncoding, InvalidJson
+from app.json_input import JsonSyntaxError
 from app.trajectories.formats.base import Document, Record
 
 _MAX_LISTED_BAD_LINES = 50
@@ -30,12 +31,9 @@ def decode_text(raw: bytes) -> str:
 
 
 def _loads(text: str) -> Any:
-    # strict=False lets raw control characters (tabs, CRs from terminals) through inside
-    # strings, as the agents that wrote these files did.
-    try:
-        return json.loads(text, strict=False)
-    except RecursionError:
-        raise InvalidJson("the JSON is nested too deeply to read", location="(document)") from None
+    # Raw control characters (tabs, CRs from terminals) may stand inside strings, as the
+    # agents that wrote these files left them.
+    return json_input.loads(text, allow_control_characters=True)
 
 
 def decode_document(raw: bytes, *, lines: bool | None = None) -> Document:
@@ -46,12 +44,9 @@ def decode_document(raw: bytes, *, lines: bool | None = None) -> Document:
     if lines is not True:
         try:
             return Document(records=(Record(_loads(text)),))
-        except json.JSONDecodeError as exc:
+        except JsonSyntaxError as exc:
             if lines is False or not _looks_like_lines(text):
-                raise InvalidJson(
-                    f"malformed JSON: {exc.msg}",
-                    location=f"line {exc.lineno}, column {exc.colno}",
-                ) from None
+                raise InvalidJson(f"malformed JSON: {exc.message}", location=exc.location) from None
     return _decode_lines(text)
 
 
@@ -60,7 +55,7 @@ def _looks_like_lines(text: str) -> bool:
         if line.strip():
             try:
                 _loads(line)
-            except json.JSONDecodeError:
+            except JsonSyntaxError:
                 return False
             return True
     return False
@@ -76,8 +71,8 @@ def _decode_lines(text: str) -> Document:
             continue
         try:
             records.append(Record(_loads(line), line=number))
-        except json.JSONDecodeError as exc:
-            bad.append({"line": number, "column": exc.colno, "message": exc.msg})
+        except JsonSyntaxError as exc:
+            bad.append({"line": number, "column": exc.column, "message": exc.message})
     if bad:
         listed = ", ".join(
             f"line {b['line']} column {b['column']}: {b['message']}"

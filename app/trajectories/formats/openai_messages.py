@@ -42,6 +42,10 @@ _ROLE_ALIASES = {"developer": "system"}
 # Small scalar row fields worth keeping; larger columns (patches, test output) are not copied.
 _ROW_METADATA_KEYS = ("model", "run_id", "traj_id", "timestamp", "cost")
 _SAMPLE_SUFFIX = re.compile(r"(.+)_\d+")
+# The fields of a canonical item. Rows of the known producers carry their own columns; a
+# canonical item with any other field is refused, so that a misspelt `resolved` or `task_id`
+# is not silently dropped.
+CANONICAL_FIELDS = ("messages", "tools", "resolved", "task_id", "instance_id", "metadata")
 
 
 # ---------------------------------------------------------------- runs
@@ -63,6 +67,7 @@ def _parse_run(run: Run, run_index: int) -> Trajectory:
         raw, base = run.value, run.prefix
     elif isinstance(run.value, dict):
         row = run.value
+        _check_canonical_fields(row, run)
         raw, base = row.get("messages"), run.at("messages")
     else:
         raise fail(
@@ -84,6 +89,19 @@ def _parse_run(run: Run, run_index: int) -> Trajectory:
         task_id=_task_id(row, run),
         metadata=_metadata(row, run, run_index),
     )
+
+
+def _check_canonical_fields(row: dict[str, Any], run: Run) -> None:
+    if _variant(row) is not None:
+        return
+    unknown = [key for key in row if key not in CANONICAL_FIELDS]
+    if unknown:
+        raise fail(
+            f"unknown field {unknown[0]!r}; a canonical item has only "
+            f"{', '.join(CANONICAL_FIELDS)}",
+            run.record,
+            run.at(unknown[0]),
+        )
 
 
 def _response_message(row: dict[str, Any], run: Run) -> dict[str, Any] | None:

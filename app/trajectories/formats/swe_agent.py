@@ -18,10 +18,11 @@ last `trajectory` entry so that every step the model took is present.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
+from app import json_input
+from app.json_input import JsonSyntaxError
 from app.trajectories.formats.base import Document, Message, Trajectory, fail
 from app.trajectories.formats.common import (
     CallPairing,
@@ -126,8 +127,8 @@ def _replay_config(obj: dict[str, Any]) -> dict[str, Any]:
     value = obj.get("replay_config")
     if isinstance(value, str):
         try:
-            value = json.loads(value)
-        except (json.JSONDecodeError, RecursionError):
+            value = json_input.loads(value)
+        except JsonSyntaxError:
             return {}
     return mapping(value)
 
