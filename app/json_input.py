@@ -59,6 +59,14 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# Built once: json.loads with any option builds a decoder per call, which costs more than
+# decoding a short tool-call argument string.
+_STRICT = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+_LENIENT = json.JSONDecoder(
+    parse_constant=_refuse_constant, parse_float=_finite_float, strict=False
+)
+
+
 def loads(text: str, *, allow_control_characters: bool = False) -> Any:
     """Parse one JSON value, or raise `JsonSyntaxError` saying what and where.
 
@@ -66,12 +74,7 @@ def loads(text: str, *, allow_control_characters: bool = False) -> Any:
     agents that wrote trajectory files left them; request bodies are held to strict JSON.
     """
     try:
-        return json.loads(
-            text,
-            strict=not allow_control_characters,
-            parse_constant=_refuse_constant,
-            parse_float=_finite_float,
-        )
+        return (_LENIENT if allow_control_characters else _STRICT).decode(text)
     except json.JSONDecodeError as error:
         raise JsonSyntaxError(error.msg, error.lineno, error.colno) from None
     except RecursionError:

@@ -19,7 +19,7 @@ from app.db import Database, upgrade_database
 from app.deps import get_session
 from app.main import create_app
 from tests.chat_tokenizers import TEMPLATES, build_tokenizer
-from tests.servers import RedisServer, postgres_server
+from tests.servers import PostgresServer, RedisServer, postgres_server
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +45,17 @@ def postgres_url() -> Iterator[str]:
     with postgres_server() as url:
         upgrade_database(url)
         yield url
+
+
+@pytest.fixture(scope="module")
+def own_postgres() -> Iterator[PostgresServer]:
+    """A Postgres cluster of the module's own, migrated: its tests may stop and restart it
+    without disturbing the session's server."""
+    server = PostgresServer()
+    server.start()
+    upgrade_database(server.url)
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.db import upgrade_database
 from tests.builders import make_trajectory
 from tests.servers import PostgresServer
 from tests.test_embedded import Served
@@ -23,19 +22,12 @@ KEY = "srft_" + "o" * 40
 
 
 @pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    server.start()
-    upgrade_database(server.url)
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
-def served(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def served(
+    own_postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
     server = Served(
         tmp_path_factory.mktemp("outage"),
-        SRFT_DATABASE_URL=postgres.url,
+        SRFT_DATABASE_URL=own_postgres.url,
         SRFT_BOOTSTRAP_API_KEY=KEY,
     )
     server.start()
@@ -80,7 +72,7 @@ class Connection:
 
 
 def test_a_lost_database_answers_503_and_keeps_the_connection(
-    served: Served, postgres: PostgresServer
+    served: Served, own_postgres: PostgresServer
 ) -> None:
     connection = Connection(served.port)
     body = json.dumps(make_trajectory(2, salt="outage")).encode()
@@ -88,7 +80,7 @@ def test_a_lost_database_answers_503_and_keeps_the_connection(
     assert status == 201, payload
     trajectory_id = json.loads(payload)["trajectories"][0]["id"]
 
-    postgres.stop()
+    own_postgres.stop()
     try:
         probes = [
             ("GET", f"/v1/trajectories/{trajectory_id}", b""),
@@ -107,7 +99,7 @@ def test_a_lost_database_answers_503_and_keeps_the_connection(
         assert status == 503
         assert json.loads(payload)["checks"]["database"].startswith("error")
     finally:
-        postgres.start()
+        own_postgres.start()
 
     # Back within seconds, on the same connection.
     deadline = time.monotonic() + 15

@@ -22,7 +22,6 @@ import psycopg
 import pytest
 from sqlalchemy import create_engine, func, select, update
 
-from app.db import upgrade_database
 from app.exports.builder import MANIFEST, export_path
 from app.models import Export, Job, Verdict
 from tests.e2e import Api, RulesCritic, Workers, worker_env
@@ -41,18 +40,8 @@ REENQUEUED = re.compile(r"sweeper re-enqueued (\d+) units")
 
 
 @pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    """A cluster of this module's own: the tests stop it and start it again."""
-    server = PostgresServer()
-    server.start()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
-def e2e_database_url(postgres: PostgresServer) -> str:
-    upgrade_database(postgres.url)
-    return postgres.url
+def e2e_database_url(own_postgres: PostgresServer) -> str:
+    return own_postgres.url
 
 
 @pytest.fixture(scope="module")
@@ -111,14 +100,14 @@ def test_labeling_resumes_within_seconds_of_the_database_return(
     corpus: list[str],
     rules_critic: RulesCritic,
     workers: Workers,
-    postgres: PostgresServer,
+    own_postgres: PostgresServer,
     e2e_database_url: str,
 ) -> None:
     reenqueued = _reenqueued(workers)
     back: list[datetime] = []
     # Every step labeled exactly once, each with the label the rules prescribe.
     _label_through(
-        api, corpus, rules_critic, e2e_database_url, lambda: back.append(_restart(postgres))
+        api, corpus, rules_critic, e2e_database_url, lambda: back.append(_restart(own_postgres))
     )
 
     engine = create_engine(e2e_database_url)
@@ -200,7 +189,7 @@ def test_an_export_interrupted_by_the_outage_is_rebuilt_byte_identical(
     api: Api,
     corpus: list[str],
     workers: Workers,
-    postgres: PostgresServer,
+    own_postgres: PostgresServer,
     e2e_database_url: str,
 ) -> None:
     job = api.start_job(
@@ -228,7 +217,7 @@ def test_an_export_interrupted_by_the_outage_is_rebuilt_byte_identical(
         export_id = response.json()["id"]
         _wait_until_blocked(locker)
         assert _export_row(e2e_database_url, export_id).status == "running"
-        back = _restart(postgres)
+        back = _restart(own_postgres)
     finally:
         locker.close()
 
