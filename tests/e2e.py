@@ -83,6 +83,10 @@ class RulesCritic:
     def set_faults(self, plan: dict[str, Any]) -> None:
         self._admin("POST", "faults", json=plan)
 
+    def recent_requests(self) -> list[list[dict[str, Any]]]:
+        """The messages of the last requests the critic answered."""
+        return [r["messages"] for r in self._admin("GET", "requests").json()["requests"]]
+
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = self._admin("GET", "stats").json()
         return stats

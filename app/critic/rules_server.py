@@ -13,6 +13,8 @@ It answers prompts built by `app.critic.prompt`, in both modes, with the labels 
 - `GET /v1/models`.
 - Fault injection, from the start (`faults=`) or at run time: `GET|POST|DELETE /admin/faults`.
 - `GET /admin/stats`, `POST /admin/stats/reset`.
+- `GET /admin/requests`: the messages of the last requests it answered (newest last), so a
+  test can check exactly what a critic was sent.
 
 When an API key is configured every endpoint, admin included, wants `Authorization: Bearer
 <key>`, and answers 401 with an OpenAI-style error otherwise.
@@ -49,7 +51,7 @@ import logging
 import math
 import random
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -74,6 +76,8 @@ FLIP_PER_TEMPERATURE = 0.15
 # Bounds for the memories kept per server (LRU): seen prefixes, read-back prompts, counters.
 _MEMORY = 65_536
 _PARSED_MEMORY = 256
+# Requests whose messages `GET /admin/requests` shows.
+_RECENT_REQUESTS = 64
 _DISCONNECT_POLL_S = 0.05
 
 
@@ -253,6 +257,7 @@ class RulesCritic:
         self._seen_prefixes = _Memory(_MEMORY)  # digest -> prompt tokens of that prefix
         self._request_counts = _Memory(_MEMORY)  # full-request digest -> times seen
         self._prefixes = _Memory(_PARSED_MEMORY)  # prefix digest -> (PromptPrefix, verdicts)
+        self.recent: deque[list[Any]] = deque(maxlen=_RECENT_REQUESTS)
 
     # -- configuration
 
@@ -282,6 +287,7 @@ class RulesCritic:
     def complete(self, body: dict[str, Any], fault: FaultRule | None) -> dict[str, Any]:
         """A ChatCompletion for a validated body (see `_validated`)."""
         messages: list[Any] = body["messages"]
+        self.recent.append(messages)
         digests = _message_digests(messages, body.get("response_format"))
         parsed, verdicts = self._read(messages, digests)
         prompt_tokens = estimate_prompt_tokens(messages, body.get("response_format"))
@@ -539,6 +545,11 @@ def create_rules_app(
     async def get_stats() -> dict[str, Any]:
         """Counts of requests, faults, modes and tokens since start or the last reset."""
         return critic.stats.as_dict()
+
+    @app.get("/admin/requests")
+    async def get_requests() -> dict[str, Any]:
+        """The messages of the last requests answered, oldest first."""
+        return {"requests": [{"messages": messages} for messages in critic.recent]}
 
     @app.post("/admin/stats/reset")
     async def reset_stats() -> dict[str, Any]:
