@@ -367,17 +367,30 @@ def export_command(
         str, typer.Option(help="sft, rft, srft (default), srft_unresolved or prefix.")
     ] = "srft",
     format: Annotated[
-        str, typer.Option("--format", help="openai_jsonl, tokenized_parquet or prm_jsonl.")
+        str,
+        typer.Option(
+            "--format",
+            help="openai_jsonl (fine-tuning format), openai_jsonl_raw (canonical messages), "
+            "tokenized_parquet or prm_jsonl.",
+        ),
     ] = "openai_jsonl",
     tokenizer: Annotated[
         str | None,
         typer.Option(
             help="Hub id of the tokenizer, or its path under the server's SRFT_TOKENIZER_DIRS "
-            "(tokenized_parquet)."
+            "(tokenized_parquet; openai_jsonl with --max-seq-len: measures the rows)."
         ),
     ] = None,
-    max_seq_len: Annotated[int | None, typer.Option(help="Longest row, in tokens.")] = None,
-    overflow: Annotated[str, typer.Option(help="truncate, drop or split.")] = "truncate",
+    max_seq_len: Annotated[
+        int | None, typer.Option(help="Longest row, in tokens of --tokenizer.")
+    ] = None,
+    overflow: Annotated[
+        str,
+        typer.Option(
+            help="Rows over --max-seq-len: truncate (openai_jsonl: at the last step that fits), "
+            "drop, or split at step boundaries."
+        ),
+    ] = "truncate",
     mask_label: Annotated[
         list[str] | None, typer.Option("--mask-label", help="Label to mask (repeatable).")
     ] = None,

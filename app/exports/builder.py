@@ -18,18 +18,23 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app import __version__
 from app.config import Settings
 from app.db import Database, is_database_unavailable
+from app.exports import finetune, service
 from app.exports import rows as row_builders
-from app.exports import service
+from app.exports.schemas import MESSAGE_FORMATS
+from app.exports.tokenize import Example, TokenizeConfig, Tokenized
 from app.exports.writers.jsonl import JsonlShards
 from app.exports.writers.shards import ShardInfo, ShardLimits
 from app.models import Export
 from app.recipe.masking import PolicyCounts, PolicyOptions, TrajectoryDecision, decide
 from app.recipe.render import SpanStats, template_hash
+
+if TYPE_CHECKING:
+    from app.exports.pool import TokenizePool
 
 log = logging.getLogger("srft.exports")
 
@@ -250,12 +255,18 @@ def _build(
             yield out
 
     tokenizer_info: dict[str, Any] | None = None
+    # The default format is fitted to the fine-tuning format; its changes are counted here.
+    profile = finetune.ProfileCounts() if export.format == "openai_jsonl" else None
     if export.format == "tokenized_parquet":
         shards, tokenizer_info = _write_tokenized(
             settings, config, building, limits, decided(), rows, stats
         )
+    elif export.format in MESSAGE_FORMATS:
+        shards, tokenizer_info = _write_messages(
+            settings, config, building, limits, decided(), rows, profile
+        )
     else:
-        shards = _write_jsonl(export.format, building, limits, decided(), rows)
+        shards = _write_prm(building, limits, decided(), rows)
     if rows.written == 0:
         raise ExportRefused(
             "no_rows",
@@ -264,7 +275,9 @@ def _build(
             f"{rows.dropped})",
             details={"policy": counts.as_dict(), "rows": rows.dropped},
         )
-    manifest = _manifest(export, jobs, config, tokenizer_info, counts, rows, stats, shards, ids)
+    manifest = _manifest(
+        export, jobs, config, tokenizer_info, counts, rows, stats, shards, ids, profile
+    )
     (building / MANIFEST).write_bytes(manifest_bytes(manifest))
     heartbeat.beat(len(ids), len(ids), force=True)
     return manifest
@@ -274,19 +287,17 @@ def manifest_bytes(manifest: dict[str, Any]) -> bytes:
     return json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n"
 
 
-def _write_jsonl(
-    fmt: str,
+def _write_prm(
     building: Path,
     limits: ShardLimits,
     batches: Iterator[list[tuple[service.Source, TrajectoryDecision]]],
     rows: RowCounts,
 ) -> list[ShardInfo]:
-    make = row_builders.openai_row if fmt == "openai_jsonl" else row_builders.prm_row
     writer = JsonlShards(building, limits)
     try:
         for batch in batches:
             for source, decision in batch:
-                row = make(source, decision)
+                row = row_builders.prm_row(source, decision)
                 if row is None:
                     rows.drop("no_trained_tokens")
                     continue
@@ -297,30 +308,103 @@ def _write_jsonl(
         writer.abort()
 
 
-def _write_tokenized(
+def _write_messages(
     settings: Settings,
     config: dict[str, Any],
     building: Path,
     limits: ShardLimits,
     batches: Iterator[list[tuple[service.Source, TrajectoryDecision]]],
     rows: RowCounts,
-    stats: SpanStats,
-) -> tuple[list[ShardInfo], dict[str, Any]]:
+    profile: finetune.ProfileCounts | None,
+) -> tuple[list[ShardInfo], dict[str, Any] | None]:
+    """Rows of messages: canonical (`openai_jsonl_raw`) or fitted to the fine-tuning format
+    and checked against it (`openai_jsonl`, `profile` set). With a tokenizer, each row is
+    measured with its chat template and split, dropped or cut at a step boundary to fit
+    `max_seq_len`, in the tokenizing processes."""
+
+    def examples() -> Iterator[list[Example]]:
+        for batch in batches:
+            out: list[Example] = []
+            for source, decision in batch:
+                row = row_builders.openai_row(source, decision)
+                if row is not None and profile is not None:
+                    row = finetune.fit_row(row["messages"], row.get("tools"), profile)
+                if row is None:
+                    rows.drop("no_trained_tokens")
+                    continue
+                out.append(row_builders.message_example(str(source.id), row))
+            yield out
+
+    pool: TokenizePool | None = None
+    info: dict[str, Any] | None = None
+    writer = JsonlShards(building, limits)
+    try:
+        if config.get("tokenizer"):
+            measure = TokenizeConfig(config["max_seq_len"], config["overflow"], messages=True)
+            pool, info = _tokenize_pool(settings, config, measure)
+        if pool is None:
+            results: Iterator[list[Tokenized]] = (
+                [Tokenized(e.key, pieces=[e]) for e in batch] for batch in examples()
+            )
+        else:
+            results = pool.map(examples())
+        for batch_results in results:
+            _refuse_on_errors(batch_results, config["tokenizer"])
+            invalid: list[dict[str, Any]] = []
+            for result in batch_results:
+                rows.truncated += result.truncated
+                for reason, count in result.dropped.items():
+                    rows.drop(reason, count)
+                for part, piece in enumerate(result.pieces):
+                    row = row_builders.message_row(piece)
+                    found = finetune.problems(row) if profile is not None else []
+                    if found:
+                        invalid.append(
+                            {"trajectory_id": result.key, "part": part, "problems": found}
+                        )
+                        continue
+                    writer.write(row)
+                    rows.written += 1
+                    if len(result.pieces) > 1:
+                        rows.split_rows += 1
+            if invalid:
+                _refuse_invalid(invalid)
+        return writer.close(), info
+    finally:
+        writer.abort()
+        if pool is not None:
+            pool.close()
+
+
+def _refuse_invalid(invalid: Sequence[dict[str, Any]]) -> None:
+    first = invalid[0]
+    message = (
+        f"{len(invalid)} rows of this batch are not valid fine-tuning examples and would be "
+        f"refused by a fine-tuning service (first: trajectory {first['trajectory_id']}: "
+        f"{first['problems'][0]}); export them as openai_jsonl_raw to get the canonical "
+        "messages unchanged"
+    )
+    raise ExportRefused("invalid_rows", message, details={"rows": list(invalid[:MAX_LISTED])})
+
+
+def _tokenize_pool(
+    settings: Settings, config: dict[str, Any], tokenize_config: TokenizeConfig
+) -> tuple[TokenizePool, dict[str, Any]]:
+    """The export's tokenizer, loaded through the checks, in a pool of tokenizing processes;
+    and what the manifest says of it."""
     try:
         import transformers  # noqa: F401
 
         from app.exports.pool import TokenizePool
         from app.exports.tokenize import (
             NotFastTokenizer,
-            TokenizeConfig,
             TokenizerUnavailable,
             load_export_tokenizer,
         )
-        from app.exports.writers.parquet import ParquetShards
     except ImportError as error:
         raise ExportRefused(
             "missing_dependency",
-            "tokenized_parquet needs transformers and pyarrow on the worker: "
+            f"{config['format']} with a tokenizer needs transformers on the worker: "
             f"pip install 'srft[export]' ({error})",
         ) from error
 
@@ -337,16 +421,49 @@ def _write_tokenized(
         # Why (what exists where) is for the worker's log; the caller learns only that it failed.
         log.warning("tokenizer %r unavailable: %s", name, error.reason, exc_info=error.__cause__)
         raise ExportRefused("tokenizer_unavailable", error.message) from error
-    tokenize_config = TokenizeConfig(config.get("max_seq_len"), config["overflow"])
     # The pool's processes load what was checked here: a resolved path, or the Hub id.
     pool = TokenizePool(chat, load_as, revision, tokenize_config, settings.export_processes)
+    tokenizer = chat.tokenizer
+    info = {
+        "name": name,
+        "revision": revision,
+        "class": type(tokenizer).__name__,
+        "chat_template_sha256": template_hash(chat.renderer.template_for(None)),
+        "vocab_size": len(tokenizer),
+        "eos_token": tokenizer.eos_token,
+        "bos_token": tokenizer.bos_token,
+        "pad_token": tokenizer.pad_token,
+    }
+    return pool, info
+
+
+def _write_tokenized(
+    settings: Settings,
+    config: dict[str, Any],
+    building: Path,
+    limits: ShardLimits,
+    batches: Iterator[list[tuple[service.Source, TrajectoryDecision]]],
+    rows: RowCounts,
+    stats: SpanStats,
+) -> tuple[list[ShardInfo], dict[str, Any]]:
+    try:
+        from app.exports.writers.parquet import ParquetShards
+    except ImportError as error:
+        raise ExportRefused(
+            "missing_dependency",
+            "tokenized_parquet needs transformers and pyarrow on the worker: "
+            f"pip install 'srft[export]' ({error})",
+        ) from error
+
+    tokenize_config = TokenizeConfig(config.get("max_seq_len"), config["overflow"])
+    pool, info = _tokenize_pool(settings, config, tokenize_config)
     writer = ParquetShards(building, limits, soft=config["options"]["soft"])
     examples = (
         [row_builders.example(source, decision) for source, decision in batch] for batch in batches
     )
     try:
         for results in pool.map(examples):
-            _refuse_on_errors(results, name)
+            _refuse_on_errors(results, config["tokenizer"])
             for result in results:
                 stats.add(result.stats)
                 rows.truncated += result.truncated
@@ -361,17 +478,6 @@ def _write_tokenized(
     finally:
         writer.abort()
         pool.close()
-    tokenizer = chat.tokenizer
-    info = {
-        "name": name,
-        "revision": revision,
-        "class": type(tokenizer).__name__,
-        "chat_template_sha256": template_hash(chat.renderer.template_for(None)),
-        "vocab_size": len(tokenizer),
-        "eos_token": tokenizer.eos_token,
-        "bos_token": tokenizer.bos_token,
-        "pad_token": tokenizer.pad_token,
-    }
     return shards, info
 
 
@@ -405,6 +511,7 @@ def _manifest(
     stats: SpanStats,
     shards: Sequence[ShardInfo],
     ids: Sequence[uuid.UUID],
+    profile: finetune.ProfileCounts | None,
 ) -> dict[str, Any]:
     """Everything needed to trust and reproduce the shards; no times or export id, so the
     same inputs give the same manifest too."""
@@ -462,6 +569,8 @@ def _manifest(
                 "truncated": rows.truncated,
                 "split_rows": rows.split_rows,
             },
+            # openai_jsonl: what fitting rows to the fine-tuning format changed.
+            "profile": profile.as_dict() if profile is not None else None,
             "tokens": {
                 "total": sum(s.tokens or 0 for s in shards) if tokenized else None,
                 "trained": sum(s.trained_tokens or 0 for s in shards) if tokenized else None,

@@ -7,7 +7,7 @@ from itertools import pairwise
 from typing import Any
 
 from app.exports.service import Source
-from app.exports.tokenize import Example
+from app.exports.tokenize import Example, weights_from_messages
 from app.recipe.masking import TrajectoryDecision
 
 
@@ -36,8 +36,9 @@ def example(source: Source, decision: TrajectoryDecision) -> Example:
 
 
 def openai_row(source: Source, decision: TrajectoryDecision) -> dict[str, Any] | None:
-    """`{"messages", "tools"}` with `"weight": 0|1` on every assistant message (OpenAI
-    fine-tuning; Axolotl with `message_field_training: weight`). None if nothing is trained."""
+    """`{"messages", "tools"}`: the canonical messages with `"weight": 0|1` on every assistant
+    message, as `openai_jsonl_raw` writes them (`openai_jsonl` fits them to the fine-tuning
+    format: `finetune.fit_row`). None if nothing is trained."""
     weights = message_weights(source, decision)
     if not weights:
         return None
@@ -49,6 +50,22 @@ def openai_row(source: Source, decision: TrajectoryDecision) -> dict[str, Any] |
     row: dict[str, Any] = {"messages": messages}
     if source.tools:
         row["tools"] = source.tools
+    return row
+
+
+def message_example(key: str, row: dict[str, Any]) -> Example:
+    """A row of messages as an example to measure (and split): every assistant message is a
+    step, trained at its `weight`."""
+    messages = row["messages"]
+    steps = tuple(i for i, m in enumerate(messages) if m.get("role") == "assistant")
+    return Example(key, messages, row.get("tools"), steps, weights_from_messages(messages))
+
+
+def message_row(example: Example) -> dict[str, Any]:
+    """The `{"messages", "tools"}` row of an example (or of a piece of one)."""
+    row: dict[str, Any] = {"messages": example.messages}
+    if example.tools:
+        row["tools"] = example.tools
     return row
 
 

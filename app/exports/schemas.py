@@ -12,7 +12,9 @@ from app.jobs.schemas import Selection
 from app.schemas import MAX_INT64, MIN_INT64, Id, Name, RequestModel
 
 PolicyName = Literal["sft", "rft", "srft", "srft_unresolved", "prefix"]
-FormatName = Literal["openai_jsonl", "tokenized_parquet", "prm_jsonl"]
+FormatName = Literal["openai_jsonl", "openai_jsonl_raw", "tokenized_parquet", "prm_jsonl"]
+# Rows of messages (`{"messages", "tools"}`): a tokenizer, if given, measures them for max_seq_len.
+MESSAGE_FORMATS: tuple[str, ...] = ("openai_jsonl", "openai_jsonl_raw")
 GiB = 1024**3
 
 
@@ -45,11 +47,21 @@ class ExportCreate(RequestModel):
         default=None,
         max_length=1000,
         description="Hub id of the target model's tokenizer, or its path under a directory of "
-        "SRFT_TOKENIZER_DIRS (tokenized_parquet).",
+        "SRFT_TOKENIZER_DIRS: renders tokenized_parquet rows; measures openai_jsonl(_raw) rows "
+        "for max_seq_len.",
     )
     tokenizer_revision: Name | None = None
-    max_seq_len: int | None = Field(default=None, ge=16, le=4_194_304)
-    overflow: Literal["truncate", "drop", "split"] = "truncate"
+    max_seq_len: int | None = Field(
+        default=None,
+        ge=16,
+        le=4_194_304,
+        description="Longest row in tokens (tokenized_parquet; openai_jsonl(_raw) with tokenizer).",
+    )
+    overflow: Literal["truncate", "drop", "split"] = Field(
+        default="truncate",
+        description="Rows over max_seq_len: cut (rows of messages: at the last step boundary "
+        "that fits), drop, or split at step boundaries repeating the task.",
+    )
     seed: int | None = Field(
         default=0,
         ge=MIN_INT64,

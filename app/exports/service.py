@@ -103,20 +103,34 @@ def _check_format(body: schemas.ExportCreate) -> None:
             "(or its path inside SRFT_TOKENIZER_DIRS), whose chat template renders the rows",
             location="tokenizer",
         )
-    if not tokenized:
+    if body.format in schemas.MESSAGE_FORMATS:
+        # A tokenizer only measures rows of messages: one without the other does nothing.
+        if body.max_seq_len is not None and body.tokenizer is None:
+            raise InvalidExport(
+                f"`max_seq_len` for {body.format} needs `tokenizer`: rows are measured in the "
+                "tokens of the target model's chat template",
+                location="max_seq_len",
+            )
+        if body.tokenizer is not None and body.max_seq_len is None:
+            raise InvalidExport(
+                f"`tokenizer` measures {body.format} rows against `max_seq_len`; give "
+                "max_seq_len too (the trainer tokenizes the rows)",
+                location="tokenizer",
+            )
+    elif not tokenized:
         for name in ("tokenizer", "max_seq_len"):
             if getattr(body, name) is not None:
                 raise InvalidExport(
-                    f"`{name}` applies to tokenized_parquet only; {body.format} rows are "
-                    "messages, tokenized by the trainer",
+                    f"`{name}` does not apply to {body.format}: its rows are text, tokenized "
+                    "by the trainer",
                     location=name,
                 )
-        if body.options.soft:
-            raise InvalidExport(
-                f"soft weights need a format that takes floats: {body.format} takes 0/1 "
-                "(use tokenized_parquet, whose rows get a `loss_weights` column)",
-                location="options.soft",
-            )
+    if not tokenized and body.options.soft:
+        raise InvalidExport(
+            f"soft weights need a format that takes floats: {body.format} takes 0/1 "
+            "(use tokenized_parquet, whose rows get a `loss_weights` column)",
+            location="options.soft",
+        )
 
 
 def _check_tokenizer(body: schemas.ExportCreate, settings: Settings) -> None:

@@ -1,8 +1,9 @@
 """Conversations to training rows with a tokenizer: render, encode, weigh, handle overflow.
 
-Shared by the exporter (`tokenized_parquet`) and the trainer (reading `openai_jsonl`), so both
-tokenize with the same span code. Also which tokenizers an export may name and load (the
-trainer's are its user's own business). No database, HTTP or torch here.
+Shared by the exporter (`tokenized_parquet`, and `openai_jsonl` rows measured against
+`max_seq_len`) and the trainer (reading `openai_jsonl`), so all tokenize with the same span
+code. Also which tokenizers an export may name and load (the trainer's are its user's own
+business). No database, HTTP or torch here.
 """
 
 from __future__ import annotations
@@ -47,9 +48,13 @@ class Tokenized:
 
     key: str
     rows: list[TokenRow] = field(default_factory=list)
+    # With `TokenizeConfig.messages`: the rows as conversations (the whole, or its pieces).
+    pieces: list[Example] = field(default_factory=list)
     # Rows (or pieces of a split) not written and why: "no_trained_tokens", "too_long".
     dropped: dict[str, int] = field(default_factory=dict)
-    truncated: int = 0  # rows cut at max_seq_len (overflow=truncate, or a step too long to split)
+    # Rows whose tokens were cut at max_seq_len (overflow=truncate, or a split piece holding
+    # one step that is longer alone); as messages, rows whose last steps were left out.
+    truncated: int = 0
     stats: SpanStats = field(default_factory=SpanStats)
     # Set when the example cannot be exported at all (template or limit problem).
     error: str | None = None
@@ -63,6 +68,10 @@ class Tokenized:
 class TokenizeConfig:
     max_seq_len: int | None = None
     overflow: str = "truncate"
+    # Measure and split conversations, and return them as messages (`Tokenized.pieces`), not
+    # tokens: rows of `openai_jsonl`. No message can be cut, so `truncate` keeps the steps
+    # that fit (the first piece of a split) and a step too long alone is dropped.
+    messages: bool = False
 
 
 class NotFastTokenizer(ValueError):
@@ -256,20 +265,20 @@ def tokenize_examples(
     results = [Tokenized(e.key) for e in examples]
     rendered: list[tuple[int, RenderedChat]] = []
     for position, example in enumerate(examples):
+        # As messages only the length counts: no turn's span is needed.
+        wanted = () if config.messages else sorted(example.weights)
         try:
-            rendered.append((position, chat.render(example, sorted(example.weights))))
+            rendered.append((position, chat.render(example, wanted)))
         except NotPrefixStable as error:
-            results[position].error = f"message {error.message_index}: {error}"
-            results[position].error_code = "template_not_prefix_stable"
+            _not_prefix_stable(results[position], error)
     encoded = chat.encode([r for _, r in rendered])
     to_split: list[int] = []
     for (position, _), enc in zip(rendered, encoded, strict=True):
         result, example = results[position], examples[position]
         result.stats.add(enc.stats)
-        row = weigh_tokens(enc, example.weights)
         limit = config.max_seq_len
-        if limit is None or len(row.input_ids) <= limit:
-            _keep(result, row)
+        if limit is None or len(enc.input_ids) <= limit:
+            _keep(result, example, enc, config)
         elif enc.prefix_tokens > limit:
             if config.overflow == "drop":
                 result.drop("too_long")
@@ -281,9 +290,9 @@ def tokenize_examples(
                 result.error_code = "prefix_too_long"
         elif config.overflow == "drop":
             result.drop("too_long")
-        elif config.overflow == "truncate":
-            result.truncated += 1
-            _keep(result, truncate(row, limit))
+        elif config.overflow == "truncate" and not config.messages:
+            row = weigh_tokens(enc, example.weights)
+            _keep_tokens(result, truncate(row, limit), truncated=True)
         else:
             to_split.append(position)
     if to_split:
@@ -292,11 +301,41 @@ def tokenize_examples(
     return results
 
 
-def _keep(result: Tokenized, row: TokenRow) -> None:
+def _not_prefix_stable(result: Tokenized, error: NotPrefixStable) -> None:
+    result.error = f"message {error.message_index}: {error}"
+    result.error_code = "template_not_prefix_stable"
+
+
+def _keep(
+    result: Tokenized,
+    example: Example,
+    enc: Encoded,
+    config: TokenizeConfig,
+    *,
+    truncated: bool = False,
+) -> None:
+    if not config.messages:
+        _keep_tokens(result, weigh_tokens(enc, example.weights), truncated=truncated)
+    elif not example.weights:
+        result.drop("no_trained_tokens")
+    else:
+        result.pieces.append(example)
+        result.truncated += 1 if truncated else 0
+
+
+def _keep_tokens(result: Tokenized, row: TokenRow, *, truncated: bool = False) -> None:
+    """Keep a row with trained tokens (counted as truncated if it was cut); drop the rest."""
     if row.num_trained == 0:
         result.drop("no_trained_tokens")
     else:
         result.rows.append(row)
+        result.truncated += 1 if truncated else 0
+
+
+# A split is re-rendered and checked; a piece of several steps that came out longer than
+# estimated (tokens merging differently where a piece is joined) is split again with the
+# limit lowered by the excess, at most this many times.
+_SPLIT_TRIES = 4
 
 
 def _split(
@@ -305,36 +344,72 @@ def _split(
     results: Sequence[Tokenized],
     config: TokenizeConfig,
 ) -> None:
-    """Split overflowing conversations at step boundaries, each piece after the task prefix."""
+    """Split overflowing conversations at step boundaries, each piece after the task prefix.
+
+    Nothing is cut unless one step, alone after the prefix, is longer than `max_seq_len`: as
+    tokens, that piece is truncated (and counted); as messages, it is dropped as too long.
+    As messages with overflow=truncate, only the first piece is kept: the row is cut at the
+    last step boundary that fits."""
     limit = config.max_seq_len
     assert limit is not None
-    # Every step's token position is needed to cut between steps, trained or not.
-    full = chat.encode([chat.render(e, e.step_messages) for e in examples])
-    pieces: list[tuple[int, int, Example, list[int]]] = []
-    for position, (example, enc) in enumerate(zip(examples, full, strict=True)):
-        starts = [first for _, first, _ in enc.turn_tokens]
-        sizes = [b - a for a, b in zip(starts, [*starts[1:], len(enc.input_ids)], strict=True)]
+    for example, result in zip(examples, results, strict=True):
+        try:
+            # Every step's token position is needed to cut between steps, trained or not.
+            [full] = chat.encode([chat.render(example, example.step_messages)])
+            parts = _fit_pieces(chat, example, full, limit, config.messages)
+        except NotPrefixStable as error:
+            _not_prefix_stable(result, error)
+            continue
+        head_only = config.messages and config.overflow == "truncate"
+        if head_only:
+            parts = parts[:1]
+        for number, (sub, enc) in enumerate(parts):
+            result.stats.add(enc.stats)
+            if config.messages:
+                if len(enc.input_ids) > limit:
+                    result.drop("too_long")  # one step longer alone: no message can be cut
+                else:
+                    _keep(result, sub, enc, config, truncated=head_only)
+                continue
+            row = weigh_tokens(enc, sub.weights)
+            cut = len(row.input_ids) > limit
+            row = truncate(TokenRow(row.input_ids, row.weights, number), limit)
+            _keep_tokens(result, row, truncated=cut)
+
+
+def _fit_pieces(
+    chat: ChatTokenizer, example: Example, full: Encoded, limit: int, messages: bool
+) -> list[tuple[Example, Encoded]]:
+    """The pieces of one conversation, each rendered and encoded on its own."""
+    firsts = [first for _, first, _ in full.turn_tokens]
+    budget = limit
+    for _ in range(_SPLIT_TRIES):
         parts = split_pieces(
             example.messages,
             example.step_messages,
             example.weights,
-            sizes,
-            starts[0],
-            limit,
+            firsts,
+            full.message_ends,
+            firsts[0],
+            budget,
         )
-        for number, piece in enumerate(parts):
-            sub = Example(example.key, piece.messages, example.tools, (), piece.weights)
-            pieces.append((position, number, sub, piece.wanted))
-    rendered = [chat.render(sub, sorted(sub.weights)) for _, _, sub, _ in pieces]
-    for (position, number, sub, _), enc in zip(pieces, chat.encode(rendered), strict=True):
-        result = results[position]
-        result.stats.add(enc.stats)
-        row = weigh_tokens(enc, sub.weights)
-        if len(row.input_ids) > limit:
-            # A single step longer than what is left after the prefix.
-            result.truncated += 1
-            row = truncate(row, limit)
-        _keep(result, TokenRow(row.input_ids, row.weights, number))
+        subs = [
+            Example(example.key, p.messages, example.tools, tuple(p.wanted), p.weights)
+            for p in parts
+        ]
+        encoded = chat.encode([chat.render(s, () if messages else sorted(s.weights)) for s in subs])
+        excess = max(
+            (
+                len(enc.input_ids) - limit
+                for sub, enc in zip(subs, encoded, strict=True)
+                if len(sub.step_messages) > 1
+            ),
+            default=0,
+        )
+        if excess <= 0:
+            break
+        budget -= excess
+    return list(zip(subs, encoded, strict=True))
 
 
 def weights_from_messages(messages: Sequence[Mapping[str, Any]]) -> dict[int, float]:

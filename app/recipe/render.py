@@ -175,6 +175,7 @@ class TurnSpan:
     message_index: int
     start: int  # end of the generation prompt: the first character the model writes
     end: int  # end of its turn, end-of-turn token included, trailing whitespace not
+    close: int  # end of the message's render, trailing whitespace included: the next one's start
 
 
 @dataclass(frozen=True)
@@ -226,7 +227,7 @@ def _render_chat(
         end = max(start, len(closed.rstrip()))
         if len(closed) < start:
             raise NotPrefixStable(index + 1, len(closed), full[len(closed) : start], "")
-        turns.append(TurnSpan(index, start, end))
+        turns.append(TurnSpan(index, start, end, len(closed)))
     return RenderedChat(full, tuple(turns), len(prefix))
 
 
@@ -283,6 +284,7 @@ class Encoded:
 
     input_ids: list[int]
     turn_tokens: tuple[tuple[int, int, int], ...]  # (message_index, first, end) trained tokens
+    message_ends: tuple[int, ...]  # per turn: the token where the next message's render starts
     prefix_tokens: int  # tokens of the task prefix (up to the first turn's content)
     stats: SpanStats
 
@@ -318,7 +320,9 @@ def _map_spans(
     ends = [e for _, e in offsets]
     stats = SpanStats()
     turns: list[tuple[int, int, int]] = []
+    message_ends: list[int] = []
     for turn in chat.turns:
+        message_ends.append(bisect_left(starts, turn.close))
         first = bisect_left(starts, turn.start)  # first token starting inside the span
         if turn.end <= turn.start:
             stats.empty_turns += 1
@@ -335,7 +339,7 @@ def _map_spans(
             stats.turns_without_end_token += 1
         turns.append((turn.message_index, first, end))
     prefix_tokens = bisect_left(starts, chat.prefix_end)
-    return Encoded(ids, tuple(turns), prefix_tokens, stats)
+    return Encoded(ids, tuple(turns), tuple(message_ends), prefix_tokens, stats)
 
 
 def weigh_tokens(encoded: Encoded, weights: Mapping[int, float]) -> TokenRow:
@@ -368,30 +372,34 @@ def split_pieces(
     messages: Sequence[Mapping[str, Any]],
     step_starts: Sequence[int],
     weights: Mapping[int, float],
-    step_tokens: Sequence[int],
+    first_tokens: Sequence[int],
+    end_tokens: Sequence[int],
     prefix_tokens: int,
     max_seq_len: int,
 ) -> list[Piece]:
     """Group steps greedily into pieces that, after repeating the task prefix, fit
     `max_seq_len` by the token counts of the full render (the caller re-renders and checks).
 
-    `step_starts[k]` is the message index of step k; a step runs to the next step's start.
+    `step_starts[k]` is the message index of step k (its assistant message); a step runs to the
+    next step's start. A piece ends on its last step's assistant message: what answers that
+    step carries no loss and no trained token follows it in the piece, so it is left out and
+    not counted (it would otherwise make a step with a long observation "too long" alone, and
+    be cut). In the full render, step k's turn starts at token `first_tokens[k]` and the
+    message after its assistant message at `end_tokens[k]`; the `prefix_tokens` before the
+    first step's turn (task and generation prompt) are repeated in every piece.
     """
     prefix = [dict(m) for m in messages[: step_starts[0]]]
-    bounds = [*step_starts, len(messages)]
-    budget = max_seq_len - prefix_tokens
     groups: list[tuple[int, int]] = []
-    first, used = 0, 0
-    for k, size in enumerate(step_tokens):
-        if k > first and used + size > budget:
+    first = 0
+    for k in range(1, len(step_starts)):
+        if prefix_tokens + end_tokens[k] - first_tokens[first] > max_seq_len:
             groups.append((first, k))
-            first, used = k, 0
-        used += size
-    groups.append((first, len(step_tokens)))
+            first = k
+    groups.append((first, len(step_starts)))
     pieces: list[Piece] = []
     for a, b in groups:
-        body = [dict(m) for m in messages[bounds[a] : bounds[b]]]
-        offset = len(prefix) - bounds[a]
+        body = [dict(m) for m in messages[step_starts[a] : step_starts[b - 1] + 1]]
+        offset = len(prefix) - step_starts[a]
         wanted = [start + offset for start in step_starts[a:b]]
         piece_weights = {
             start + offset: weights[start] for start in step_starts[a:b] if start in weights

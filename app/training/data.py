@@ -1,8 +1,9 @@
 """Training rows from an export: checked against its manifest, then read.
 
-`tokenized_parquet` rows are used as written. `openai_jsonl` rows are tokenized here with the
-very code the exporter uses (`app.exports.tokenize`), so both paths give the same tokens and
-masks. Every shard's size and sha256 must match the manifest, or nothing is read.
+`tokenized_parquet` rows are used as written. `openai_jsonl` and `openai_jsonl_raw` rows are
+tokenized here with the very code the exporter uses (`app.exports.tokenize`), so both paths
+give the same tokens and masks. Every shard's size and sha256 must match the manifest, or
+nothing is read.
 """
 
 from __future__ import annotations
@@ -76,13 +77,14 @@ def load_rows(path: Path, *, tokenizer: str | None, max_seq_len: int) -> list[Ro
     fmt = manifest.get("format")
     if fmt == "tokenized_parquet":
         rows = _parquet_rows(files)
-    elif fmt == "openai_jsonl":
+    elif fmt in ("openai_jsonl", "openai_jsonl_raw"):
         if tokenizer is None:
-            raise DataError("an openai_jsonl export needs a tokenizer to train on")
+            raise DataError(f"an {fmt} export needs a tokenizer to train on")
         rows = _jsonl_rows(files, tokenizer, max_seq_len)
     else:
         raise DataError(
-            f"{root}: format {fmt!r} cannot be trained on here (tokenized_parquet or openai_jsonl)"
+            f"{root}: format {fmt!r} cannot be trained on here (tokenized_parquet, openai_jsonl "
+            "or openai_jsonl_raw)"
         )
     return [_cut(row, max_seq_len) for row in rows]
 

@@ -1,6 +1,8 @@
 """Every policy over the real corpus: which runs become rows and which steps are trained, checked
 against expectations computed here from the stored verdicts and resolutions (not by the code
-under test), and masked steps still present in the rows' context."""
+under test), and masked steps still present in the rows' context. The rows checked are the
+canonical ones (`openai_jsonl_raw`); test_finetune checks that `openai_jsonl` rows are exactly
+these, fitted to the fine-tuning format."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import pytest
 from tests.exports.conftest import Corpus
 
 POLICIES = ("sft", "rft", "srft", "srft_unresolved", "prefix")
+RAW = "openai_jsonl_raw"  # the canonical messages, with their weights
 
 
 def _labels(corpus: Corpus, jobs: list[str]) -> dict[tuple[str, int], str]:
@@ -110,7 +113,7 @@ def _check(
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_each_policy_trains_exactly_the_expected_steps(corpus: Corpus, policy: str) -> None:
-    export = corpus.export({"job_ids": [corpus.job_id], "policy": policy})
+    export = corpus.export({"job_ids": [corpus.job_id], "policy": policy, "format": RAW})
     got = _check(corpus, export, policy, [corpus.job_id], {"mistake"})
     resolved = {t for t, d in corpus.trajectories.items() if d["resolved"] is True}
     if policy in ("rft",):
@@ -133,6 +136,7 @@ def test_options_change_exactly_what_they_say(corpus: Corpus) -> None:
         {
             "job_ids": [corpus.job_id],
             "policy": "srft",
+            "format": RAW,
             "options": {"mask_labels": sorted(mask), "critique_resolved": True},
         }
     )
@@ -147,6 +151,7 @@ def test_options_change_exactly_what_they_say(corpus: Corpus) -> None:
         {
             "job_ids": [corpus.job_id],
             "policy": "srft",
+            "format": RAW,
             "options": {"critique_resolved": True, "unlabeled": "train"},
         }
     )
@@ -164,6 +169,7 @@ def test_options_change_exactly_what_they_say(corpus: Corpus) -> None:
         {
             "job_ids": [corpus.job_id],
             "policy": "srft",
+            "format": RAW,
             "options": {"critique_resolved": True, "unlabeled": "drop"},
         }
     )
@@ -188,6 +194,7 @@ def test_a_later_job_overrides_an_earlier_one(corpus: Corpus) -> None:
         {
             "job_ids": jobs,
             "policy": "srft",
+            "format": RAW,
             "options": {"mask_labels": sorted(mask), "unlabeled": "train"},
         }
     )
@@ -278,7 +285,7 @@ def test_human_labels_win_over_verdicts_and_are_counted(corpus: Corpus) -> None:
         response = corpus.api.client.put(url.format(step), json={"label": label}, headers=headers)
         assert response.status_code == 200, response.text
     try:
-        export = corpus.export({"job_ids": [corpus.job_id], "policy": "srft"})
+        export = corpus.export({"job_ids": [corpus.job_id], "policy": "srft", "format": RAW})
         labels[(tid, 0)] = "mistake"
         labels[(tid, 1)] = "unnecessary"
         got = {

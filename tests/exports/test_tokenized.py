@@ -259,6 +259,9 @@ def test_split_rows_repeat_the_task_and_fit(corpus: Corpus, tokenizers: dict[str
     assert export["status"] == "completed", export
     rows = _dataset(corpus, export)
     assert max(rows["num_tokens"]) <= 8192
+    # No step of these runs is longer alone than 8192 tokens after its task: nothing is cut
+    # (pieces used to end with their last step's observation, cut when long, and counted).
+    assert export["manifest"]["counts"]["rows"]["truncated"] == 0
     by_run: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_run.setdefault(row["trajectory_id"], []).append(row)
@@ -269,8 +272,7 @@ def test_split_rows_repeat_the_task_and_fit(corpus: Corpus, tokenizers: dict[str
         task = next(m for m in detail["messages"] if m["role"] == "user")["content"][:200]
         for part in parts:
             assert task in tokenizer.decode(part["input_ids"])
-        # Under sft every step is trained once, in whichever piece holds it (a step longer
-        # than a piece is cut, so compare the starts of the turns).
+        # Under sft every step is trained once, whole, in whichever piece holds it.
         got = [
             tokenizer.decode(run)
             for p in parts
@@ -279,9 +281,10 @@ def test_split_rows_repeat_the_task_and_fit(corpus: Corpus, tokenizers: dict[str
         want = [
             trained_text("chatml", detail["messages"][s["message_index"]]) for s in detail["steps"]
         ]
-        assert len(got) == len(want)
-        for g, w in zip(got, want, strict=True):
-            assert w.startswith(g)
+        assert got == want
+        # A piece ends on its last step's turn: the observation after it trains nothing there.
+        for part in parts:
+            assert part["labels"][-1] != -100
 
 
 @pytest.mark.parametrize(

@@ -131,13 +131,28 @@ def test_truncation_keeps_the_head_and_drops_rows_left_with_nothing(
 def test_split_pieces_repeat_the_prefix_and_carry_their_weights() -> None:
     messages = make_trajectory(4)["messages"]
     starts = [2, 4, 6, 8]
-    pieces = split_pieces(messages, starts, {4: 1.0, 8: 0.5}, [10, 10, 10, 10], 5, 26)
-    assert [len(p.messages) for p in pieces] == [6, 6]
+    # Each step: a turn of 6 tokens, then an observation of 4.
+    firsts, ends = [5, 15, 25, 35], [11, 21, 31, 41]
+    pieces = split_pieces(messages, starts, {4: 1.0, 8: 0.5}, firsts, ends, 5, 26)
+    assert [len(p.messages) for p in pieces] == [5, 5]
     for piece in pieces:
         assert piece.messages[:2] == messages[:2]
+        assert piece.messages[-1]["role"] == "assistant"
     assert pieces[0].weights == {4: 1.0}
     assert pieces[1].weights == {4: 0.5}
-    assert pieces[1].messages[2:] == messages[6:10]
+    assert pieces[0].messages[2:] == messages[2:5]
+    assert pieces[1].messages[2:] == messages[6:9]
+
+
+def test_a_long_observation_ends_a_piece_instead_of_making_its_step_too_long() -> None:
+    """The observation after a piece's last step is left out, and not counted: the step it
+    follows fits alone, and the next piece starts after it."""
+    messages = make_trajectory(4)["messages"]
+    firsts, ends = [5, 15, 1025, 1035], [11, 21, 1031, 1041]  # step 1's observation: 1004
+    pieces = split_pieces(
+        messages, [2, 4, 6, 8], {2: 1.0, 4: 1.0, 6: 1.0, 8: 1.0}, firsts, ends, 5, 30
+    )
+    assert [p.messages[2:] for p in pieces] == [messages[2:5], messages[6:9]]
 
 
 def test_split_rows_each_fit_and_train_each_step_once(tokenizers: dict[str, Path]) -> None:
@@ -162,3 +177,81 @@ def test_openai_rows_weights_read_back() -> None:
         {"role": "assistant", "content": "c"},
     ]
     assert weights_from_messages(messages) == {3: 1.0, 4: 1.0}
+
+
+def _long_observation(steps: int, step: int, words: int) -> Example:
+    example = _example(steps, list(range(steps)))
+    messages = [dict(m) for m in example.messages]
+    observation = example.step_messages[step] + 1
+    messages[observation]["content"] = " ".join(f"file_{n}.py" for n in range(words))
+    return Example("t", messages, TOOLS, example.step_messages, example.weights)
+
+
+def test_split_cuts_no_token_when_each_step_fits_alone(tokenizers: dict[str, Path]) -> None:
+    """A step followed by a long observation used to count it against the limit and, alone in
+    its piece, be truncated (the tokens cut were the observation's, none trained): counted as
+    truncated though nothing trained was lost. Pieces end on their last step's turn now."""
+    chat = _chat(tokenizers, "chatml")
+    normal = _example(4, [0, 1, 2, 3])
+    [whole] = tokenize_examples(chat, [normal], TokenizeConfig())
+    limit = len(whole.rows[0].input_ids)
+    example = _long_observation(4, 1, 800)
+    [long] = tokenize_examples(chat, [example], TokenizeConfig())
+    assert len(long.rows[0].input_ids) > 2 * limit
+    [split] = tokenize_examples(chat, [example], TokenizeConfig(limit, "split"))
+    assert split.truncated == 0
+    assert len(split.rows) == 2
+    assert all(len(r.input_ids) <= limit for r in split.rows)
+    texts = [t for r in split.rows for t in _trained_texts(chat, r.input_ids, r.weights)]
+    assert texts == _trained_texts(chat, long.rows[0].input_ids, long.rows[0].weights)
+    for row in split.rows:
+        assert "file_799.py" not in chat.tokenizer.decode(row.input_ids)
+    # A turn longer alone than what the prefix leaves is cut: that row is counted.
+    example.messages[4]["content"] = " ".join(f"step {n}" for n in range(2000))
+    [cut] = tokenize_examples(chat, [example], TokenizeConfig(limit, "split"))
+    assert cut.truncated == 1
+    assert [len(r.input_ids) for r in cut.rows].count(limit) == 1
+    assert all(len(r.input_ids) <= limit for r in cut.rows)
+
+
+def test_rows_of_messages_are_split_cut_or_dropped_whole(tokenizers: dict[str, Path]) -> None:
+    chat = _chat(tokenizers, "chatml")
+    example = _example(6, [0, 2, 3, 5])
+    [whole] = tokenize_examples(chat, [example], TokenizeConfig())
+    limit = len(whole.rows[0].input_ids) // 2
+
+    def length(piece: Example) -> int:
+        text = chat.tokenizer.apply_chat_template(piece.messages, tools=TOOLS, tokenize=False)
+        return len(chat.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    [split] = tokenize_examples(chat, [example], TokenizeConfig(limit, "split", messages=True))
+    assert split.rows == []
+    assert len(split.pieces) >= 2
+    for piece in split.pieces:
+        assert length(piece) <= limit
+        assert piece.messages[:2] == example.messages[:2]
+        assert piece.messages[-1]["role"] == "assistant"
+    trained = [p.messages[i]["content"] for p in split.pieces for i in sorted(p.weights)]
+    assert trained == [example.messages[i]["content"] for i in sorted(example.weights)]
+    assert split.truncated == 0
+
+    [head] = tokenize_examples(chat, [example], TokenizeConfig(limit, "truncate", messages=True))
+    [piece] = head.pieces
+    assert piece.messages == example.messages[: len(piece.messages)]
+    assert piece.messages[-1]["role"] == "assistant"
+    assert length(piece) <= limit
+    assert head.truncated == 1
+
+    [dropped] = tokenize_examples(chat, [example], TokenizeConfig(limit, "drop", messages=True))
+    assert dropped.pieces == []
+    assert dropped.dropped == {"too_long": 1}
+
+    [fits] = tokenize_examples(chat, [example], TokenizeConfig(10**6, "split", messages=True))
+    assert fits.pieces == [example]
+
+    # A step longer alone than the limit cannot be cut inside a message: dropped.
+    big = _example(3, [0, 1, 2])
+    big.messages[4]["content"] = " ".join(f"step {n}" for n in range(3000))
+    [result] = tokenize_examples(chat, [big], TokenizeConfig(limit, "split", messages=True))
+    assert result.dropped == {"too_long": 1}
+    assert len(result.pieces) == 2

@@ -137,7 +137,9 @@ def test_loss_is_the_mean_over_trained_tokens_of_the_whole_accumulated_batch(
     by_hand = total / count
     assert loss == pytest.approx(float(by_hand.detach()), rel=1e-6)
     # Not the mean of the two micro-batch means: that would over-weight the short one.
-    assert loss != pytest.approx(sum(per_batch) / 2, rel=1e-3)
+    # (A random model's per-token losses are close, so the two differ only in the 5th digit;
+    # the loss itself is checked to 1e-6 above.)
+    assert loss != pytest.approx(sum(per_batch) / 2, rel=1e-5)
     by_hand.float().backward()
     for mine, theirs in zip(got, (p.grad for p in reference.parameters()), strict=True):
         assert theirs is not None
@@ -228,7 +230,9 @@ def test_openai_jsonl_rows_tokenize_as_the_exporter_does(
         "policy": "srft",
         "selection": {"trajectory_ids": short_ids},
     }
-    jsonl = corpus.export(body | {"format": "openai_jsonl"})
+    # The raw variant: the canonical messages, as tokenized_parquet renders them (the
+    # fine-tuning profile of openai_jsonl derives tools and cuts tails, on purpose).
+    jsonl = corpus.export(body | {"format": "openai_jsonl_raw"})
     parquet = corpus.export(
         body | {"format": "tokenized_parquet", "tokenizer": str(tokenizers["llama3"])}
     )
