@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,36 @@ from sqlalchemy import Engine, create_engine, event, exc, text
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+_AFTER_COMMIT = "srft.after_commit"
+
+log = logging.getLogger("srft")
+
+
+def after_commit(session: Session, callback: Callable[[], object]) -> None:
+    """Run `callback` once the session's transaction has committed, never if it rolls back.
+
+    For work that other processes act on (queueing a task that names a row): a message may
+    then never name a row that was not stored. A failing callback is logged, not raised: what
+    it was for is committed, and the sweeper finds work whose message was lost.
+    """
+    session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+
+
+def commit(session: Session) -> None:
+    """Commit the unit of work, then run its after-commit callbacks."""
+    session.commit()
+    callbacks: list[Callable[[], object]] = session.info.pop(_AFTER_COMMIT, [])
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            log.exception("an after-commit step failed; the sweeper will make up for it")
+
+
+def discard(session: Session) -> None:
+    """Roll the unit of work back and forget its after-commit callbacks."""
+    session.info.pop(_AFTER_COMMIT, None)
+    session.rollback()
 
 
 def create_db_engine(url: str, **kwargs: Any) -> Engine:
@@ -64,9 +95,15 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        """A session whose work is committed on success and rolled back on any error."""
-        with self.sessions() as session, session.begin():
-            yield session
+        """A unit of work: committed (then its after-commit callbacks run) when the block
+        ends without an error, rolled back on any error."""
+        with self.sessions() as session:
+            try:
+                yield session
+            except BaseException:
+                discard(session)
+                raise
+            commit(session)
 
     def ping(self) -> None:
         with self.engine.connect() as connection:

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.auth import service as auth_service
 from app.config import Settings
-from app.db import Database
+from app.db import Database, commit, discard
 
 
 def get_database(request: Request) -> Database:
@@ -25,32 +25,42 @@ def get_settings_dep(request: Request) -> Settings:
 
 
 def get_session(database: Annotated[Database, Depends(get_database)]) -> Iterator[Session]:
-    """One session per request. Write routes commit before answering (so a 2xx means stored);
-    anything left uncommitted is rolled back, and an error rolls everything back."""
+    """One unit of work per request: committed when the handler returns without an error,
+    before the response is sent (so a 2xx means stored and a failed commit is an error
+    response), then its after-commit steps run (queueing tasks); any error rolls it all back
+    and nothing is queued. Routes never commit themselves."""
     session = database.sessions()
     try:
         yield session
+    except BaseException:
+        discard(session)
+        raise
+    else:
+        commit(session)
     finally:
-        session.rollback()
         session.close()
 
 
+# scope="function": the unit of work ends when the handler returns, before the response is
+# sent (the default scope would commit after it, where a failure can no longer be reported).
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
 def get_project_id(
-    session: Annotated[Session, Depends(get_session)],
+    session: SessionDep,
     authorization: Annotated[str | None, Header()] = None,
 ) -> uuid.UUID:
     return auth_service.authenticate(session, authorization)
 
 
 def get_caller(
-    session: Annotated[Session, Depends(get_session)],
+    session: SessionDep,
     authorization: Annotated[str | None, Header()] = None,
 ) -> auth_service.Caller:
     key = auth_service.authenticate_key(session, authorization)
     return auth_service.Caller(key.project_id, key.name)
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
 CallerDep = Annotated[auth_service.Caller, Depends(get_caller)]
 ProjectDep = Annotated[uuid.UUID, Depends(get_project_id)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.auth import service as auth_service
 from app.config import Settings
-from app.db import Database, upgrade_database
+from app.db import Database, commit, discard, upgrade_database
 from app.deps import get_session
 from app.main import create_app
 from tests.chat_tokenizers import TEMPLATES, build_tokenizer
@@ -141,7 +141,16 @@ def client(settings: Settings, session: Session, postgres_url: str) -> Iterator[
     app = create_app(settings, database=database)
 
     def _session() -> Iterator[Session]:
-        yield session
+        # The request's unit of work on the test's session: a commit releases a savepoint of
+        # the test's outer transaction (rolled back when the test ends), a failure rolls the
+        # savepoint back, and after-commit steps run as in production.
+        try:
+            yield session
+        except BaseException:
+            discard(session)
+            raise
+        else:
+            commit(session)
 
     app.dependency_overrides[get_session] = _session
     with TestClient(app) as test_client:

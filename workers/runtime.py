@@ -18,6 +18,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
+from sqlalchemy.orm import Session
+
 from app.config import Settings, get_settings
 from app.critic.client import CriticClient
 from app.critic.judge import Judge, JudgeConfig, StepOutcome
@@ -224,16 +226,14 @@ class WorkerRuntime:
                 )
                 job_service.close_finished_jobs(session)
                 exports = export_service.sweep(session, self.settings.stale_after_s)
+                self._requeue_after_commit(session, units, exports)
         except Exception as error:
             if not is_database_unavailable(error):
                 raise
             log.warning("sweep skipped: the database is unavailable (%s)", outage_reason(error))
             return 0
         if units:
-            queue.enqueue(self.settings.broker_url, units)
             log.warning("sweeper re-enqueued %d units of lost or stalled work", len(units))
-        for export_id in exports:
-            export_queue.enqueue_build(self.settings.broker_url, export_id)
         if exports:
             log.warning("sweeper re-enqueued %d lost or stalled exports", len(exports))
         return len(units) + len(exports)
@@ -243,11 +243,15 @@ class WorkerRuntime:
         with self.database.transaction() as session:
             units = job_service.resume_all(session, self.settings.step_chunk_size)
             exports = export_service.sweep(session, stale_after_s=0)
-        if units:
-            queue.enqueue(self.settings.broker_url, units)
-        for export_id in exports:
-            export_queue.enqueue_build(self.settings.broker_url, export_id)
+            self._requeue_after_commit(session, units, exports)
         return len(units) + len(exports)
+
+    def _requeue_after_commit(
+        self, session: Session, units: list[job_service.Unit], exports: list[uuid.UUID]
+    ) -> None:
+        queue.enqueue_after_commit(session, self.settings.broker_url, units)
+        for export_id in exports:
+            export_queue.enqueue_build_after_commit(session, self.settings.broker_url, export_id)
 
     def build_export(
         self,

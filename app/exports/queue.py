@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import uuid
 
+from sqlalchemy.orm import Session
+
+from app.db import after_commit
+
 BUILD = "srft.exports.build"
 
 
+def enqueue_build_after_commit(session: Session, broker_url: str, export_id: uuid.UUID) -> None:
+    """Queue the build once the session's unit of work has committed the export's row."""
+    after_commit(session, lambda: enqueue_build(broker_url, export_id))
+
+
 def enqueue_build(broker_url: str, export_id: uuid.UUID) -> None:
-    """Queue the build. Call after the commit that made the export's row visible."""
+    """Queue the build now (`enqueue_build_after_commit` is the one to call in a unit of
+    work)."""
     from workers.celery_app import celery_for
 
     celery_for(broker_url).send_task(BUILD, args=[str(export_id)])

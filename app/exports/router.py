@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
 from typing import Annotated
 
@@ -21,7 +20,6 @@ from app.schemas import COMMON_ERRORS, error_responses
 router = APIRouter(
     prefix="/v1/exports", tags=["exports"], responses=COMMON_ERRORS | error_responses(404, 409)
 )
-log = logging.getLogger(__name__)
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=schemas.ExportOut)
@@ -30,12 +28,7 @@ def create_export(
 ) -> schemas.ExportOut:
     """Build training shards from the verdicts of finished labeling jobs (by a worker)."""
     export = export_service.create_export(session, project_id, body, settings)
-    session.commit()
-    try:
-        queue.enqueue_build(settings.broker_url, export.id)
-    except Exception:
-        # Committed: the sweeper finds queued exports that were never picked up.
-        log.exception("could not enqueue export %s; the sweeper will retry it", export.id)
+    queue.enqueue_build_after_commit(session, settings.broker_url, export.id)
     return export_service.describe(export)
 
 

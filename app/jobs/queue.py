@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+from sqlalchemy.orm import Session
+
+from app.db import after_commit
 from app.jobs.service import Unit
 
 LABEL_UNIT = "srft.jobs.label_unit"
@@ -14,8 +17,16 @@ WORK_QUEUE = "celery"
 SWEEP_QUEUE = "srft.sweeps"
 
 
+def enqueue_after_commit(session: Session, broker_url: str, units: Sequence[Unit]) -> None:
+    """Queue one task per unit once the session's unit of work has committed (the units'
+    rows are then visible to every worker); nothing is queued if it rolls back."""
+    if units:
+        after_commit(session, lambda: enqueue(broker_url, units))
+
+
 def enqueue(broker_url: str, units: Iterable[Unit]) -> int:
-    """Queue one task per unit. Call after the commit that made the units' rows visible."""
+    """Queue one task per unit now (`enqueue_after_commit` is the one to call in a unit of
+    work)."""
     from workers.celery_app import celery_for
 
     celery = celery_for(broker_url)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
 from typing import Annotated
 
@@ -16,16 +15,6 @@ from app.schemas import COMMON_ERRORS, error_responses
 router = APIRouter(
     prefix="/v1/jobs", tags=["jobs"], responses=COMMON_ERRORS | error_responses(404, 409)
 )
-log = logging.getLogger(__name__)
-
-
-def _enqueue(settings: SettingsDep, units: list[job_service.Unit]) -> None:
-    # The rows are committed, so a failure here loses nothing: the sweeper finds pending
-    # items that were never picked up and queues them again.
-    try:
-        queue.enqueue(settings.broker_url, units)
-    except Exception:
-        log.exception("could not enqueue %d units; the sweeper will retry them", len(units))
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=schemas.JobOut)
@@ -35,8 +24,7 @@ def create_job(
     """Start labeling the selected trajectories with the critic."""
     job = job_service.create_job(session, project_id, body, settings)
     units = job_service.pending_units(session, job, settings.step_chunk_size)
-    session.commit()
-    _enqueue(settings, units)
+    queue.enqueue_after_commit(session, settings.broker_url, units)
     return job_service.describe(session, job)
 
 
@@ -66,7 +54,6 @@ def list_verdicts(
 def cancel_job(job_id: uuid.UUID, session: SessionDep, project_id: ProjectDep) -> schemas.JobOut:
     """Stop a job: no new critic calls are made for it."""
     job = job_service.cancel_job(session, job_service.get_job(session, project_id, job_id))
-    session.commit()
     return job_service.describe(session, job)
 
 
@@ -77,6 +64,5 @@ def retry_job(
     """Queue the job's failed items again."""
     job = job_service.get_job(session, project_id, job_id)
     units = job_service.retry_failed(session, job, settings.step_chunk_size)
-    session.commit()
-    _enqueue(settings, units)
+    queue.enqueue_after_commit(session, settings.broker_url, units)
     return job_service.describe(session, job)

@@ -34,7 +34,6 @@ def put_human_label(
         note=body.note,
         author=caller.name,
     )
-    session.commit()
     return schemas.HumanLabelOut.model_validate(found)
 
 
@@ -46,5 +45,4 @@ def delete_human_label(
 ) -> Response:
     """Remove a step's human label."""
     review_service.remove_label(session, caller.project_id, trajectory_id, step_index)
-    session.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)

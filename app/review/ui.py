@@ -148,8 +148,7 @@ def _key_caller(session: Session, request: Request) -> auth_service.Caller | Non
         return None
     found = auth_service.ui_session_key(session, token)
     if found is None:
-        session.commit()  # an expired or revoked session was deleted: keep that
-        return None
+        return None  # an expired or revoked session was deleted; the request commits that
     return auth_service.Caller(found.project_id, found.name)
 
 
@@ -313,7 +312,6 @@ def login(
     if previous:
         auth_service.end_ui_session(session, previous)
     token = auth_service.start_ui_session(session, api_key, settings.ui_session_ttl_s)
-    session.commit()
     response = RedirectResponse("/ui/jobs", status_code=status.HTTP_303_SEE_OTHER)
     secure = _cookie_secure(request, settings)
     response.set_cookie(
@@ -335,7 +333,6 @@ def logout(request: Request, session: SessionDep, settings: SettingsDep) -> Resp
     token = request.cookies.get(COOKIE)
     if token:
         auth_service.end_ui_session(session, token)
-        session.commit()
     response = RedirectResponse("/ui/", status_code=status.HTTP_303_SEE_OTHER)
     secure = _cookie_secure(request, settings)
     response.delete_cookie(COOKIE, path="/ui", httponly=True, samesite="strict", secure=secure)

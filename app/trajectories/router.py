@@ -61,7 +61,6 @@ def upload_trajectories(
         content_type=content_type,
         filename=request.headers.get("x-filename"),
     )
-    session.commit()
     return schemas.IngestResponse(
         created=result.created,
         duplicates=result.duplicates,
@@ -132,7 +131,6 @@ def patch_trajectory(
 ) -> schemas.TrajectorySummary:
     """Set whether the run resolved its task (true, false, or null for unknown)."""
     trajectory = trajectory_service.set_resolved(session, project_id, trajectory_id, patch.resolved)
-    session.commit()
     return schemas.TrajectorySummary.model_validate(trajectory)
 
 
