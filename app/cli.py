@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from app.exports import formats as export_formats
 
 app = typer.Typer(
     help="srft: critic labeling for Step Rejection Fine-Tuning.", no_args_is_help=True
@@ -24,6 +27,26 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 UrlOption = Annotated[str, typer.Option(envvar="SRFT_URL", help="Service URL.")]
 ApiKeyOption = Annotated[str, typer.Option(envvar="SRFT_API_KEY", help="API key.")]
 WORKER_POOLS = ("prefork", "threads", "solo")
+
+
+def _formats_taking(test: Callable[[export_formats.ExportFormat], bool]) -> str:
+    return export_formats.or_list([f.name for f in export_formats.FORMATS if test(f)])
+
+
+# The export command's help names the registered formats and what each takes.
+FORMAT_HELP = (
+    export_formats.or_list(
+        [f"{f.name} ({f.label})" if f.label else f.name for f in export_formats.FORMATS]
+    )
+    + "."
+)
+TOKENIZER_HELP = (
+    "Hub id of the tokenizer, or its path under the server's SRFT_TOKENIZER_DIRS "
+    f"({_formats_taking(lambda f: f.tokenizer is export_formats.TokenizerUse.RENDERS)}; "
+    f"{_formats_taking(lambda f: f.tokenizer is export_formats.TokenizerUse.MEASURES)} with "
+    "--max-seq-len: measures the rows)."
+)
+SOFT_HELP = f"Soft weights ({_formats_taking(lambda f: f.soft_weights)})."
 
 
 @app.command()
@@ -192,7 +215,7 @@ def _collect(paths: list[Path]) -> list[Path]:
 @app.command()
 def ingest(
     paths: Annotated[list[Path], typer.Argument(help="Files or folders of trajectory files.")],
-    format: Annotated[str, typer.Option("--format", help="Source format, or auto.")] = "auto",
+    fmt: Annotated[str, typer.Option("--format", help="Source format, or auto.")] = "auto",
     resolved: Annotated[
         bool | None, typer.Option("--resolved/--unresolved", help="Resolution of every run.")
     ] = None,
@@ -208,7 +231,7 @@ def ingest(
     if not files:
         typer.echo("no trajectory files found", err=True)
         raise typer.Exit(2)
-    params: dict[str, str] = {"format": format}
+    params: dict[str, str] = {"format": fmt}
     if resolved is not None:
         params["resolved"] = "true" if resolved else "false"
     created = duplicates = failed = 0
@@ -370,16 +393,12 @@ def export_command(
         str,
         typer.Option(
             "--format",
-            help="openai_jsonl (fine-tuning format), openai_jsonl_raw (canonical messages), "
-            "tokenized_parquet or prm_jsonl.",
+            help=FORMAT_HELP,
         ),
     ] = "openai_jsonl",
     tokenizer: Annotated[
         str | None,
-        typer.Option(
-            help="Hub id of the tokenizer, or its path under the server's SRFT_TOKENIZER_DIRS "
-            "(tokenized_parquet; openai_jsonl with --max-seq-len: measures the rows)."
-        ),
+        typer.Option(help=TOKENIZER_HELP),
     ] = None,
     max_seq_len: Annotated[
         int | None, typer.Option(help="Longest row, in tokens of --tokenizer.")
@@ -400,7 +419,7 @@ def export_command(
     unlabeled: Annotated[
         str, typer.Option(help="Steps with no verdict: mask, train, drop.")
     ] = "mask",
-    soft: Annotated[bool, typer.Option(help="Soft weights (tokenized_parquet).")] = False,
+    soft: Annotated[bool, typer.Option(help=SOFT_HELP)] = False,
     min_trained_steps: Annotated[int, typer.Option(help="Drop runs training fewer.")] = 1,
     seed: Annotated[int, typer.Option(help="Row order seed.")] = 0,
     shard_max_rows: Annotated[int, typer.Option(help="Rows per shard at most.")] = 50_000,

@@ -82,10 +82,6 @@ class Settings(BaseSettings):
         return self.broker_url.startswith("memory://")
 
     @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
-
-    @property
     def tokenizer_roots(self) -> list[Path]:
         """`tokenizer_dirs` as absolute paths, symlinks resolved."""
         return [

@@ -106,11 +106,6 @@ class Conflict(SrftError):
     code = "conflict"
 
 
-class UnsupportedMediaType(SrftError):
-    status_code = 415
-    code = "unsupported_media_type"
-
-
 class Forbidden(SrftError):
     status_code = 403
     code = "forbidden"

@@ -22,6 +22,13 @@ MAX_CURSOR_CHARS = 256
 # Integer keys are 64-bit database ids or step indices.
 MAX_INT = 2**63 - 1
 
+# The most items a page may hold, by what an item is, so that endpoints listing the same kind
+# of item agree. A row per step (a verdict, a disagreement) is small; a trajectory summary or an
+# export (with its manifest) is larger.
+MAX_STEP_PAGE = 1000
+MAX_TRAJECTORY_PAGE = 100
+MAX_EXPORT_PAGE = 200
+
 CursorValue = int | uuid.UUID
 
 

@@ -20,12 +20,6 @@ from workers.runtime import get_runtime, outage_delay, outage_reason, outage_tri
 log = logging.getLogger("srft.worker")
 
 
-@celery_app.task(name="srft.health.ping")
-def ping() -> str:
-    """A no-op round trip, used to check that a worker consumes the queue."""
-    return "pong"
-
-
 def _retry_after_outage(task: Any, error: BaseException, **kwargs: Any) -> Exception:
     """Queue the task again soon, with `kwargs` (its claim token), because the database is
     unavailable. Past about the stale timeout of tries, `error` is raised instead and the

@@ -1,7 +1,7 @@
 """Label sets: the names a critic may answer with and what each one means.
 
-Pure. The default set is DESIGN §7; a job may bring its own, validated here so a bad set is
-the caller's 422, never a worker's failure halfway through a job.
+Pure. The default set is docs/recipe.md's "Labels"; a job may bring its own, validated here so
+a bad set is the caller's 422, never a worker's failure halfway through a job.
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ def _checked_label(name: Any, definition: Any) -> tuple[str, str]:
     return name, definition
 
 
-# DESIGN §7. The critic's prompt, the rules critic, review and critic evaluation all read these,
-# so a number means the same everywhere.
+# docs/recipe.md, "Labels". The critic's prompt, the rules critic, review and critic
+# evaluation all read these, so a number means the same everywhere.
 DEFAULT_LABELS = LabelSet(
     (
         (

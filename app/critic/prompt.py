@@ -1,6 +1,6 @@
 """Critic prompts: versioned, with untrusted trajectory text fenced in tags.
 
-Pure: no database, HTTP client or tokenizer. Two modes (DESIGN §1, issue 3):
+Pure: no database, HTTP client or tokenizer. Two modes (docs/recipe.md, "Critic modes"):
 
 - `trajectory`: one request reads the trajectory and labels every step (windows when it is too
   long for the critic's context);

@@ -18,14 +18,16 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, assert_never
 
 from app import __version__
 from app.config import Settings
 from app.db import Database, is_database_unavailable
 from app.exports import finetune, service
+from app.exports import formats as export_formats
 from app.exports import rows as row_builders
-from app.exports.schemas import MESSAGE_FORMATS
+from app.exports.formats import ExportFormat, MessageRows, TextRows, TokenRows
+from app.exports.manifest import MANIFEST
 from app.exports.tokenize import Example, TokenizeConfig, Tokenized
 from app.exports.writers.jsonl import JsonlShards
 from app.exports.writers.shards import ShardInfo, ShardLimits
@@ -41,7 +43,6 @@ log = logging.getLogger("srft.exports")
 # At most this long between heartbeats, and never more than a third of the stale timeout, so
 # a live builder is never taken for a dead one.
 HEARTBEAT_S = 10.0
-MANIFEST = "manifest.json"
 MAX_LISTED = 20
 
 
@@ -211,6 +212,8 @@ class _Heartbeat:
 def _build(
     database: Database, settings: Settings, export: Export, token: str, building: Path
 ) -> dict[str, Any]:
+    # First: a format nobody registered never reads a trajectory, let alone builds a row.
+    fmt = _format_of(export)
     config = export.config
     options = PolicyOptions(
         mask_labels=frozenset(config["options"]["mask_labels"]),
@@ -255,18 +258,22 @@ def _build(
             yield out
 
     tokenizer_info: dict[str, Any] | None = None
-    # The default format is fitted to the fine-tuning format; its changes are counted here.
-    profile = finetune.ProfileCounts() if export.format == "openai_jsonl" else None
-    if export.format == "tokenized_parquet":
-        shards, tokenizer_info = _write_tokenized(
-            settings, config, building, limits, decided(), rows, stats
-        )
-    elif export.format in MESSAGE_FORMATS:
-        shards, tokenizer_info = _write_messages(
-            settings, config, building, limits, decided(), rows, profile
-        )
-    else:
-        shards = _write_prm(building, limits, decided(), rows)
+    profile: finetune.ProfileCounts | None = None
+    match fmt.rows:
+        case TokenRows() as kind:
+            shards, tokenizer_info = _write_tokenized(
+                settings, config, fmt, kind, building, limits, decided(), rows, stats
+            )
+        case MessageRows() as kind:
+            # Rows fitted to the fine-tuning format: what fitting changed is counted here.
+            profile = finetune.ProfileCounts() if kind.fine_tune else None
+            shards, tokenizer_info = _write_messages(
+                settings, config, kind, building, limits, decided(), rows, profile
+            )
+        case TextRows() as kind:
+            shards = _write_text(building, limits, kind, decided(), rows)
+        case _:
+            assert_never(fmt.rows)
     if rows.written == 0:
         raise ExportRefused(
             "no_rows",
@@ -276,7 +283,7 @@ def _build(
             details={"policy": counts.as_dict(), "rows": rows.dropped},
         )
     manifest = _manifest(
-        export, jobs, config, tokenizer_info, counts, rows, stats, shards, ids, profile
+        export, fmt, jobs, config, tokenizer_info, counts, rows, stats, shards, ids, profile
     )
     (building / MANIFEST).write_bytes(manifest_bytes(manifest))
     heartbeat.beat(len(ids), len(ids), force=True)
@@ -287,9 +294,17 @@ def manifest_bytes(manifest: dict[str, Any]) -> bytes:
     return json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n"
 
 
-def _write_prm(
+def _format_of(export: Export) -> ExportFormat:
+    try:
+        return export_formats.get_format(export.format)
+    except export_formats.UnknownExportFormat as error:
+        raise ExportRefused("unknown_format", str(error)) from error
+
+
+def _write_text(
     building: Path,
     limits: ShardLimits,
+    kind: TextRows,
     batches: Iterator[list[tuple[service.Source, TrajectoryDecision]]],
     rows: RowCounts,
 ) -> list[ShardInfo]:
@@ -297,7 +312,7 @@ def _write_prm(
     try:
         for batch in batches:
             for source, decision in batch:
-                row = row_builders.prm_row(source, decision)
+                row = kind.build(source, decision)
                 if row is None:
                     rows.drop("no_trained_tokens")
                     continue
@@ -311,22 +326,23 @@ def _write_prm(
 def _write_messages(
     settings: Settings,
     config: dict[str, Any],
+    kind: MessageRows,
     building: Path,
     limits: ShardLimits,
     batches: Iterator[list[tuple[service.Source, TrajectoryDecision]]],
     rows: RowCounts,
     profile: finetune.ProfileCounts | None,
 ) -> tuple[list[ShardInfo], dict[str, Any] | None]:
-    """Rows of messages: canonical (`openai_jsonl_raw`) or fitted to the fine-tuning format
-    and checked against it (`openai_jsonl`, `profile` set). With a tokenizer, each row is
-    measured with its chat template and split, dropped or cut at a step boundary to fit
-    `max_seq_len`, in the tokenizing processes."""
+    """Rows of messages: as `kind` builds them, or (`profile` set) also fitted to the
+    fine-tuning format and checked against it. With a tokenizer, each row is measured with
+    its chat template and split, dropped or cut at a step boundary to fit `max_seq_len`, in
+    the tokenizing processes."""
 
     def examples() -> Iterator[list[Example]]:
         for batch in batches:
             out: list[Example] = []
             for source, decision in batch:
-                row = row_builders.openai_row(source, decision)
+                row = kind.build(source, decision)
                 if row is not None and profile is not None:
                     row = finetune.fit_row(row["messages"], row.get("tools"), profile)
                 if row is None:
@@ -440,6 +456,8 @@ def _tokenize_pool(
 def _write_tokenized(
     settings: Settings,
     config: dict[str, Any],
+    fmt: ExportFormat,
+    kind: TokenRows,
     building: Path,
     limits: ShardLimits,
     batches: Iterator[list[tuple[service.Source, TrajectoryDecision]]],
@@ -451,16 +469,14 @@ def _write_tokenized(
     except ImportError as error:
         raise ExportRefused(
             "missing_dependency",
-            "tokenized_parquet needs transformers and pyarrow on the worker: "
+            f"{fmt.name} needs transformers and pyarrow on the worker: "
             f"pip install 'srft[export]' ({error})",
         ) from error
 
     tokenize_config = TokenizeConfig(config.get("max_seq_len"), config["overflow"])
     pool, info = _tokenize_pool(settings, config, tokenize_config)
     writer = ParquetShards(building, limits, soft=config["options"]["soft"])
-    examples = (
-        [row_builders.example(source, decision) for source, decision in batch] for batch in batches
-    )
+    examples = ([kind.example(source, decision) for source, decision in batch] for batch in batches)
     try:
         for results in pool.map(examples):
             _refuse_on_errors(results, config["tokenizer"])
@@ -503,6 +519,7 @@ def _refuse_on_errors(results: Sequence[Any], tokenizer: str) -> None:
 
 def _manifest(
     export: Export,
+    fmt: ExportFormat,
     jobs: Sequence[service.JobInfo],
     config: dict[str, Any],
     tokenizer: dict[str, Any] | None,
@@ -515,11 +532,11 @@ def _manifest(
 ) -> dict[str, Any]:
     """Everything needed to trust and reproduce the shards; no times or export id, so the
     same inputs give the same manifest too."""
-    tokenized = export.format == "tokenized_parquet"
+    tokenized = isinstance(fmt.rows, TokenRows)
     policy_counts = counts.as_dict()
     return {
         "srft_version": __version__,
-        "format": export.format,
+        "format": fmt.name,
         "policy": {"name": config["policy"], "options": config["options"]},
         "config": {
             key: config.get(key)
@@ -569,7 +586,7 @@ def _manifest(
                 "truncated": rows.truncated,
                 "split_rows": rows.split_rows,
             },
-            # openai_jsonl: what fitting rows to the fine-tuning format changed.
+            # Formats fitted to the fine-tuning format (openai_jsonl): what fitting changed.
             "profile": profile.as_dict() if profile is not None else None,
             "tokens": {
                 "total": sum(s.tokens or 0 for s in shards) if tokenized else None,

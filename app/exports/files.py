@@ -16,13 +16,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from app.errors import NotFound, RangeNotSatisfiable
+from app.exports.formats import FORMATS
 
 CHUNK_SIZE = 1 << 20
-MEDIA_TYPES = {
-    ".parquet": "application/vnd.apache.parquet",
-    ".jsonl": "application/x-ndjson",
-    ".json": "application/json",
-}
+# An export holds its manifest and the shards of its format.
+MEDIA_TYPES = {".json": "application/json"} | {f.files.suffix: f.files.media_type for f in FORMATS}
 # One range of bytes; several ranges, other units or anything malformed is ignored (RFC 9110
 # 14.2 lets a server send the whole file instead), so no multipart/byteranges is ever built.
 _BYTE_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE)

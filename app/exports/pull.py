@@ -17,7 +17,9 @@ from urllib.parse import quote
 
 import httpx
 
-MANIFEST = "manifest.json"
+from app.exports.manifest import MANIFEST
+from app.exports.writers.shards import file_sha256
+
 PART_SUFFIX = ".part"
 CHUNK_SIZE = 1 << 20
 
@@ -90,7 +92,7 @@ def pull_export(
         if (
             target.is_file()
             and target.stat().st_size == shard.size
-            and _file_sha256(target, chunk_size) == shard.sha256
+            and file_sha256(target) == shard.sha256
         ):
             result.skipped += 1
             advance(shard.size)
@@ -135,7 +137,7 @@ def verify_directory(directory: Path) -> list[str]:
         if size != shard.size:
             problems.append(f"{shard.path}: {size} bytes, the manifest says {shard.size}")
             continue
-        digest = _file_sha256(target, CHUNK_SIZE)
+        digest = file_sha256(target)
         if digest != shard.sha256:
             problems.append(f"{shard.path}: sha256 {digest}, the manifest says {shard.sha256}")
     return problems
@@ -272,12 +274,6 @@ def _hash_file(hasher: hashlib._Hash, path: Path, chunk_size: int) -> None:
     with path.open("rb") as handle:
         while chunk := handle.read(chunk_size):
             hasher.update(chunk)
-
-
-def _file_sha256(path: Path, chunk_size: int) -> str:
-    hasher = hashlib.sha256()
-    _hash_file(hasher, path, chunk_size)
-    return hasher.hexdigest()
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -11,10 +11,11 @@ from app.deps import ProjectDep, SessionDep, SettingsDep
 from app.errors import Conflict
 from app.exports import queue, schemas
 from app.exports import service as export_service
-from app.exports.builder import MANIFEST, export_path
+from app.exports.builder import export_path
 from app.exports.files import archive_response, file_response, media_type_for, resolve_export_file
+from app.exports.manifest import MANIFEST
 from app.models import Export
-from app.pagination import decode_cursor, encode_cursor
+from app.pagination import MAX_EXPORT_PAGE, decode_cursor, encode_cursor
 from app.schemas import COMMON_ERRORS, error_responses
 
 router = APIRouter(
@@ -36,7 +37,7 @@ def create_export(
 def list_exports(
     session: SessionDep,
     project_id: ProjectDep,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    limit: Annotated[int, Query(ge=1, le=MAX_EXPORT_PAGE)] = 50,
     cursor: Annotated[str | None, Query(description="next_cursor of the last page")] = None,
 ) -> schemas.ExportPage:
     """The project's exports, newest first."""

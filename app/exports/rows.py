@@ -1,14 +1,17 @@
-"""A trajectory and its policy decision as one row of each format. Pure."""
+"""A trajectory and its policy decision as one row of each format (`formats.py` says which
+format uses which). Pure: `Source` is only a type here, so no database is imported."""
 
 from __future__ import annotations
 
 import json
 from itertools import pairwise
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from app.exports.service import Source
 from app.exports.tokenize import Example, weights_from_messages
 from app.recipe.masking import TrajectoryDecision
+
+if TYPE_CHECKING:
+    from app.exports.service import Source
 
 
 def context_messages(source: Source, decision: TrajectoryDecision) -> list[dict[str, Any]]:

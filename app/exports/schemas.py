@@ -4,30 +4,35 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
+from app.exports import formats as export_formats
 from app.jobs.schemas import Selection
+from app.recipe.masking import DEFAULT_MASK_LABELS, Policy, Unlabeled
 from app.schemas import MAX_INT64, MIN_INT64, Id, Name, RequestModel
 
-PolicyName = Literal["sft", "rft", "srft", "srft_unresolved", "prefix"]
-FormatName = Literal["openai_jsonl", "openai_jsonl_raw", "tokenized_parquet", "prm_jsonl"]
-# Rows of messages (`{"messages", "tools"}`): a tokenizer, if given, measures them for max_seq_len.
-MESSAGE_FORMATS: tuple[str, ...] = ("openai_jsonl", "openai_jsonl_raw")
+PolicyName = Policy
+if TYPE_CHECKING:
+    FormatName = str
+else:
+    # The registered formats, in their order: the API accepts (and its schema lists) exactly
+    # the names the builder can build.
+    FormatName = Literal[export_formats.NAMES]
 GiB = 1024**3
 
 
 class PolicyOptionsIn(RequestModel):
     mask_labels: list[Name] = Field(
-        default_factory=lambda: ["mistake"],
+        default_factory=lambda: list(DEFAULT_MASK_LABELS),
         max_length=64,
         description="Labels whose steps get no loss.",
     )
     critique_resolved: bool = Field(
         default=False, description="Apply verdicts to resolved trajectories too."
     )
-    unlabeled: Literal["mask", "train", "drop"] = Field(
+    unlabeled: Unlabeled = Field(
         default="mask", description="Steps with no verdict: mask them, train them, or drop the run."
     )
     soft: bool = Field(

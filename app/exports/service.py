@@ -13,7 +13,9 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.errors import Conflict, NotFound, SrftError
+from app.exports import formats as export_formats
 from app.exports import schemas
+from app.exports.formats import TokenizerUse
 from app.exports.tokenize import (
     INVALID_REVISION,
     INVALID_TOKENIZER,
@@ -21,8 +23,9 @@ from app.exports.tokenize import (
     roots_as_written,
     tokenizer_allowed,
 )
+from app.jobs import service as job_service
 from app.jobs.schemas import Selection
-from app.models import Export, Job, Step, Trajectory, Verdict, utcnow
+from app.models import Export, Job, Step, Trajectory, utcnow
 from app.recipe.masking import StepLabel
 from app.review import service as review_service
 
@@ -46,8 +49,8 @@ def create_export(
     _check_format(body)
     _check_tokenizer(body, settings)
     _check_mask_labels(body, jobs)
-    if body.selection is not None and body.selection.trajectory_ids is not None:
-        _check_trajectories(session, project_id, body.selection.trajectory_ids)
+    if body.selection is not None:
+        job_service.check_selection(session, project_id, body.selection)
     config = body.model_dump(mode="json")
     export = Export(
         project_id=project_id,
@@ -96,39 +99,45 @@ def _jobs(session: Session, project_id: uuid.UUID, ids: Sequence[uuid.UUID]) -> 
 
 
 def _check_format(body: schemas.ExportCreate) -> None:
-    tokenized = body.format == "tokenized_parquet"
-    if tokenized and not body.tokenizer:
+    """What the request gives the format must be what it takes (its registered capabilities)."""
+    try:
+        fmt = export_formats.get_format(body.format)
+    except export_formats.UnknownExportFormat as error:
+        raise InvalidExport(str(error), location="format", code="unknown_format") from error
+    uses = fmt.tokenizer
+    if uses is TokenizerUse.RENDERS and not body.tokenizer:
         raise InvalidExport(
-            "tokenized_parquet needs `tokenizer`: the Hub id of the target model's tokenizer "
+            f"{fmt.name} needs `tokenizer`: the Hub id of the target model's tokenizer "
             "(or its path inside SRFT_TOKENIZER_DIRS), whose chat template renders the rows",
             location="tokenizer",
         )
-    if body.format in schemas.MESSAGE_FORMATS:
+    if uses is TokenizerUse.MEASURES:
         # A tokenizer only measures rows of messages: one without the other does nothing.
         if body.max_seq_len is not None and body.tokenizer is None:
             raise InvalidExport(
-                f"`max_seq_len` for {body.format} needs `tokenizer`: rows are measured in the "
+                f"`max_seq_len` for {fmt.name} needs `tokenizer`: rows are measured in the "
                 "tokens of the target model's chat template",
                 location="max_seq_len",
             )
         if body.tokenizer is not None and body.max_seq_len is None:
             raise InvalidExport(
-                f"`tokenizer` measures {body.format} rows against `max_seq_len`; give "
+                f"`tokenizer` measures {fmt.name} rows against `max_seq_len`; give "
                 "max_seq_len too (the trainer tokenizes the rows)",
                 location="tokenizer",
             )
-    elif not tokenized:
+    if uses is TokenizerUse.NONE:
         for name in ("tokenizer", "max_seq_len"):
             if getattr(body, name) is not None:
                 raise InvalidExport(
-                    f"`{name}` does not apply to {body.format}: its rows are text, tokenized "
+                    f"`{name}` does not apply to {fmt.name}: its rows are text, tokenized "
                     "by the trainer",
                     location=name,
                 )
-    if not tokenized and body.options.soft:
+    if body.options.soft and not fmt.soft_weights:
+        weighted = [f.name for f in export_formats.FORMATS if f.soft_weights]
         raise InvalidExport(
-            f"soft weights need a format that takes floats: {body.format} takes 0/1 "
-            "(use tokenized_parquet, whose rows get a `loss_weights` column)",
+            f"soft weights need a format that takes floats: {fmt.name} takes 0/1 "
+            f"(use {export_formats.or_list(weighted)}, whose rows get a `loss_weights` column)",
             location="options.soft",
         )
 
@@ -154,32 +163,6 @@ def _check_mask_labels(body: schemas.ExportCreate, jobs: Sequence[Job]) -> None:
             f"mask_labels {unknown} are not labels of these jobs (their labels: {sorted(known)})",
             location="options.mask_labels",
             code="unknown_labels",
-        )
-
-
-def _check_trajectories(session: Session, project_id: uuid.UUID, ids: Sequence[uuid.UUID]) -> None:
-    if not ids:
-        raise InvalidExport(
-            "selection.trajectory_ids is empty", location="selection.trajectory_ids"
-        )
-    found: set[uuid.UUID] = set()
-    wanted = list(set(ids))
-    for start in range(0, len(wanted), 1000):
-        found.update(
-            session.scalars(
-                select(Trajectory.id).where(
-                    Trajectory.project_id == project_id,
-                    Trajectory.id.in_(wanted[start : start + 1000]),
-                )
-            )
-        )
-    unknown = sorted(str(i) for i in set(ids) - found)
-    if unknown:
-        raise InvalidExport(
-            f"{len(unknown)} trajectory ids are not in this project: {', '.join(unknown[:20])}",
-            location="selection.trajectory_ids",
-            code="unknown_trajectories",
-            details={"unknown": unknown[:1000]},
         )
 
 
@@ -280,14 +263,7 @@ def sweep(session: Session, stale_after_s: float) -> list[uuid.UUID]:
     only slow loses its claim at its next heartbeat.
     """
     now = utcnow()
-    stale = now - timedelta(seconds=stale_after_s)
-    lost = or_(
-        and_(Export.status == "running", Export.claimed_at < stale),
-        and_(
-            Export.status == "queued",
-            or_(Export.enqueued_at.is_(None), Export.enqueued_at < stale),
-        ),
-    )
+    lost = job_service.lost_work(Export, "queued", now - timedelta(seconds=stale_after_s))
     return list(
         session.scalars(
             update(Export)
@@ -390,33 +366,17 @@ def trajectory_ids(
     resolution (a job with scope=unresolved still selected the resolved runs that srft trains
     in full), among the trajectories that existed when the job was created; the union.
     """
+    query = select(Trajectory.id).where(Trajectory.project_id == project_id).order_by(Trajectory.id)
     if selection is not None:
-        filters = [_filters(Selection.model_validate(selection))]
-    else:
-        filters = []
-        wanted = [uuid.UUID(str(i)) for i in job_ids]
-        for job in session.scalars(select(Job).where(Job.id.in_(wanted))):
-            chosen = _filters(Selection.model_validate(job.selection))
-            filters.append(and_(chosen, Trajectory.created_at <= job.created_at))
-    query = (
-        select(Trajectory.id)
-        .where(Trajectory.project_id == project_id, or_(*filters))
-        .order_by(Trajectory.id)
-    )
-    return list(session.scalars(query))
-
-
-def _filters(selection: Selection) -> Any:
-    parts: list[Any] = []
-    if selection.trajectory_ids is not None:
-        parts.append(Trajectory.id.in_(selection.trajectory_ids))
-    if selection.resolved is not None:
-        parts.append(Trajectory.resolved.is_(selection.resolved))
-    if selection.source_format is not None:
-        parts.append(Trajectory.source_format == selection.source_format)
-    if selection.task_id is not None:
-        parts.append(Trajectory.task_id == selection.task_id)
-    return and_(True, *parts)
+        return job_service.selected(session, query, Selection.model_validate(selection))
+    found: set[uuid.UUID] = set()
+    wanted = [uuid.UUID(str(i)) for i in job_ids]
+    for job in session.scalars(select(Job).where(Job.id.in_(wanted))):
+        existing = query.where(Trajectory.created_at <= job.created_at)
+        found.update(
+            job_service.selected(session, existing, Selection.model_validate(job.selection))
+        )
+    return sorted(found)
 
 
 @dataclass(frozen=True)
@@ -436,7 +396,6 @@ def load_sources(
 ) -> list[Source]:
     """Trajectories with their steps and, per step, its human label if a reviewer set one,
     else the verdict of the last listed job that has one (a later job overrides an earlier)."""
-    rank = {uuid.UUID(str(j)): n for n, j in enumerate(job_ids)}
     trajectories = {
         t.id: t for t in session.scalars(select(Trajectory).where(Trajectory.id.in_(list(ids))))
     }
@@ -447,37 +406,12 @@ def load_sources(
         .order_by(Step.trajectory_id, Step.index)
     ):
         steps[row.trajectory_id].append(row.message_index)
-    chosen: dict[tuple[uuid.UUID, int], tuple[int, StepLabel]] = {}
-    for verdict in session.execute(
-        select(
-            Verdict.job_id,
-            Verdict.trajectory_id,
-            Verdict.step_index,
-            Verdict.label,
-            Verdict.vote_labels,
-        ).where(
-            Verdict.trajectory_id.in_(list(ids)),
-            Verdict.job_id.in_(list(rank)),
-            Verdict.status == "done",
-        )
-    ):
-        key = (verdict.trajectory_id, verdict.step_index)
-        order = rank[verdict.job_id]
-        if key not in chosen or chosen[key][0] < order:
-            votes = tuple(verdict.vote_labels or ())
-            chosen[key] = (order, StepLabel(verdict.label, votes if len(votes) > 1 else ()))
-    # A reviewer's label wins over any critic verdict for the same step.
-    for (trajectory_id, step), human in review_service.labels_of(session, ids).items():
-        chosen[(trajectory_id, step)] = (len(rank), StepLabel(human.label, (), "human"))
-    sources: list[Source] = []
-    for trajectory_id in ids:
-        t = trajectories[trajectory_id]
-        positions = steps[trajectory_id]
-        labels = tuple(
-            chosen[(trajectory_id, k)][1]
-            if (trajectory_id, k) in chosen
-            else StepLabel(None, (), "none")
-            for k in range(len(positions))
-        )
-        sources.append(Source(t.id, t.resolved, t.messages, t.tools, tuple(positions), labels))
-    return sources
+    labels = review_service.step_labels(
+        session,
+        {i: len(positions) for i, positions in steps.items()},
+        [uuid.UUID(str(j)) for j in job_ids],
+    )
+    return [
+        Source(t.id, t.resolved, t.messages, t.tools, tuple(steps[t.id]), labels[t.id])
+        for t in (trajectories[i] for i in ids)
+    ]

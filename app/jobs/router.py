@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, status
 from app.deps import ProjectDep, SessionDep, SettingsDep
 from app.jobs import queue, schemas
 from app.jobs import service as job_service
+from app.pagination import MAX_STEP_PAGE
 from app.schemas import COMMON_ERRORS, error_responses
 
 router = APIRouter(
@@ -39,7 +40,7 @@ def list_verdicts(
     job_id: uuid.UUID,
     session: SessionDep,
     project_id: ProjectDep,
-    limit: Annotated[int, Query(ge=1, le=job_service.MAX_PAGE)] = 200,
+    limit: Annotated[int, Query(ge=1, le=MAX_STEP_PAGE)] = 200,
     cursor: Annotated[str | None, Query()] = None,
 ) -> schemas.VerdictPage:
     """A page of the job's verdicts, in creation order."""

@@ -12,12 +12,23 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
-from sqlalchemy import Table, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session, load_only
 
 from app.config import Settings
@@ -26,17 +37,25 @@ from app.critic.labels import DEFAULT_LABELS, LabelSet
 from app.critic.prompt import prompt_hash
 from app.errors import Conflict, NotFound, SrftError
 from app.jobs import schemas
-from app.models import Job, Trajectory, Verdict, utcnow
+from app.models import Export, Job, Trajectory, Verdict, utcnow
 from app.pagination import decode_cursor, encode_cursor
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 OPEN_ITEMS = ("pending", "running")
-MAX_PAGE = 1000
+ID_CHUNK = 1000
+RowT = TypeVar("RowT")
 
 
 class InvalidJob(SrftError):
     status_code = 422
     code = "invalid_job"
+
+
+class InvalidSelection(SrftError):
+    """Explicit trajectory ids a job or an export cannot select."""
+
+    status_code = 422
+    code = "invalid_selection"
 
 
 @dataclass(frozen=True)
@@ -170,48 +189,19 @@ def _pending_row(
 def _select(
     session: Session, project_id: uuid.UUID, selection: schemas.Selection, scope: str
 ) -> list[Trajectory]:
+    check_selection(session, project_id, selection)
     # Only what a job needs of each trajectory: not its messages (often 100 KB or more each).
     query = (
         select(Trajectory)
         .options(load_only(Trajectory.id, Trajectory.num_steps, Trajectory.content_hash))
         .where(Trajectory.project_id == project_id)
+        .order_by(Trajectory.id)
     )
-    if selection.trajectory_ids is not None:
-        wanted = set(selection.trajectory_ids)
-        if not wanted:
-            raise InvalidJob(
-                "selection.trajectory_ids is empty: name at least one trajectory",
-                location="selection.trajectory_ids",
-                code="empty_selection",
-            )
-        found = set(
-            session.scalars(
-                select(Trajectory.id).where(
-                    Trajectory.project_id == project_id, Trajectory.id.in_(wanted)
-                )
-            )
-        )
-        unknown = sorted(str(i) for i in wanted - found)
-        if unknown:
-            shown = ", ".join(unknown[:20]) + (" ..." if len(unknown) > 20 else "")
-            raise InvalidJob(
-                f"{len(unknown)} trajectory ids are not in this project: {shown}",
-                location="selection.trajectory_ids",
-                code="unknown_trajectories",
-                details={"unknown": unknown[:1000]},
-            )
-        query = query.where(Trajectory.id.in_(wanted))
-    if selection.resolved is not None:
-        query = query.where(Trajectory.resolved.is_(selection.resolved))
-    if selection.source_format is not None:
-        query = query.where(Trajectory.source_format == selection.source_format)
-    if selection.task_id is not None:
-        query = query.where(Trajectory.task_id == selection.task_id)
     if scope == "unresolved":
         # As in the paper: resolved runs are trained in full, so only the rest need a critic.
         # Unknown resolution counts as unresolved.
         query = query.where(or_(Trajectory.resolved.is_(None), Trajectory.resolved.is_(False)))
-    chosen = list(session.scalars(query.order_by(Trajectory.id)))
+    chosen = selected(session, query, selection)
     if not chosen:
         raise InvalidJob(
             "the selection matches no trajectory"
@@ -224,6 +214,72 @@ def _select(
             code="empty_selection",
         )
     return chosen
+
+
+# ---------------------------------------------------------------------- selections
+
+
+def id_chunks(ids: Iterable[uuid.UUID]) -> Iterator[list[uuid.UUID]]:
+    """The distinct ids, sorted, in lists short enough for one IN each: psycopg sends at most
+    65,535 parameters per statement, and a selection may name 100,000 trajectories."""
+    wanted = sorted(set(ids))
+    for start in range(0, len(wanted), ID_CHUNK):
+        yield wanted[start : start + ID_CHUNK]
+
+
+def check_selection(session: Session, project_id: uuid.UUID, selection: schemas.Selection) -> None:
+    """Refuse explicit trajectory ids that name nothing, or a trajectory not in the project."""
+    if selection.trajectory_ids is None:
+        return
+    if not selection.trajectory_ids:
+        raise InvalidSelection(
+            "selection.trajectory_ids is empty: name at least one trajectory",
+            location="selection.trajectory_ids",
+            code="empty_selection",
+        )
+    found: set[uuid.UUID] = set()
+    for chunk in id_chunks(selection.trajectory_ids):
+        found.update(
+            session.scalars(
+                select(Trajectory.id).where(
+                    Trajectory.project_id == project_id, Trajectory.id.in_(chunk)
+                )
+            )
+        )
+    unknown = sorted(str(i) for i in set(selection.trajectory_ids) - found)
+    if unknown:
+        shown = ", ".join(unknown[:20]) + (" ..." if len(unknown) > 20 else "")
+        raise InvalidSelection(
+            f"{len(unknown)} trajectory ids are not in this project: {shown}",
+            location="selection.trajectory_ids",
+            code="unknown_trajectories",
+            details={"unknown": unknown[:1000]},
+        )
+
+
+def selected(session: Session, query: Select[RowT], selection: schemas.Selection) -> list[RowT]:
+    """What `query` (over trajectories, ordered by id) returns of those `selection` matches.
+
+    Explicit ids are matched a chunk at a time; chunks of sorted ids keep the id order (a
+    UUID sorts the same in Python as in the database)."""
+    query = query.where(*_criteria(selection))
+    if selection.trajectory_ids is None:
+        return list(session.scalars(query))
+    found: list[RowT] = []
+    for chunk in id_chunks(selection.trajectory_ids):
+        found.extend(session.scalars(query.where(Trajectory.id.in_(chunk))))
+    return found
+
+
+def _criteria(selection: schemas.Selection) -> list[ColumnElement[bool]]:
+    criteria: list[ColumnElement[bool]] = []
+    if selection.resolved is not None:
+        criteria.append(Trajectory.resolved.is_(selection.resolved))
+    if selection.source_format is not None:
+        criteria.append(Trajectory.source_format == selection.source_format)
+    if selection.task_id is not None:
+        criteria.append(Trajectory.task_id == selection.task_id)
+    return criteria
 
 
 def _fill_from_cache(
@@ -498,6 +554,21 @@ def lock_sweep(session: Session) -> bool:
     return bool(session.scalar(select(func.pg_try_advisory_xact_lock(SWEEP_LOCK))))
 
 
+def lost_work(
+    queue: type[Verdict] | type[Export], waiting: str, stale: datetime
+) -> ColumnElement[bool]:
+    """Rows of a work queue (verdicts, exports) whose work was lost: `running` under a claim
+    not renewed since `stale` (a dead or stuck worker), or `waiting` and not enqueued since
+    `stale` (a lost broker message)."""
+    return or_(
+        and_(queue.status == "running", queue.claimed_at < stale),
+        and_(
+            queue.status == waiting,
+            or_(queue.enqueued_at.is_(None), queue.enqueued_at < stale),
+        ),
+    )
+
+
 def sweep(session: Session, stale_after_s: float, chunk_size: int) -> list[Unit]:
     """Units whose work was lost: claims older than the timeout (a dead or stuck worker) and
     pending items not picked up within it (a lost broker message).
@@ -507,14 +578,7 @@ def sweep(session: Session, stale_after_s: float, chunk_size: int) -> list[Unit]
     on again, and a late write under the old claim finds no row to write to.
     """
     now = utcnow()
-    stale = now - timedelta(seconds=stale_after_s)
-    lost = or_(
-        and_(Verdict.status == "running", Verdict.claimed_at < stale),
-        and_(
-            Verdict.status == "pending",
-            or_(Verdict.enqueued_at.is_(None), Verdict.enqueued_at < stale),
-        ),
-    )
+    lost = lost_work(Verdict, "pending", now - timedelta(seconds=stale_after_s))
     open_jobs = select(Job.id).where(Job.status.in_(("queued", "running")))
     rows = session.execute(
         update(Verdict)

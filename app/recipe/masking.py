@@ -12,15 +12,18 @@ succeeded needs evidence that it did.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Policy = Literal["sft", "rft", "srft", "srft_unresolved", "prefix"]
-POLICIES: tuple[str, ...] = ("sft", "rft", "srft", "srft_unresolved", "prefix")
+POLICIES: tuple[str, ...] = get_args(Policy)
 Unlabeled = Literal["mask", "train", "drop"]
-UNLABELED_MODES: tuple[str, ...] = ("mask", "train", "drop")
+UNLABELED_MODES: tuple[str, ...] = get_args(Unlabeled)
 DROP_REASONS: tuple[str, ...] = ("unresolved", "resolved", "unlabeled", "too_few_trained_steps")
+# What an export masks, and the review pages preview, unless told otherwise: the default label
+# set's harmful step (app/critic/labels.py).
+DEFAULT_MASK_LABELS: tuple[str, ...] = ("mistake",)
 
 
 @dataclass(frozen=True)
@@ -33,11 +36,39 @@ class StepLabel:
     source: Literal["critic", "human", "none"] = "critic"
 
 
+NO_LABEL = StepLabel(None, (), "none")
+
+
+def critic_label(label: str, vote_labels: Sequence[str] | None) -> StepLabel:
+    """A finished critic verdict as the policy reads it: its label, and its votes when the
+    critic voted more than once (one vote says no more than the label)."""
+    votes = tuple(vote_labels or ())
+    return StepLabel(label, votes if len(votes) > 1 else ())
+
+
+def resolve_labels(
+    num_steps: int, human: Mapping[int, str], critic: Sequence[Mapping[int, StepLabel]]
+) -> tuple[StepLabel, ...]:
+    """What the policy reads of each step: a reviewer's label wins over any critic verdict
+    (and carries no votes: a human's word is not a vote); else the verdict of the last job in
+    `critic` (one mapping per job, step -> `critic_label`, in the order the jobs are listed)
+    that has one, so a later job overrides an earlier; else no label.
+
+    The one rule for exports and for the review pages' preview of them."""
+    labels: list[StepLabel] = []
+    for step in range(num_steps):
+        if step in human:
+            labels.append(StepLabel(human[step], (), "human"))
+            continue
+        labels.append(next((job[step] for job in reversed(critic) if step in job), NO_LABEL))
+    return tuple(labels)
+
+
 @dataclass(frozen=True)
 class PolicyOptions:
     """Checked on construction, so a bad export request fails before any row is written."""
 
-    mask_labels: frozenset[str] = frozenset({"mistake"})
+    mask_labels: frozenset[str] = frozenset(DEFAULT_MASK_LABELS)
     critique_resolved: bool = False
     unlabeled: Unlabeled = "mask"
     soft: bool = False

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 Overflow = Literal["truncate", "drop", "split"]
-OVERFLOWS: tuple[str, ...] = ("truncate", "drop", "split")
 # The first renders of each renderer are compared with `apply_chat_template` itself.
 _CROSS_CHECKS = 8
 
@@ -49,15 +48,6 @@ class NotPrefixStable(Exception):
             f"them: at character {position} the full render has {expected!r} but the prefix "
             f"render has {got!r}"
         )
-
-
-class PrefixTooLong(Exception):
-    """The task (everything before the first step) alone is longer than the sequence limit."""
-
-    def __init__(self, tokens: int, limit: int) -> None:
-        self.tokens = tokens
-        self.limit = limit
-        super().__init__(f"the task prefix is {tokens} tokens, longer than max_seq_len {limit}")
 
 
 def template_hash(template: str) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-DEFAULT_MASK_LABELS = ("mistake",)
+from app.recipe.masking import DEFAULT_MASK_LABELS
 
 
 def _ratio(numerator: int, denominator: int) -> float:

@@ -13,7 +13,8 @@ from app.deps import ProjectDep, SessionDep
 from app.errors import SrftError
 from app.jobs import service as job_service
 from app.models import HumanLabel, Job, Verdict
-from app.pagination import decode_cursor, encode_cursor
+from app.pagination import MAX_STEP_PAGE, decode_cursor, encode_cursor
+from app.recipe.masking import DEFAULT_MASK_LABELS
 from app.review import evaluation
 from app.review import service as review_service
 from app.schemas import COMMON_ERRORS, error_responses
@@ -21,7 +22,6 @@ from app.schemas import COMMON_ERRORS, error_responses
 router = APIRouter(
     prefix="/v1/jobs", tags=["review"], responses=COMMON_ERRORS | error_responses(404)
 )
-MAX_PAGE = 1000
 
 
 class InvalidEvaluation(SrftError):
@@ -98,7 +98,7 @@ def get_evaluation(
     session: SessionDep,
     project_id: ProjectDep,
     mask_labels: Annotated[list[str] | None, Query()] = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    limit: Annotated[int, Query(ge=1, le=MAX_STEP_PAGE)] = 100,
     cursor: Annotated[str | None, Query()] = None,
 ) -> dict[str, Any]:
     """The job's critic scored against human labels: per label, masked vs trained, confusion."""
@@ -107,7 +107,7 @@ def get_evaluation(
     known = labels + [
         name for name in review_service.known_labels(session, project_id) if name not in labels
     ]
-    masked = list(dict.fromkeys(mask_labels or evaluation.DEFAULT_MASK_LABELS))
+    masked = list(dict.fromkeys(mask_labels or DEFAULT_MASK_LABELS))
     unknown = [name for name in masked if name not in known]
     if unknown:
         raise InvalidEvaluation(

@@ -1,16 +1,21 @@
-"""Human labels: set, remove, read. Labels must belong to the project's label sets."""
+"""Human labels: set, remove, read. Labels must belong to the project's label sets.
+
+Also the one loader of what a policy reads of each step (`step_labels`): exports build from
+it and the review pages preview with it, so a preview is the export by construction.
+"""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.critic.labels import DEFAULT_LABELS
 from app.errors import NotFound, SrftError
-from app.models import HumanLabel, Job, Trajectory, utcnow
+from app.models import HumanLabel, Job, Trajectory, Verdict, utcnow
+from app.recipe.masking import StepLabel, critic_label, resolve_labels
 
 
 class InvalidLabel(SrftError):
@@ -100,3 +105,54 @@ def labels_of(
         select(HumanLabel).where(HumanLabel.trajectory_id.in_(list(trajectory_ids)))
     )
     return {(h.trajectory_id, h.step_index): h for h in rows}
+
+
+def step_labels(
+    session: Session, num_steps: Mapping[uuid.UUID, int], job_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, tuple[StepLabel, ...]]:
+    """Per trajectory (id -> its number of steps), what the policy reads of each step under the
+    verdicts of `job_ids` in that order and the reviewers' labels (`resolve_labels`)."""
+    ids = list(num_steps)
+    if not ids:
+        return {}
+    rank = {job_id: n for n, job_id in enumerate(job_ids)}
+    critic: dict[uuid.UUID, list[dict[int, StepLabel]]] = {i: [{} for _ in rank] for i in ids}
+    verdicts = session.execute(
+        select(
+            Verdict.job_id,
+            Verdict.trajectory_id,
+            Verdict.step_index,
+            Verdict.label,
+            Verdict.vote_labels,
+        ).where(
+            Verdict.trajectory_id.in_(ids),
+            Verdict.job_id.in_(list(rank)),
+            Verdict.status == "done",
+        )
+    )
+    for verdict in verdicts:
+        # A finished verdict without a label says nothing; an earlier job's label stands.
+        if verdict.label is not None:
+            by_step = critic[verdict.trajectory_id][rank[verdict.job_id]]
+            by_step[verdict.step_index] = critic_label(verdict.label, verdict.vote_labels)
+    human: dict[uuid.UUID, dict[int, str]] = {i: {} for i in ids}
+    for reviewed in session.execute(
+        select(HumanLabel.trajectory_id, HumanLabel.step_index, HumanLabel.label).where(
+            HumanLabel.trajectory_id.in_(ids)
+        )
+    ):
+        human[reviewed.trajectory_id][reviewed.step_index] = reviewed.label
+    return {i: resolve_labels(num_steps[i], human[i], critic[i]) for i in ids}
+
+
+def labeling_jobs(session: Session, trajectory_id: uuid.UUID) -> list[uuid.UUID]:
+    """The jobs with a finished verdict on the trajectory, oldest first: the job list whose
+    export a page previews when no job is chosen (a later job overrides an earlier)."""
+    query = (
+        select(Job.id)
+        .join(Verdict, Verdict.job_id == Job.id)
+        .where(Verdict.trajectory_id == trajectory_id, Verdict.status == "done")
+        .group_by(Job.id, Job.created_at)
+        .order_by(Job.created_at, Job.id)
+    )
+    return list(session.scalars(query))

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 import jinja2
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, load_only
 
 from app.auth import service as auth_service
@@ -30,7 +30,7 @@ from app.deps import SessionDep, SettingsDep
 from app.errors import Forbidden, NotFound, SrftError, Unauthorized
 from app.jobs import service as job_service
 from app.models import HumanLabel, Job, Trajectory, Verdict
-from app.recipe.masking import POLICIES, Policy, PolicyOptions, StepLabel, decide
+from app.recipe.masking import DEFAULT_MASK_LABELS, POLICIES, Policy, PolicyOptions, decide
 from app.review import router as review_api
 from app.review import schemas
 from app.review import service as review_service
@@ -47,6 +47,8 @@ OPEN_STATUSES = frozenset({"queued", "running"})
 REFRESH_S = 3
 MAX_JOBS = 100
 MAX_JOB_TRAJECTORIES = 500
+# The preview masks what an export masks by default (FastAPI copies a list default per request).
+DEFAULT_MASK = list(DEFAULT_MASK_LABELS)
 # Observations longer than this are collapsed; the full text stays in the page.
 LONG_TEXT_CHARS = 1500
 LONG_TEXT_LINES = 25
@@ -190,8 +192,9 @@ def _prompt(error: str | None = None, status_code: int = 401) -> HTMLResponse:
     return _page("login.html", status_code, error=error, signed_in=False)
 
 
-def _not_found(message: str) -> HTMLResponse:
-    return _page("not_found.html", 404, message=message, signed_in=True)
+def _error_page(error: SrftError) -> HTMLResponse:
+    """A page naming the caller's mistake (a bad query, an id not found), never data."""
+    return _page("not_found.html", error.status_code, message=error.message, signed_in=True)
 
 
 def _uuid(raw: str, what: str) -> uuid.UUID:
@@ -263,23 +266,41 @@ def _chosen_verdict(verdicts: list[Verdict], job_id: uuid.UUID | None) -> Verdic
     return done[-1] if done else None
 
 
-def _step_label(human: HumanLabel | None, verdict: Verdict | None) -> StepLabel:
-    if human is not None:
-        return StepLabel(human.label, (), "human")
-    if verdict is not None and verdict.status == "done" and verdict.label is not None:
-        votes = tuple(verdict.vote_labels or ())
-        return StepLabel(verdict.label, votes if len(votes) > 1 else ())
-    return StepLabel(None, (), "none")
+@dataclass(frozen=True)
+class Preview:
+    """The export a page previews: a policy and its options, from the page's query."""
+
+    policy: Policy
+    options: PolicyOptions
+
+    def context(self, session: Session, project_id: uuid.UUID) -> dict[str, Any]:
+        """What the page's preview form shows."""
+        return {
+            "policy": self.policy,
+            "policies": POLICIES,
+            "mask": sorted(self.options.mask_labels),
+            "labels": review_service.known_labels(session, project_id),
+        }
 
 
-def _options(policy: str, mask: list[str]) -> tuple[Policy, PolicyOptions]:
+def _preview_query(
+    policy: str = "srft", mask: Annotated[list[str], Query()] = DEFAULT_MASK
+) -> tuple[str, list[str]]:
+    return policy, mask
+
+
+PreviewQueryDep = Annotated[tuple[str, list[str]], Depends(_preview_query)]
+
+
+def _preview(query: tuple[str, list[str]]) -> Preview:
+    policy, mask = query
     if policy not in POLICIES:
         raise BadRequest(
             f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}",
             location="query.policy",
         )
     names = {name.strip() for raw in mask for name in raw.split(",") if name.strip()}
-    return cast(Policy, policy), PolicyOptions(mask_labels=frozenset(names))
+    return Preview(cast(Policy, policy), PolicyOptions(mask_labels=frozenset(names)))
 
 
 # ---------------------------------------------------------------------- sign-in
@@ -383,35 +404,28 @@ def job_page(
     job_id: str,
     session: SessionDep,
     caller: UiCallerDep,
-    policy: str = "srft",
-    mask: Annotated[list[str], Query()] = ["mistake"],  # noqa: B006 (FastAPI copies it)
+    query: PreviewQueryDep,
 ) -> Response:
     """A job's summary and its trajectories, with the steps each masks under the policy."""
     if caller is None:
         return _prompt()
     try:
         job = job_service.get_job(session, caller.project_id, _uuid(job_id, "job"))
-        chosen_policy, options = _options(policy, mask)
-    except NotFound as exc:
-        return _not_found(exc.message)
-    except BadRequest as exc:
-        return _page("not_found.html", 400, message=exc.message, signed_in=True)
+        preview = _preview(query)
+    except (NotFound, BadRequest) as exc:
+        return _error_page(exc)
     summary = job_service.describe(session, job)
 
     rows = session.execute(
-        select(Verdict.trajectory_id, Verdict.step_index, Verdict.status, Verdict.label)
+        select(Verdict.trajectory_id, Verdict.status, func.count())
         .where(Verdict.job_id == job.id)
-        .order_by(Verdict.trajectory_id, Verdict.step_index)
+        .group_by(Verdict.trajectory_id, Verdict.status)
+        .order_by(Verdict.trajectory_id, Verdict.status)
     ).all()
-    by_trajectory: dict[uuid.UUID, dict[int, StepLabel]] = defaultdict(dict)
-    statuses: dict[uuid.UUID, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for row in rows:
-        done = row.status == "done" and row.label is not None
-        by_trajectory[row.trajectory_id][row.step_index] = (
-            StepLabel(row.label) if done else StepLabel(None, (), "none")
-        )
-        statuses[row.trajectory_id][row.status] += 1
-    ids = list(by_trajectory)[:MAX_JOB_TRAJECTORIES]
+    statuses: dict[uuid.UUID, dict[str, int]] = defaultdict(dict)
+    for trajectory_id, verdict_status, count in rows:
+        statuses[trajectory_id][verdict_status] = count
+    ids = list(statuses)[:MAX_JOB_TRAJECTORIES]
     trajectories = {
         t.id: t
         for t in session.scalars(
@@ -424,17 +438,15 @@ def job_page(
             .where(Trajectory.id.in_(ids))
         )
     }
-    humans = review_service.labels_of(session, ids)
+    # What an export of this job would read: the preview is that export's decisions.
+    step_labels = review_service.step_labels(
+        session, {i: trajectories[i].num_steps for i in ids}, [job.id]
+    )
     listed: list[dict[str, Any]] = []
     for trajectory_id in ids:
         trajectory = trajectories[trajectory_id]
-        labels = [
-            StepLabel(humans[(trajectory_id, k)].label, (), "human")
-            if (trajectory_id, k) in humans
-            else by_trajectory[trajectory_id].get(k, StepLabel(None, (), "none"))
-            for k in range(trajectory.num_steps)
-        ]
-        decision = decide(chosen_policy, trajectory.resolved, labels, options)
+        labels = step_labels[trajectory_id]
+        decision = decide(preview.policy, trajectory.resolved, labels, preview.options)
         listed.append(
             {
                 "id": trajectory_id,
@@ -454,11 +466,8 @@ def job_page(
         "job.html",
         job=summary,
         trajectories=listed,
-        hidden=max(0, len(by_trajectory) - len(ids)),
-        policy=chosen_policy,
-        policies=POLICIES,
-        mask=sorted(options.mask_labels),
-        labels=review_service.known_labels(session, caller.project_id),
+        hidden=max(0, len(statuses) - len(ids)),
+        **preview.context(session, caller.project_id),
         refresh=REFRESH_S if summary.status in OPEN_STATUSES else None,
         signed_in=True,
     )
@@ -469,9 +478,8 @@ def trajectory_page(
     trajectory_id: str,
     session: SessionDep,
     caller: UiCallerDep,
+    query: PreviewQueryDep,
     job: str | None = None,
-    policy: str = "srft",
-    mask: Annotated[list[str], Query()] = ["mistake"],  # noqa: B006 (FastAPI copies it)
 ) -> Response:
     """Every step of a trajectory as a card: text, label, reason, and the export preview."""
     if caller is None:
@@ -483,11 +491,9 @@ def trajectory_page(
         job_row = (
             job_service.get_job(session, caller.project_id, _uuid(job, "job")) if job else None
         )
-        chosen_policy, options = _options(policy, mask)
-    except NotFound as exc:
-        return _not_found(exc.message)
-    except BadRequest as exc:
-        return _page("not_found.html", 400, message=exc.message, signed_in=True)
+        preview = _preview(query)
+    except (NotFound, BadRequest) as exc:
+        return _error_page(exc)
 
     job_id = job_row.id if job_row is not None else None
     verdicts = job_service.verdicts_by_step(session, trajectory.id)
@@ -511,8 +517,13 @@ def trajectory_page(
         view.other_verdicts = [v for v in all_verdicts if v is not view.verdict]
         view.human = humans.get((trajectory.id, step.index))
         steps.append(view)
-    labels = [_step_label(view.human, view.verdict) for view in steps]
-    decision = decide(chosen_policy, trajectory.resolved, labels, options)
+    # The export of the chosen job, or of every job that labeled the run, oldest first.
+    if job_id is not None:
+        job_ids = [job_id]
+    else:
+        job_ids = review_service.labeling_jobs(session, trajectory.id)
+    (labels,) = review_service.step_labels(session, {trajectory.id: len(steps)}, job_ids).values()
+    decision = decide(preview.policy, trajectory.resolved, labels, preview.options)
     for view, label, decided in zip(steps, labels, decision.steps, strict=True):
         view.label, view.source = label.label, label.source
         view.outcome, view.weight = decided.outcome, decided.weight
@@ -525,11 +536,8 @@ def trajectory_page(
         steps=steps,
         decision=decision,
         job_id=job_id,
-        policy=chosen_policy,
-        policies=POLICIES,
-        mask=sorted(options.mask_labels),
-        labels=review_service.known_labels(session, caller.project_id),
         is_long=is_long,
+        **preview.context(session, caller.project_id),
         signed_in=True,
     )
 

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch.nn import functional
 
-from app.training.data import IGNORE_INDEX, Row
+from app.recipe.render import IGNORE_INDEX
+from app.training.data import Row
 
 
 @dataclass

@@ -1,14 +1,14 @@
 """Training rows from an export: checked against its manifest, then read.
 
-`tokenized_parquet` rows are used as written. `openai_jsonl` and `openai_jsonl_raw` rows are
-tokenized here with the very code the exporter uses (`app.exports.tokenize`), so both paths
-give the same tokens and masks. Every shard's size and sha256 must match the manifest, or
-nothing is read.
+The format's registration (`app.exports.formats`) says how it is read: token rows
+(`tokenized_parquet`) are used as written; rows of messages (`openai_jsonl`,
+`openai_jsonl_raw`) are tokenized here with the very code the exporter uses
+(`app.exports.tokenize`), so both paths give the same tokens and masks. Every shard's size
+and sha256 must match the manifest, or nothing is read.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import zlib
 from dataclasses import dataclass
@@ -17,8 +17,11 @@ from typing import Any
 
 import numpy as np
 
-IGNORE_INDEX = -100
-MANIFEST = "manifest.json"
+from app.exports import formats as export_formats
+from app.exports.formats import TrainerReads
+from app.exports.manifest import MANIFEST
+from app.exports.writers.shards import file_sha256
+from app.recipe.render import IGNORE_INDEX
 
 
 class DataError(Exception):
@@ -55,14 +58,10 @@ def verify_export(path: Path) -> dict[str, Any]:
         file = root / shard["path"]
         if not file.is_file():
             raise DataError(f"{file}: listed in the manifest but missing")
-        size = file.stat().st_size
-        digest = hashlib.sha256()
-        with file.open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-        if size != shard["bytes"] or digest.hexdigest() != shard["sha256"]:
+        size, digest = file.stat().st_size, file_sha256(file)
+        if size != shard["bytes"] or digest != shard["sha256"]:
             raise DataError(
-                f"{file}: {size} bytes with sha256 {digest.hexdigest()}, but the manifest says "
+                f"{file}: {size} bytes with sha256 {digest}, but the manifest says "
                 f"{shard['bytes']} bytes with sha256 {shard['sha256']}: the file was changed "
                 "or damaged; pull the export again"
             )
@@ -75,16 +74,20 @@ def load_rows(path: Path, *, tokenizer: str | None, max_seq_len: int) -> list[Ro
     root = export_root(path)
     files = [root / s["path"] for s in manifest["shards"]]
     fmt = manifest.get("format")
-    if fmt == "tokenized_parquet":
+    try:
+        reads = export_formats.get_format(fmt).trainer
+    except export_formats.UnknownExportFormat:
+        reads = None
+    if reads is TrainerReads.TOKEN_ROWS:
         rows = _parquet_rows(files)
-    elif fmt in ("openai_jsonl", "openai_jsonl_raw"):
+    elif reads is TrainerReads.MESSAGES:
         if tokenizer is None:
             raise DataError(f"an {fmt} export needs a tokenizer to train on")
         rows = _jsonl_rows(files, tokenizer, max_seq_len)
     else:
+        readable = [f.name for f in export_formats.FORMATS if f.trainer is not None]
         raise DataError(
-            f"{root}: format {fmt!r} cannot be trained on here (tokenized_parquet, openai_jsonl "
-            "or openai_jsonl_raw)"
+            f"{root}: format {fmt!r} cannot be trained on here ({export_formats.or_list(readable)})"
         )
     return [_cut(row, max_seq_len) for row in rows]
 

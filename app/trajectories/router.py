@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response, status
 
 from app.deps import ProjectDep, SessionDep
 from app.jobs import service as job_service
+from app.pagination import MAX_TRAJECTORY_PAGE
 from app.review import service as review_service
 from app.schemas import COMMON_ERRORS, error_responses
 from app.trajectories import schemas
@@ -41,9 +42,13 @@ def upload_trajectories(
     session: SessionDep,
     project_id: ProjectDep,
     body: Annotated[bytes, Depends(read_body)],
-    format: Annotated[
+    fmt: Annotated[
         str,
-        Query(description="auto, swe-agent, mini-swe-agent, openhands, openai or nebius."),
+        Query(
+            alias="format",
+            max_length=32,
+            description="auto, swe-agent, mini-swe-agent, openhands, openai or nebius.",
+        ),
     ] = "auto",
     resolved: Annotated[
         bool | None, Query(description="Resolution of every run in the file, if known.")
@@ -55,7 +60,7 @@ def upload_trajectories(
         session,
         project_id,
         body,
-        fmt=format,
+        fmt=fmt,
         resolved=resolved,
         lines=True if content_type in NDJSON_TYPES else None,
         content_type=content_type,
@@ -84,7 +89,7 @@ def list_trajectories(
     resolved: Annotated[Literal["true", "false", "unknown"] | None, Query()] = None,
     source_format: Annotated[str | None, Query()] = None,
     task_id: Annotated[str | None, Query()] = None,
-    limit: Annotated[int, Query(ge=1, le=trajectory_service.MAX_PAGE)] = 50,
+    limit: Annotated[int, Query(ge=1, le=MAX_TRAJECTORY_PAGE)] = 50,
     cursor: Annotated[str | None, Query()] = None,
 ) -> schemas.TrajectoryPage:
     """List trajectories, newest first, with cursor pagination."""

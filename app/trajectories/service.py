@@ -23,7 +23,6 @@ from app.trajectories import formats
 from app.trajectories.formats.base import Trajectory as Canonical
 
 ResolvedFilter = Literal["true", "false", "unknown"]
-MAX_PAGE = 100
 # Stored runs are served back as JSON, and the response encoder refuses deep nesting; no real
 # run's tools or metadata nest anywhere near this deep.
 MAX_NESTING = 64

@@ -9,7 +9,9 @@ from typing import Any, get_args
 import pytest
 
 from app.recipe.masking import (
+    DEFAULT_MASK_LABELS,
     DROP_REASONS,
+    NO_LABEL,
     POLICIES,
     Policy,
     PolicyCounts,
@@ -17,7 +19,9 @@ from app.recipe.masking import (
     StepDecision,
     StepLabel,
     TrajectoryDecision,
+    critic_label,
     decide,
+    resolve_labels,
 )
 
 DEFAULT = PolicyOptions()
@@ -470,3 +474,45 @@ def test_random_counts_add_up(seed: int) -> None:
     assert sum(counts.masked_by_label.values()) == counts.steps_masked
     assert sum(counts.steps_by_source.values()) == counts.steps_trained + counts.steps_masked
     assert all(isinstance(step, StepDecision) for d in decisions for step in d.steps)
+
+
+# ---------------------------------------------------------------------- label resolution
+
+
+def test_a_verdict_keeps_its_votes_only_when_there_were_several() -> None:
+    assert critic_label("mistake", ["mistake", "good", "mistake"]) == StepLabel(
+        "mistake", ("mistake", "good", "mistake"), "critic"
+    )
+    assert critic_label("good", ["good"]) == StepLabel("good", (), "critic")
+    assert critic_label("good", None) == StepLabel("good", (), "critic")
+
+
+def test_a_human_label_beats_every_verdict_and_carries_no_votes() -> None:
+    voted = critic_label("mistake", ["mistake", "mistake", "good"])
+    labels = resolve_labels(3, {0: "good"}, [{0: voted, 1: voted}])
+    assert labels == (StepLabel("good", (), "human"), voted, NO_LABEL)
+    # Soft weights read the votes of a critic's verdict, never of a reviewer's label.
+    soft = PolicyOptions(soft=True)
+    assert weights(decide("srft", False, labels, soft)) == (1.0, pytest.approx(1 / 3), 0.0)
+
+
+def test_a_later_job_overrides_an_earlier_one_where_it_has_a_verdict() -> None:
+    earlier = {0: critic_label("good", None), 1: critic_label("good", None)}
+    later = {1: critic_label("mistake", None), 2: critic_label("unnecessary", None)}
+    assert [label.label for label in resolve_labels(4, {}, [earlier, later])] == [
+        "good",
+        "mistake",
+        "unnecessary",
+        None,
+    ]
+    assert [label.label for label in resolve_labels(4, {}, [later, earlier])] == [
+        "good",
+        "good",
+        "unnecessary",
+        None,
+    ]
+
+
+def test_the_default_mask_is_the_default_label_sets_harmful_step() -> None:
+    assert DEFAULT_MASK_LABELS == ("mistake",)
+    assert PolicyOptions().mask_labels == frozenset(DEFAULT_MASK_LABELS)

@@ -22,7 +22,8 @@ import psycopg
 import pytest
 from sqlalchemy import create_engine, func, select, update
 
-from app.exports.builder import MANIFEST, export_path
+from app.exports.builder import export_path
+from app.exports.manifest import MANIFEST
 from app.models import Export, Job, Verdict
 from tests.e2e import Api, RulesCritic, Workers, worker_env
 from tests.jobs.test_labeling_e2e import _assert_one_verdict_per_step, _expected, _label_through

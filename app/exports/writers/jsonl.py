@@ -1,4 +1,4 @@
-"""JSON Lines shards (`openai_jsonl`, `prm_jsonl`): one compact, key-ordered object per line."""
+"""JSON Lines shards (rows of messages, or of text): one compact, key-ordered object per line."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import IO, Any
 
-from app.exports.writers.shards import OpenShard, ShardInfo, ShardLimits, publish_shards
+from app.exports.writers.shards import JSONL, OpenShard, ShardInfo, ShardLimits, publish_shards
 
 
 def dump_line(row: dict[str, Any]) -> bytes:
@@ -16,7 +16,7 @@ def dump_line(row: dict[str, Any]) -> bytes:
 
 
 class JsonlShards:
-    suffix = ".jsonl"
+    suffix = JSONL.suffix
 
     def __init__(self, root: Path, limits: ShardLimits) -> None:
         self.root = root

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from app.exports.writers.shards import OpenShard, ShardInfo, ShardLimits, publish_shards
+from app.exports.writers.shards import PARQUET, OpenShard, ShardInfo, ShardLimits, publish_shards
 from app.recipe.render import IGNORE_INDEX, TokenRow
 
 ROW_GROUP_ROWS = 256
@@ -47,7 +47,7 @@ def _lists(values: np.ndarray[Any, Any], offsets: np.ndarray[Any, Any]) -> pa.Ar
 
 
 class ParquetShards:
-    suffix = ".parquet"
+    suffix = PARQUET.suffix
 
     def __init__(self, root: Path, limits: ShardLimits, *, soft: bool) -> None:
         self.root = root

@@ -13,6 +13,18 @@ SPLIT = "train"
 
 
 @dataclass(frozen=True)
+class ShardFiles:
+    """What a writer's shard files are: their suffix, and the media type they are served as."""
+
+    suffix: str
+    media_type: str
+
+
+JSONL = ShardFiles(".jsonl", "application/x-ndjson")
+PARQUET = ShardFiles(".parquet", "application/vnd.apache.parquet")
+
+
+@dataclass(frozen=True)
 class ShardLimits:
     max_rows: int
     max_bytes: int

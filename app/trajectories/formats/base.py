@@ -2,7 +2,8 @@
 
 Pure: no database, HTTP or torch. A canonical trajectory is a list of OpenAI chat messages
 (`system`, `user`, `assistant` with optional `tool_calls`, `tool` with `tool_call_id`) plus an
-optional `tools` list, `resolved`, `task_id` and free `metadata` (DESIGN §2).
+optional `tools` list, `resolved`, `task_id` and free `metadata` (docs/recipe.md,
+"Trajectories and steps").
 """
 
 from __future__ import annotations

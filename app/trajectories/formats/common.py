@@ -4,8 +4,8 @@
   and how error locations inside it are written (`join_path`).
 - Reading loose JSON: `mapping`, `dig`, `decode_listish`, and `put` for small metadata fields.
 - Chat pieces in canonical form: `tool_call`, `parse_tool_calls`, `tool_call_ids`,
-  `CallPairing`, `assistant_message`, `chat_message`, `first_choice_message`, and tool lists
-  (`function_schemas`, `find_function_schemas`).
+  `CallPairing`, `assistant_message`, `entry_role`, `chat_message`, `first_choice_message`, and
+  tool lists (`function_schemas`, `find_function_schemas`).
 
 Pure: no database, HTTP or torch.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ast
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -234,6 +234,29 @@ def assistant_message(content: str | None, calls: list[dict[str, Any]]) -> Messa
     return {"role": "assistant", "content": content or None, "tool_calls": calls}
 
 
+def entry_role(
+    entry: dict[str, Any],
+    run: Run,
+    path: str,
+    roles: Collection[str],
+    *,
+    entry_name: str,
+    expected_roles: str,
+) -> str:
+    """The entry's `role`, one of `roles`; else the error that says it is missing or unknown.
+    `entry_name` ("a message") and `expected_roles` only word the errors."""
+    role = entry.get("role")
+    if role is None:
+        raise fail(f"{entry_name} has no 'role'", run.record, run.at(f"{path}.role"))
+    if not isinstance(role, str) or role not in roles:
+        raise fail(
+            f"unknown role {role!r}; expected {expected_roles}",
+            run.record,
+            run.at(f"{path}.role"),
+        )
+    return role
+
+
 def chat_message(
     entry: dict[str, Any],
     run: Run,
@@ -250,15 +273,7 @@ def chat_message(
     of `id_keys` it has (see `CallPairing`), one canonical tool message per answered call.
     `entry_name` ("a message") and `expected_roles` only word the errors.
     """
-    role = entry.get("role")
-    if role is None:
-        raise fail(f"{entry_name} has no 'role'", run.record, run.at(f"{path}.role"))
-    if not isinstance(role, str) or role not in ROLES:
-        raise fail(
-            f"unknown role {role!r}; expected {expected_roles}",
-            run.record,
-            run.at(f"{path}.role"),
-        )
+    role = entry_role(entry, run, path, ROLES, entry_name=entry_name, expected_roles=expected_roles)
     content = text_of(entry.get("content"))
     if role == "assistant":
         calls = parse_tool_calls(entry.get("tool_calls"), run, f"{path}.tool_calls", f"call_{path}")

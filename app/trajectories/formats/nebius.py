@@ -15,7 +15,13 @@ import re
 from typing import Any
 
 from app.trajectories.formats.base import Document, Message, Trajectory, fail, text_of
-from app.trajectories.formats.common import Run, first_run_value, iter_runs, run_object
+from app.trajectories.formats.common import (
+    Run,
+    entry_role,
+    first_run_value,
+    iter_runs,
+    run_object,
+)
 from app.trajectories.formats.swe_agent import is_autosubmit_text
 
 NAME = "nebius"
@@ -79,15 +85,14 @@ def _parse_row(run: Run, run_index: int) -> Trajectory:
 def _message(turn: Any, run: Run, path: str) -> Message:
     if not isinstance(turn, dict):
         raise fail("a trajectory turn must be an object", run.record, run.at(path))
-    role = turn.get("role")
-    if role is None:
-        raise fail("a trajectory turn has no 'role'", run.record, run.at(f"{path}.role"))
-    if not isinstance(role, str) or role not in _ROLES:
-        raise fail(
-            f"unknown role {role!r}; expected system, user or ai",
-            run.record,
-            run.at(f"{path}.role"),
-        )
+    role = entry_role(
+        turn,
+        run,
+        path,
+        _ROLES,
+        entry_name="a trajectory turn",
+        expected_roles="system, user or ai",
+    )
     text = text_of(turn.get("text"))
     if role == "system" and text is None:
         text = text_of(turn.get("system_prompt"))
