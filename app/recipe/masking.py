@@ -1,6 +1,6 @@
 """Masking policies: how much each step of a trajectory is trained.
 
-Pure. DESIGN §1: SRFT keeps unresolved runs but gives no loss to the steps the critic judged
+Pure. docs/recipe.md: SRFT keeps unresolved runs but gives no loss to the steps the critic judged
 harmful, while those steps stay in the context, so the student sees mistakes and the recoveries
 after them without learning to make them. The other policies are what SRFT is measured against:
 SFT (everything), RFT (resolved only), masked unresolved only, and `prefix`, which ends an
