@@ -716,19 +716,6 @@ def list_verdicts(
     return items[:limit], next_cursor
 
 
-def verdicts_by_step(session: Session, trajectory_id: uuid.UUID) -> dict[int, list[Verdict]]:
-    """Finished verdicts of a trajectory, by step, oldest job first."""
-    found: dict[int, list[Verdict]] = defaultdict(list)
-    query = (
-        select(Verdict)
-        .where(Verdict.trajectory_id == trajectory_id, Verdict.status.in_(("done", "failed")))
-        .order_by(Verdict.id)
-    )
-    for verdict in session.scalars(query):
-        found[verdict.step_index].append(verdict)
-    return found
-
-
 # ---------------------------------------------------------------------- control
 
 

@@ -1,21 +1,29 @@
 """Human labels: set, remove, read. Labels must belong to the project's label sets.
 
 Also the one loader of what a policy reads of each step (`step_labels`): exports build from
-it and the review pages preview with it, so a preview is the export by construction.
+it and the review pages preview with it, so a preview is the export by construction; the
+queries behind the review pages (a job's trajectories, a trajectory's step cards) and the
+critic evaluation (label pairs, disagreements).
 """
 
 from __future__ import annotations
 
 import uuid
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import delete, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, and_, delete, func, or_, select
+from sqlalchemy.orm import Session, load_only
 
+from app.auth.service import Caller
 from app.critic.labels import DEFAULT_LABELS
 from app.errors import NotFound, SrftError
 from app.models import HumanLabel, Job, Trajectory, Verdict, utcnow
+from app.pagination import decode_cursor, encode_cursor
 from app.recipe.masking import StepLabel, critic_label, resolve_labels
+from app.trajectories.formats.base import text_of
 
 
 class InvalidLabel(SrftError):
@@ -47,14 +55,14 @@ def _step(
 
 def set_label(
     session: Session,
-    project_id: uuid.UUID,
+    caller: Caller,
     trajectory_id: uuid.UUID,
     step_index: int,
-    *,
     label: str,
     note: str | None,
-    author: str,
 ) -> HumanLabel:
+    """Set the caller's label (and note) on a step, replacing any earlier human label."""
+    project_id, author = caller.project_id, caller.name
     _step(session, project_id, trajectory_id, step_index)
     allowed = known_labels(session, project_id)
     if label not in allowed:
@@ -156,3 +164,185 @@ def labeling_jobs(session: Session, trajectory_id: uuid.UUID) -> list[uuid.UUID]
         .order_by(Job.created_at, Job.id)
     )
     return list(session.scalars(query))
+
+
+# ---------------------------------------------------------------------- review pages
+
+
+@dataclass(frozen=True)
+class JobTrajectory:
+    """A trajectory as a job's page lists it: what it is and its verdict counts by status."""
+
+    trajectory: Trajectory
+    statuses: dict[str, int]
+
+
+def job_trajectories(
+    session: Session, job_id: uuid.UUID, limit: int
+) -> tuple[list[JobTrajectory], int]:
+    """The first `limit` trajectories a job labels (by id) and how many more it has."""
+    rows = session.execute(
+        select(Verdict.trajectory_id, Verdict.status, func.count())
+        .where(Verdict.job_id == job_id)
+        .group_by(Verdict.trajectory_id, Verdict.status)
+        .order_by(Verdict.trajectory_id, Verdict.status)
+    ).all()
+    statuses: dict[uuid.UUID, dict[str, int]] = defaultdict(dict)
+    for trajectory_id, verdict_status, count in rows:
+        statuses[trajectory_id][verdict_status] = count
+    ids = list(statuses)[:limit]
+    columns = load_only(
+        Trajectory.id, Trajectory.task_id, Trajectory.resolved, Trajectory.num_steps
+    )
+    found = {
+        t.id: t
+        for t in session.scalars(select(Trajectory).options(columns).where(Trajectory.id.in_(ids)))
+    }
+    return [JobTrajectory(found[i], statuses[i]) for i in ids], len(statuses) - len(ids)
+
+
+@dataclass
+class StepCard:
+    """One step as the trajectory page shows it: its text, its verdicts and its human label."""
+
+    index: int
+    thought: str
+    action: str | None
+    tool_names: list[str]
+    observations: list[tuple[str, str]]  # (role, text)
+    verdict: Verdict | None = None
+    other_verdicts: list[Verdict] = field(default_factory=list)
+    human: HumanLabel | None = None
+    # What the previewed export decides (`apply_decision`).
+    label: str | None = None
+    source: str = "none"
+    outcome: str = "trained"
+    weight: float = 1.0
+
+    @property
+    def low_agreement(self) -> bool:
+        agreement = self.verdict.agreement if self.verdict is not None else None
+        return agreement is not None and agreement < 1
+
+    @property
+    def votes(self) -> tuple[str, ...]:
+        votes = tuple(self.verdict.vote_labels or ()) if self.verdict is not None else ()
+        return votes if len(votes) > 1 else ()
+
+
+def verdicts_by_step(session: Session, trajectory_id: uuid.UUID) -> dict[int, list[Verdict]]:
+    """Finished verdicts of a trajectory, by step, oldest job first."""
+    found: dict[int, list[Verdict]] = defaultdict(list)
+    query = (
+        select(Verdict)
+        .where(Verdict.trajectory_id == trajectory_id, Verdict.status.in_(("done", "failed")))
+        .order_by(Verdict.id)
+    )
+    for verdict in session.scalars(query):
+        found[verdict.step_index].append(verdict)
+    return found
+
+
+def _chosen_verdict(verdicts: list[Verdict], job_id: uuid.UUID | None) -> Verdict | None:
+    """The verdict of the chosen job if it has a finished one, else the latest done one."""
+    if job_id is not None:
+        for verdict in verdicts:
+            if verdict.job_id == job_id:
+                return verdict
+    done = [v for v in verdicts if v.status == "done"]
+    return done[-1] if done else None
+
+
+def step_cards(
+    session: Session, trajectory: Trajectory, job_id: uuid.UUID | None
+) -> list[StepCard]:
+    """Every step of the trajectory with the chosen job's verdict (`_chosen_verdict`), the
+    other finished verdicts and the human label."""
+    verdicts = verdicts_by_step(session, trajectory.id)
+    humans = labels_of(session, [trajectory.id])
+    messages = trajectory.messages
+    cards: list[StepCard] = []
+    for step in trajectory.steps:
+        card = StepCard(
+            index=step.index,
+            thought=text_of(messages[step.message_index].get("content")) or "",
+            action=step.action,
+            tool_names=list(step.tool_names),
+            observations=[
+                (str(messages[i].get("role")), text_of(messages[i].get("content")) or "")
+                for i in step.observation_indices
+            ],
+        )
+        found = verdicts.get(step.index, [])
+        card.verdict = _chosen_verdict(found, job_id)
+        card.other_verdicts = [v for v in found if v is not card.verdict]
+        card.human = humans.get((trajectory.id, step.index))
+        cards.append(card)
+    return cards
+
+
+# ---------------------------------------------------------------------- critic evaluation
+
+
+def _same_step(job: Job) -> ColumnElement[bool]:
+    return and_(
+        HumanLabel.trajectory_id == Verdict.trajectory_id,
+        HumanLabel.step_index == Verdict.step_index,
+        HumanLabel.project_id == job.project_id,
+    )
+
+
+def _done(job: Job) -> ColumnElement[bool]:
+    return and_(Verdict.job_id == job.id, Verdict.status == "done", Verdict.label.is_not(None))
+
+
+def pair_counts(session: Session, job: Job) -> dict[tuple[str, str], int]:
+    """(critic label, human label) -> steps, over the job's done verdicts a human labelled."""
+    query = (
+        select(Verdict.label, HumanLabel.label, func.count())
+        .join(HumanLabel, _same_step(job))
+        .where(_done(job))
+        .group_by(Verdict.label, HumanLabel.label)
+    )
+    return {
+        (str(critic), str(human)): int(count) for critic, human, count in session.execute(query)
+    }
+
+
+def disagreements(
+    session: Session, job: Job, *, limit: int, cursor: str | None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The steps where the job's critic and a human disagree, by (trajectory, step), a page."""
+    query = (
+        select(Verdict, HumanLabel)
+        .join(HumanLabel, _same_step(job))
+        .where(_done(job), Verdict.label != HumanLabel.label)
+    )
+    if cursor is not None:
+        after_trajectory, after_step = decode_cursor(cursor, uuid.UUID, int)
+        query = query.where(
+            or_(
+                Verdict.trajectory_id > after_trajectory,
+                and_(Verdict.trajectory_id == after_trajectory, Verdict.step_index > after_step),
+            )
+        )
+    rows = session.execute(
+        query.order_by(Verdict.trajectory_id, Verdict.step_index).limit(limit + 1)
+    ).all()
+    items = [
+        {
+            "trajectory_id": verdict.trajectory_id,
+            "step_index": verdict.step_index,
+            "critic_label": verdict.label,
+            "human_label": human.label,
+            "critic_reason": verdict.reason,
+            "human_note": human.note,
+            "author": human.author,
+        }
+        for verdict, human in rows[:limit]
+    ]
+    next_cursor = None
+    if len(rows) > limit:
+        last = rows[limit - 1][0]
+        next_cursor = encode_cursor(last.trajectory_id, last.step_index)
+    return items, next_cursor

@@ -12,37 +12,30 @@ refused (`refuse_cross_origin`).
 from __future__ import annotations
 
 import uuid
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, cast
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import jinja2
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session, load_only
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from app.auth import browser
 from app.auth import service as auth_service
-from app.config import Settings
+from app.auth.browser import UiCallerDep, require_ui_caller
+from app.critic.prompt import task_text
 from app.deps import SessionDep, SettingsDep
-from app.errors import Forbidden, NotFound, SrftError, Unauthorized
+from app.errors import NotFound, SrftError, Unauthorized
 from app.jobs import service as job_service
-from app.models import HumanLabel, Job, Trajectory, Verdict
+from app.models import Job
 from app.recipe.masking import DEFAULT_MASK_LABELS, POLICIES, Policy, PolicyOptions, decide
-from app.review import router as review_api
 from app.review import schemas
 from app.review import service as review_service
 from app.trajectories import service as trajectory_service
 
-COOKIE = "srft_ui_session"
-# Earlier versions kept the raw API key in this cookie; sign-in and sign-out clear it.
-LEGACY_COOKIE = "srft_ui_key"
-UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-# Sec-Fetch-Site values of a request the page itself (or the user, typing a URL) made.
-OWN_FETCH_SITES = frozenset({"same-origin", "none"})
-DEFAULT_PORTS = {"http": 80, "https": 443}
 OPEN_STATUSES = frozenset({"queued", "running"})
 REFRESH_S = 3
 MAX_JOBS = 100
@@ -80,98 +73,12 @@ class BadRequest(SrftError):
     code = "bad_request"
 
 
-# ---------------------------------------------------------------------- same origin only
-
-
-def _origin(url: str) -> tuple[str, str, int] | None:
-    """(scheme, host, port) of an origin, the default port filled in; None if it is no
-    http(s) origin (`null`, garbage)."""
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        return None
-    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
-        return None
-    return parts.scheme, parts.hostname, port or DEFAULT_PORTS[parts.scheme]
-
-
-def refuse_cross_origin(request: Request) -> None:
-    """Refuse a state-changing request that a page of another origin made the browser send.
-
-    SameSite=Strict keeps the cookie off cross-site requests, but not off same-site ones
-    (another port or subdomain of the host), and a forged sign-in needs no cookie at all: it
-    would swap the reviewer's session for the attacker's, and later labels would land in the
-    attacker's project. Browsers say where a request comes from in Sec-Fetch-Site and Origin;
-    a request with neither (curl, a script) came from no page and passes.
-    """
-    if request.method not in UNSAFE_METHODS:
-        return
-    fetch_site = request.headers.get("sec-fetch-site")
-    if fetch_site is not None and fetch_site not in OWN_FETCH_SITES:
-        raise Forbidden(
-            f"cross-origin request refused: Sec-Fetch-Site is {fetch_site[:40]!r}",
-            location="header.Sec-Fetch-Site",
-        )
-    origin = request.headers.get("origin")
-    # Behind a proxy, request.url is the public address when the proxy passes Host on and
-    # uvicorn trusts its X-Forwarded-Proto (--proxy-headers --forwarded-allow-ips).
-    own = _origin(f"{request.url.scheme}://{request.url.netloc}")
-    if origin is not None and (own is None or _origin(origin) != own):
-        raise Forbidden(
-            f"cross-origin request refused: Origin {origin[:100]!r} is not this site",
-            location="header.Origin",
-        )
-
-
 router = APIRouter(
     prefix="/ui",
     tags=["ui"],
     include_in_schema=False,
-    dependencies=[Depends(refuse_cross_origin)],
+    dependencies=[Depends(browser.refuse_cross_origin)],
 )
-
-
-# ---------------------------------------------------------------------- authentication
-
-
-def _key_caller(session: Session, request: Request) -> auth_service.Caller | None:
-    """The caller named by the Authorization header, else by the session cookie; None if
-    neither names a valid key or live session."""
-    authorization = request.headers.get("authorization")
-    if authorization:
-        try:
-            key = auth_service.authenticate_key(session, authorization)
-        except Unauthorized:
-            return None
-        return auth_service.Caller(key.project_id, key.name)
-    token = request.cookies.get(COOKIE)
-    if not token:
-        return None
-    found = auth_service.ui_session_key(session, token)
-    if found is None:
-        return None  # an expired or revoked session was deleted; the request commits that
-    return auth_service.Caller(found.project_id, found.name)
-
-
-def _cookie_secure(request: Request, settings: Settings) -> bool:
-    if settings.cookie_secure is not None:
-        return settings.cookie_secure
-    return request.url.scheme == "https"
-
-
-def get_ui_caller(request: Request, session: SessionDep) -> auth_service.Caller | None:
-    return _key_caller(session, request)
-
-
-UiCallerDep = Annotated[auth_service.Caller | None, Depends(get_ui_caller)]
-
-
-def require_ui_caller(request: Request, session: SessionDep) -> auth_service.Caller:
-    caller = _key_caller(session, request)
-    if caller is None:
-        raise Unauthorized("sign in at /ui/ or send 'Authorization: Bearer <key>'")
-    return caller
 
 
 async def _form(request: Request) -> dict[str, str]:
@@ -204,66 +111,8 @@ def _uuid(raw: str, what: str) -> uuid.UUID:
         raise NotFound(f"{what} {raw} not found") from None
 
 
-def message_text(content: Any) -> str:
-    """A message's content as plain text: strings as they are, content parts joined."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts: list[str] = []
-        for part in content:
-            if isinstance(part, dict) and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-            elif isinstance(part, str):
-                parts.append(part)
-            else:
-                parts.append(repr(part))
-        return "\n".join(parts)
-    return repr(content)
-
-
 def is_long(text: str) -> bool:
     return len(text) > LONG_TEXT_CHARS or text.count("\n") > LONG_TEXT_LINES
-
-
-# ---------------------------------------------------------------------- labels per step
-
-
-@dataclass
-class StepView:
-    index: int
-    thought: str
-    action: str | None
-    tool_names: list[str]
-    observations: list[tuple[str, str]]  # (role, text)
-    label: str | None = None
-    source: str = "none"  # "human" | "critic" | "none"
-    verdict: Verdict | None = None
-    human: HumanLabel | None = None
-    outcome: str = "trained"
-    weight: float = 1.0
-    other_verdicts: list[Verdict] = field(default_factory=list)
-
-    @property
-    def low_agreement(self) -> bool:
-        agreement = self.verdict.agreement if self.verdict is not None else None
-        return agreement is not None and agreement < 1
-
-    @property
-    def votes(self) -> tuple[str, ...]:
-        votes = tuple(self.verdict.vote_labels or ()) if self.verdict is not None else ()
-        return votes if len(votes) > 1 else ()
-
-
-def _chosen_verdict(verdicts: list[Verdict], job_id: uuid.UUID | None) -> Verdict | None:
-    """The verdict of the chosen job if it has a finished one, else the latest done one."""
-    if job_id is not None:
-        for verdict in verdicts:
-            if verdict.job_id == job_id:
-                return verdict
-    done = [v for v in verdicts if v.status == "done"]
-    return done[-1] if done else None
 
 
 @dataclass(frozen=True)
@@ -329,14 +178,14 @@ def login(
         api_key = auth_service.authenticate_key(session, f"Bearer {key}")
     except Unauthorized:
         return _prompt("invalid or revoked API key")
-    previous = request.cookies.get(COOKIE)
+    previous = request.cookies.get(browser.COOKIE)
     if previous:
         auth_service.end_ui_session(session, previous)
     token = auth_service.start_ui_session(session, api_key, settings.ui_session_ttl_s)
     response = RedirectResponse("/ui/jobs", status_code=status.HTTP_303_SEE_OTHER)
-    secure = _cookie_secure(request, settings)
+    secure = browser.cookie_secure(request, settings)
     response.set_cookie(
-        COOKIE,
+        browser.COOKIE,
         token,
         max_age=settings.ui_session_ttl_s,
         path="/ui",
@@ -344,20 +193,22 @@ def login(
         samesite="strict",
         secure=secure,
     )
-    response.delete_cookie(LEGACY_COOKIE, path="/ui", httponly=True, samesite="strict")
+    response.delete_cookie(browser.LEGACY_COOKIE, path="/ui", httponly=True, samesite="strict")
     return response
 
 
 @router.post("/logout")
 def logout(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
     """End the session: its cookie no longer signs anyone in, even if replayed."""
-    token = request.cookies.get(COOKIE)
+    token = request.cookies.get(browser.COOKIE)
     if token:
         auth_service.end_ui_session(session, token)
     response = RedirectResponse("/ui/", status_code=status.HTTP_303_SEE_OTHER)
-    secure = _cookie_secure(request, settings)
-    response.delete_cookie(COOKIE, path="/ui", httponly=True, samesite="strict", secure=secure)
-    response.delete_cookie(LEGACY_COOKIE, path="/ui", httponly=True, samesite="strict")
+    secure = browser.cookie_secure(request, settings)
+    response.delete_cookie(
+        browser.COOKIE, path="/ui", httponly=True, samesite="strict", secure=secure
+    )
+    response.delete_cookie(browser.LEGACY_COOKIE, path="/ui", httponly=True, samesite="strict")
     return response
 
 
@@ -416,40 +267,19 @@ def job_page(
         return _error_page(exc)
     summary = job_service.describe(session, job)
 
-    rows = session.execute(
-        select(Verdict.trajectory_id, Verdict.status, func.count())
-        .where(Verdict.job_id == job.id)
-        .group_by(Verdict.trajectory_id, Verdict.status)
-        .order_by(Verdict.trajectory_id, Verdict.status)
-    ).all()
-    statuses: dict[uuid.UUID, dict[str, int]] = defaultdict(dict)
-    for trajectory_id, verdict_status, count in rows:
-        statuses[trajectory_id][verdict_status] = count
-    ids = list(statuses)[:MAX_JOB_TRAJECTORIES]
-    trajectories = {
-        t.id: t
-        for t in session.scalars(
-            select(Trajectory)
-            .options(
-                load_only(
-                    Trajectory.id, Trajectory.task_id, Trajectory.resolved, Trajectory.num_steps
-                )
-            )
-            .where(Trajectory.id.in_(ids))
-        )
-    }
+    listed_rows, hidden = review_service.job_trajectories(session, job.id, MAX_JOB_TRAJECTORIES)
     # What an export of this job would read: the preview is that export's decisions.
     step_labels = review_service.step_labels(
-        session, {i: trajectories[i].num_steps for i in ids}, [job.id]
+        session, {row.trajectory.id: row.trajectory.num_steps for row in listed_rows}, [job.id]
     )
     listed: list[dict[str, Any]] = []
-    for trajectory_id in ids:
-        trajectory = trajectories[trajectory_id]
-        labels = step_labels[trajectory_id]
+    for row in listed_rows:
+        trajectory = row.trajectory
+        labels = step_labels[trajectory.id]
         decision = decide(preview.policy, trajectory.resolved, labels, preview.options)
         listed.append(
             {
-                "id": trajectory_id,
+                "id": trajectory.id,
                 "task_id": trajectory.task_id,
                 "resolved": trajectory.resolved,
                 "steps": trajectory.num_steps,
@@ -459,14 +289,14 @@ def job_page(
                 "human": sum(1 for label in labels if label.source == "human"),
                 "kept": decision.kept,
                 "drop_reason": decision.drop_reason,
-                "statuses": dict(statuses[trajectory_id]),
+                "statuses": row.statuses,
             }
         )
     return _page(
         "job.html",
         job=summary,
         trajectories=listed,
-        hidden=max(0, len(statuses) - len(ids)),
+        hidden=hidden,
         **preview.context(session, caller.project_id),
         refresh=REFRESH_S if summary.status in OPEN_STATUSES else None,
         signed_in=True,
@@ -496,27 +326,7 @@ def trajectory_page(
         return _error_page(exc)
 
     job_id = job_row.id if job_row is not None else None
-    verdicts = job_service.verdicts_by_step(session, trajectory.id)
-    humans = review_service.labels_of(session, [trajectory.id])
-    messages = trajectory.messages
-    steps: list[StepView] = []
-    for step in trajectory.steps:
-        assistant = messages[step.message_index]
-        view = StepView(
-            index=step.index,
-            thought=message_text(assistant.get("content")),
-            action=step.action,
-            tool_names=list(step.tool_names),
-            observations=[
-                (str(messages[i].get("role")), message_text(messages[i].get("content")))
-                for i in step.observation_indices
-            ],
-        )
-        all_verdicts = verdicts.get(step.index, [])
-        view.verdict = _chosen_verdict(all_verdicts, job_id)
-        view.other_verdicts = [v for v in all_verdicts if v is not view.verdict]
-        view.human = humans.get((trajectory.id, step.index))
-        steps.append(view)
+    steps = review_service.step_cards(session, trajectory, job_id)
     # The export of the chosen job, or of every job that labeled the run, oldest first.
     if job_id is not None:
         job_ids = [job_id]
@@ -524,15 +334,13 @@ def trajectory_page(
         job_ids = review_service.labeling_jobs(session, trajectory.id)
     (labels,) = review_service.step_labels(session, {trajectory.id: len(steps)}, job_ids).values()
     decision = decide(preview.policy, trajectory.resolved, labels, preview.options)
-    for view, label, decided in zip(steps, labels, decision.steps, strict=True):
-        view.label, view.source = label.label, label.source
-        view.outcome, view.weight = decided.outcome, decided.weight
-
-    task = next((message_text(m.get("content")) for m in messages if m.get("role") == "user"), "")
+    for card, label, decided in zip(steps, labels, decision.steps, strict=True):
+        card.label, card.source = label.label, label.source
+        card.outcome, card.weight = decided.outcome, decided.weight
     return _page(
         "trajectory.html",
         trajectory=trajectory,
-        task=task,
+        task=task_text(trajectory.messages),
         steps=steps,
         decision=decision,
         job_id=job_id,
@@ -557,7 +365,10 @@ def post_label(
     caller: Annotated[auth_service.Caller, Depends(require_ui_caller)],
 ) -> schemas.HumanLabelOut:
     """Set a step's human label from the page (authenticated by the cookie)."""
-    return review_api.put_human_label(trajectory_id, step_index, body, session, caller)
+    found = review_service.set_label(
+        session, caller, trajectory_id, step_index, body.label, body.note
+    )
+    return schemas.HumanLabelOut.model_validate(found)
 
 
 @router.delete(
@@ -571,4 +382,5 @@ def delete_label(
     caller: Annotated[auth_service.Caller, Depends(require_ui_caller)],
 ) -> Response:
     """Remove a step's human label from the page."""
-    return review_api.delete_human_label(trajectory_id, step_index, session, caller)
+    review_service.remove_label(session, caller.project_id, trajectory_id, step_index)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -8,9 +8,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 
 from app.deps import ProjectDep, SessionDep
-from app.jobs import service as job_service
 from app.pagination import MAX_TRAJECTORY_PAGE
-from app.review import service as review_service
 from app.schemas import COMMON_ERRORS, error_responses
 from app.trajectories import schemas
 from app.trajectories import service as trajectory_service
@@ -106,25 +104,6 @@ def list_trajectories(
         items=[schemas.TrajectorySummary.model_validate(t) for t in items],
         next_cursor=next_cursor,
     )
-
-
-@router.get("/{trajectory_id}", response_model=schemas.TrajectoryOut)
-def get_trajectory(
-    trajectory_id: uuid.UUID, session: SessionDep, project_id: ProjectDep
-) -> schemas.TrajectoryOut:
-    """One trajectory: canonical messages, tools, metadata and its steps."""
-    trajectory = trajectory_service.get_trajectory(session, project_id, trajectory_id)
-    out = schemas.TrajectoryOut.model_validate(trajectory)
-    verdicts = job_service.verdicts_by_step(session, trajectory.id)
-    humans = review_service.labels_of(session, [trajectory.id])
-    for step in out.steps:
-        step.verdicts = [
-            schemas.StepVerdict.model_validate(v) for v in verdicts.get(step.index, [])
-        ]
-        human = humans.get((trajectory.id, step.index))
-        if human is not None:
-            step.human_label = schemas.HumanLabelView.model_validate(human)
-    return out
 
 
 @router.patch("/{trajectory_id}", response_model=schemas.TrajectorySummary)

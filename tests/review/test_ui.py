@@ -15,11 +15,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.auth.browser import COOKIE
 from app.auth.service import hash_key
 from app.config import Settings
 from app.jobs import service as job_service
 from app.models import ApiKey, HumanLabel, UiSession, Verdict, utcnow
-from app.review.ui import COOKIE
 from tests.builders import make_trajectory
 from tests.conftest import Caller
 
