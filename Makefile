@@ -30,6 +30,7 @@ serve: $(SERVE_STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check app workers tests bench migrations
 	$(BIN)/ruff format --check app workers
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict app workers

@@ -121,8 +121,8 @@ def worker(
     ] = "celery,srft.sweeps",
 ) -> None:
     """Run a Celery worker against SRFT_BROKER_URL (Redis in production)."""
+    from app.broker import celery_for
     from app.config import get_settings
-    from workers.celery_app import celery_app
 
     if get_settings().embedded_worker:
         typer.echo(
@@ -134,7 +134,7 @@ def worker(
     if pool not in WORKER_POOLS:
         typer.echo(f"--pool must be one of: {', '.join(WORKER_POOLS)}", err=True)
         raise typer.Exit(2)
-    celery_app.worker_main(
+    celery_for(get_settings().broker_url).worker_main(
         [
             "worker",
             f"--pool={pool}",
@@ -149,13 +149,13 @@ def worker(
 @app.command()
 def beat(loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO") -> None:
     """Run Celery beat: the periodic jobs (sweepers) of a Redis deployment. Run exactly one."""
+    from app.broker import celery_for
     from app.config import get_settings
-    from workers.celery_app import celery_app
 
     if get_settings().embedded_worker:
         typer.echo("srft beat needs SRFT_BROKER_URL=redis://...", err=True)
         raise typer.Exit(2)
-    celery_app.start(["beat", f"--loglevel={loglevel}"])
+    celery_for(get_settings().broker_url).start(["beat", f"--loglevel={loglevel}"])
 
 
 @db_app.command("upgrade")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,6 +84,33 @@ def is_database_unavailable(error: BaseException) -> bool:
         error,
         exc.OperationalError | exc.InterfaceError | exc.DisconnectionError | exc.TimeoutError,
     )
+
+
+# While the database is unavailable, work is tried again after 0.5 s, doubling to at most 5 s:
+# a blip costs seconds, not a stale timeout, and a long outage costs one query per try.
+OUTAGE_BACKOFF_BASE_S = 0.5
+OUTAGE_BACKOFF_MAX_S = 5.0
+
+
+def outage_delay(attempt: int) -> float:
+    """Seconds to wait before trying again after `attempt` tries (0, 1, ...) found the
+    database unavailable; half of it random, so that workers do not all return at once."""
+    ceiling = min(OUTAGE_BACKOFF_MAX_S, OUTAGE_BACKOFF_BASE_S * (1 << min(attempt, 16)))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+def outage_reason(error: BaseException) -> str:
+    """What the driver said, first line only: not the statement and its parameters."""
+    return str(getattr(error, "orig", None) or error).partition("\n")[0]
+
+
+def outage_tries(budget_s: float) -> int:
+    """How many times to try again, at `outage_delay`, to keep trying for about `budget_s`."""
+    tries, waited = 0, 0.0
+    while waited < budget_s:
+        waited += 0.75 * min(OUTAGE_BACKOFF_MAX_S, OUTAGE_BACKOFF_BASE_S * (1 << min(tries, 16)))
+        tries += 1
+    return tries
 
 
 class Database:

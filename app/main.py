@@ -84,7 +84,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             _bootstrap(app.state.database, settings)
         worker = None
         if settings.embedded_worker and owns_database:
-            from workers.embedded import EmbeddedWorker
+            from app.worker.embedded import EmbeddedWorker
 
             worker = EmbeddedWorker()
             worker.start()
@@ -150,7 +150,7 @@ def _check(probe: Any) -> str:
 
 
 def _ping_broker(url: str) -> None:
-    from workers.celery_app import ping_broker
+    from app.broker import ping_broker
 
     ping_broker(url)
 

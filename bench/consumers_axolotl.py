@@ -69,6 +69,7 @@ from app.exports import service as export_service
 from app.exports.builder import build_export, export_path
 from app.exports.schemas import ExportCreate
 from app.jobs import service as job_service
+from app.jobs import workqueue
 from app.jobs.schemas import JobCreate, Selection
 from app.models import Export, Trajectory, Verdict
 from app.recipe.steps import split_steps
@@ -189,7 +190,7 @@ def _label_by_rules(database: Database, job_id: uuid.UUID) -> None:
                 .where(Verdict.id == row.id)
                 .values(status="done", label=label, reason=f"rules: {label}")
             )
-        job_service.finish_if_done(session, job_id)
+        workqueue.finish_if_done(session, job_id)
 
 
 # ------------------------------------------------------------------------ Axolotl

@@ -78,6 +78,7 @@ from app.exports import service as export_service
 from app.exports.builder import build_export, export_path
 from app.exports.schemas import ExportCreate
 from app.jobs import service as job_service
+from app.jobs import workqueue
 from app.jobs.schemas import JobCreate, Selection
 from app.models import Export, Trajectory, Verdict
 from app.trajectories.service import ingest
@@ -304,7 +305,7 @@ def set_up(database: Database, lines: list[bytes], options: Options) -> Setup:
         job_id = job_service.create_job(session, project_id, body, settings).id
     labels = label_job(database, job_id, options.seed)
     with database.transaction() as session:
-        status = job_service.finish_if_done(session, job_id)
+        status = workqueue.finish_if_done(session, job_id)
     if status != "completed":
         raise RuntimeError(f"the labeling job ended {status!r}, expected 'completed'")
     with database.sessions() as session:

@@ -20,6 +20,7 @@ from app.config import Settings
 from app.db import Database
 from app.jobs import queue as job_queue
 from app.jobs import service as job_service
+from app.jobs import workqueue
 from app.main import create_app
 from app.models import Job, Trajectory, Verdict
 from tests.builders import make_trajectory
@@ -69,7 +70,7 @@ def test_a_route_that_fails_after_writing_stores_nothing_and_queues_nothing(
 ) -> None:
     client, headers = service
     trajectory_id = _upload(client, headers)
-    sent: list[list[job_service.Unit]] = []
+    sent: list[list[workqueue.Unit]] = []
     monkeypatch.setattr(job_queue, "enqueue", lambda _url, units: sent.append(list(units)))
     jobs_before, verdicts_before = _count(database_url, Job), _count(database_url, Verdict)
 

@@ -130,8 +130,11 @@ def test_embedded_service_end_to_end(served: Served) -> None:
 
     # `srft label --wait` labels them on the embedded worker with the built-in rules critic.
     labeled = subprocess.run(
-        [*SRFT, "label", "--mode", "step", "--wait"], env=cli_env, capture_output=True,
-        text=True, timeout=180,
+        [*SRFT, "label", "--mode", "step", "--wait"],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert labeled.returncode == 0, labeled.stdout + labeled.stderr
     assert "status completed" in labeled.stdout
@@ -143,7 +146,10 @@ def test_embedded_service_end_to_end(served: Served) -> None:
     ).json()
     assert all(len(step["verdicts"]) == 1 for step in detail["steps"])
     assert {v["label"] for s in detail["steps"] for v in s["verdicts"]} <= {
-        "good", "unnecessary", "mistake", "recover"
+        "good",
+        "unnecessary",
+        "mistake",
+        "recover",
     }
 
     # `srft export --output` builds shards on the embedded worker and downloads them,
@@ -153,7 +159,10 @@ def test_embedded_service_end_to_end(served: Served) -> None:
     dataset = served.workdir / "dataset"
     exported = subprocess.run(
         [*SRFT, "export", "--job", job_id.group(1), "--output", str(dataset)],
-        env=cli_env, capture_output=True, text=True, timeout=180,
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert exported.returncode == 0, exported.stdout + exported.stderr
     # The job labeled the 5 unresolved runs; srft also trains the resolved one in full.
@@ -167,7 +176,10 @@ def test_embedded_service_end_to_end(served: Served) -> None:
     assert export_id is not None
     pulled = subprocess.run(
         [*SRFT, "pull", export_id.group(1), str(dataset)],
-        env=cli_env, capture_output=True, text=True, timeout=60,
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr
     assert "0 bytes downloaded, 0 resumed, 1 already there" in pulled.stdout

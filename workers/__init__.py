@@ -1,1 +1,1 @@
-"""Celery workers: the app, its tasks, and the in-process worker of the embedded default."""
+"""The worker entry points: `celery -A workers.celery_app` (the worker code is `app.worker`)."""

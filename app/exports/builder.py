@@ -28,6 +28,7 @@ from app.exports import formats as export_formats
 from app.exports import rows as row_builders
 from app.exports.formats import ExportFormat, MessageRows, TextRows, TokenRows
 from app.exports.manifest import MANIFEST
+from app.exports.rows import Source
 from app.exports.tokenize import Example, TokenizeConfig, Tokenized
 from app.exports.writers.jsonl import JsonlShards
 from app.exports.writers.shards import ShardInfo, ShardLimits
@@ -241,7 +242,7 @@ def _build(
     rows = RowCounts()
     stats = SpanStats()
 
-    def decided() -> Iterator[list[tuple[service.Source, TrajectoryDecision]]]:
+    def decided() -> Iterator[list[tuple[Source, TrajectoryDecision]]]:
         done = 0
         for start in range(0, len(ids), settings.export_batch_size):
             batch = ids[start : start + settings.export_batch_size]
@@ -305,7 +306,7 @@ def _write_text(
     building: Path,
     limits: ShardLimits,
     kind: TextRows,
-    batches: Iterator[list[tuple[service.Source, TrajectoryDecision]]],
+    batches: Iterator[list[tuple[Source, TrajectoryDecision]]],
     rows: RowCounts,
 ) -> list[ShardInfo]:
     writer = JsonlShards(building, limits)
@@ -329,7 +330,7 @@ def _write_messages(
     kind: MessageRows,
     building: Path,
     limits: ShardLimits,
-    batches: Iterator[list[tuple[service.Source, TrajectoryDecision]]],
+    batches: Iterator[list[tuple[Source, TrajectoryDecision]]],
     rows: RowCounts,
     profile: finetune.ProfileCounts | None,
 ) -> tuple[list[ShardInfo], dict[str, Any] | None]:
@@ -460,7 +461,7 @@ def _write_tokenized(
     kind: TokenRows,
     building: Path,
     limits: ShardLimits,
-    batches: Iterator[list[tuple[service.Source, TrajectoryDecision]]],
+    batches: Iterator[list[tuple[Source, TrajectoryDecision]]],
     rows: RowCounts,
     stats: SpanStats,
 ) -> tuple[list[ShardInfo], dict[str, Any]]:

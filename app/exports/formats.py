@@ -13,17 +13,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from app.exports import rows
+from app.exports.rows import Source
 from app.exports.tokenize import Example
 from app.exports.writers.shards import JSONL, PARQUET, ShardFiles
 from app.recipe.masking import TrajectoryDecision
 
-if TYPE_CHECKING:
-    from app.exports.service import Source
-
-RowBuilder = Callable[["Source", TrajectoryDecision], dict[str, Any] | None]
+RowBuilder = Callable[[Source, TrajectoryDecision], dict[str, Any] | None]
 
 
 class TokenizerUse(Enum):

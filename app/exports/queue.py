@@ -6,9 +6,8 @@ import uuid
 
 from sqlalchemy.orm import Session
 
+from app.broker import BUILD_EXPORT, celery_for
 from app.db import after_commit
-
-BUILD = "srft.exports.build"
 
 
 def enqueue_build_after_commit(session: Session, broker_url: str, export_id: uuid.UUID) -> None:
@@ -19,6 +18,4 @@ def enqueue_build_after_commit(session: Session, broker_url: str, export_id: uui
 def enqueue_build(broker_url: str, export_id: uuid.UUID) -> None:
     """Queue the build now (`enqueue_build_after_commit` is the one to call in a unit of
     work)."""
-    from workers.celery_app import celery_for
-
-    celery_for(broker_url).send_task(BUILD, args=[str(export_id)])
+    celery_for(broker_url).send_task(BUILD_EXPORT, args=[str(export_id)])

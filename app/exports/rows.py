@@ -1,17 +1,28 @@
-"""A trajectory and its policy decision as one row of each format (`formats.py` says which
-format uses which). Pure: `Source` is only a type here, so no database is imported."""
+"""A trajectory (`Source`) and its policy decision as one row of each format (`formats.py`
+says which format uses which). Pure: `app.exports.service` loads the sources."""
 
 from __future__ import annotations
 
 import json
+import uuid
+from dataclasses import dataclass
 from itertools import pairwise
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from app.exports.tokenize import Example, weights_from_messages
-from app.recipe.masking import TrajectoryDecision
+from app.recipe.masking import StepLabel, TrajectoryDecision
 
-if TYPE_CHECKING:
-    from app.exports.service import Source
+
+@dataclass(frozen=True)
+class Source:
+    """One trajectory as the policy and the writers see it."""
+
+    id: uuid.UUID
+    resolved: bool | None
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None
+    step_messages: tuple[int, ...]  # message index of each step
+    labels: tuple[StepLabel, ...]  # one per step
 
 
 def context_messages(source: Source, decision: TrajectoryDecision) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ from app.errors import Conflict, NotFound, SrftError
 from app.exports import formats as export_formats
 from app.exports import schemas
 from app.exports.formats import TokenizerUse
+from app.exports.rows import Source
 from app.exports.tokenize import (
     INVALID_REVISION,
     INVALID_TOKENIZER,
@@ -24,9 +25,9 @@ from app.exports.tokenize import (
     tokenizer_allowed,
 )
 from app.jobs import service as job_service
+from app.jobs import workqueue
 from app.jobs.schemas import Selection
 from app.models import Export, Job, Step, Trajectory, utcnow
-from app.recipe.masking import StepLabel
 from app.review import service as review_service
 
 TERMINAL = ("completed", "failed")
@@ -263,7 +264,7 @@ def sweep(session: Session, stale_after_s: float) -> list[uuid.UUID]:
     only slow loses its claim at its next heartbeat.
     """
     now = utcnow()
-    lost = job_service.lost_work(Export, "queued", now - timedelta(seconds=stale_after_s))
+    lost = workqueue.lost_work(Export, "queued", now - timedelta(seconds=stale_after_s))
     return list(
         session.scalars(
             update(Export)
@@ -377,18 +378,6 @@ def trajectory_ids(
             job_service.selected(session, existing, Selection.model_validate(job.selection))
         )
     return sorted(found)
-
-
-@dataclass(frozen=True)
-class Source:
-    """One trajectory as the policy and the writers see it."""
-
-    id: uuid.UUID
-    resolved: bool | None
-    messages: list[dict[str, Any]]
-    tools: list[dict[str, Any]] | None
-    step_messages: tuple[int, ...]  # message index of each step
-    labels: tuple[StepLabel, ...]  # one per step
 
 
 def load_sources(

@@ -6,15 +6,9 @@ from collections.abc import Iterable, Sequence
 
 from sqlalchemy.orm import Session
 
+from app.broker import LABEL_UNIT, celery_for
 from app.db import after_commit
-from app.jobs.service import Unit
-
-LABEL_UNIT = "srft.jobs.label_unit"
-SWEEP = "srft.jobs.sweep"
-# Labeling and export tasks go to Celery's default queue; sweeps to their own, so that a
-# sweep never waits behind a backlog of labeling work. `srft worker` consumes both.
-WORK_QUEUE = "celery"
-SWEEP_QUEUE = "srft.sweeps"
+from app.jobs.workqueue import Unit
 
 
 def enqueue_after_commit(session: Session, broker_url: str, units: Sequence[Unit]) -> None:
@@ -27,8 +21,6 @@ def enqueue_after_commit(session: Session, broker_url: str, units: Sequence[Unit
 def enqueue(broker_url: str, units: Iterable[Unit]) -> int:
     """Queue one task per unit now (`enqueue_after_commit` is the one to call in a unit of
     work)."""
-    from workers.celery_app import celery_for
-
     celery = celery_for(broker_url)
     count = 0
     with celery.producer_pool.acquire(block=True) as producer:

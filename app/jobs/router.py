@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 
 from app.deps import ProjectDep, SessionDep, SettingsDep
-from app.jobs import queue, schemas
+from app.jobs import queue, schemas, workqueue
 from app.jobs import service as job_service
 from app.pagination import MAX_STEP_PAGE
 from app.schemas import COMMON_ERRORS, error_responses
@@ -24,7 +24,7 @@ def create_job(
 ) -> schemas.JobOut:
     """Start labeling the selected trajectories with the critic."""
     job = job_service.create_job(session, project_id, body, settings)
-    units = job_service.pending_units(session, job, settings.step_chunk_size)
+    units = workqueue.pending_units(session, job, settings.step_chunk_size)
     queue.enqueue_after_commit(session, settings.broker_url, units)
     return job_service.describe(session, job)
 

@@ -23,17 +23,16 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.auth import browser
 from app.auth import service as auth_service
-from app.auth.browser import UiCallerDep, require_ui_caller
 from app.critic.prompt import task_text
 from app.deps import SessionDep, SettingsDep
 from app.errors import NotFound, SrftError, Unauthorized
 from app.jobs import service as job_service
 from app.models import Job
 from app.recipe.masking import DEFAULT_MASK_LABELS, POLICIES, Policy, PolicyOptions, decide
-from app.review import schemas
+from app.review import browser, schemas
 from app.review import service as review_service
+from app.review.browser import UiCallerDep, require_ui_caller
 from app.trajectories import service as trajectory_service
 
 OPEN_STATUSES = frozenset({"queued", "running"})

@@ -21,7 +21,7 @@ from sqlalchemy import select, update
 from app.critic.labels import DEFAULT_LABELS
 from app.critic.rules import label_trajectory
 from app.exports.builder import build_export, export_path
-from app.jobs import service as job_service
+from app.jobs import workqueue
 from app.models import Export, Verdict
 from app.recipe.steps import split_steps
 from tests.e2e import (  # noqa: F401
@@ -107,7 +107,7 @@ def _label(
                     reason=f"test label {label}",
                 )
             )
-        job_service.finish_if_done(session, uuid.UUID(job_id))
+        workqueue.finish_if_done(session, uuid.UUID(job_id))
 
 
 @pytest.fixture(scope="module")

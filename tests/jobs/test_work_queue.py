@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.critic.judge import StepOutcome, Usage
 from app.jobs import service as job_service
+from app.jobs import workqueue
 from app.jobs.schemas import CriticOptions, JobCreate, Selection
 from app.models import Job, Verdict, utcnow
 from app.trajectories.service import ingest
@@ -34,8 +35,8 @@ def job(session: Session, caller: Caller, settings: Settings) -> Job:
     return job_service.create_job(session, caller.project_id, body, settings)
 
 
-def _unit(session: Session, job: Job) -> job_service.Unit:
-    (unit,) = job_service.pending_units(session, job, chunk_size=8)
+def _unit(session: Session, job: Job) -> workqueue.Unit:
+    (unit,) = workqueue.pending_units(session, job, chunk_size=8)
     return unit
 
 
@@ -56,11 +57,11 @@ def test_a_claim_takes_back_what_still_runs_under_its_own_token_at_once(
     session: Session, job: Job
 ) -> None:
     unit = _unit(session, job)
-    first = job_service.claim_unit(session, unit, STALE_S, token="task-1")
+    first = workqueue.claim_unit(session, unit, STALE_S, token="task-1")
     assert first is not None
     assert first.token == "task-1"
     # The task lost the database and retries: its claim is seconds old, far from stale.
-    again = job_service.claim_unit(session, unit, STALE_S, token="task-1")
+    again = workqueue.claim_unit(session, unit, STALE_S, token="task-1")
     assert again is not None
     assert again.step_indices == unit.step_indices
     rows = _rows(session, job)
@@ -72,8 +73,8 @@ def test_a_claim_never_takes_another_tasks_fresh_claim(
     session: Session, job: Job, token: str | None
 ) -> None:
     unit = _unit(session, job)
-    assert job_service.claim_unit(session, unit, STALE_S, token="task-1") is not None
-    assert job_service.claim_unit(session, unit, STALE_S, token=token) is None
+    assert workqueue.claim_unit(session, unit, STALE_S, token="task-1") is not None
+    assert workqueue.claim_unit(session, unit, STALE_S, token=token) is None
     assert {r.claim_token for r in _rows(session, job)} == {"task-1"}
 
 
@@ -81,23 +82,23 @@ def test_a_stale_claim_is_handed_on_by_one_sweep_not_by_every_sweep(
     session: Session, job: Job
 ) -> None:
     unit = _unit(session, job)
-    assert job_service.claim_unit(session, unit, STALE_S, token="dead-worker") is not None
+    assert workqueue.claim_unit(session, unit, STALE_S, token="dead-worker") is not None
     _age_claims(session, job, STALE_S + 1)
     before = utcnow()
 
-    assert job_service.sweep(session, STALE_S, chunk_size=8) == [unit]
+    assert workqueue.sweep(session, STALE_S, chunk_size=8) == [unit]
     rows = _rows(session, job)
     # Back in the queue, marked enqueued now: the next sweep leaves it alone.
     assert {(r.status, r.claim_token, r.claimed_at) for r in rows} == {("pending", None, None)}
     assert all(r.enqueued_at is not None and r.enqueued_at >= before for r in rows)
-    assert job_service.sweep(session, STALE_S, chunk_size=8) == []
+    assert workqueue.sweep(session, STALE_S, chunk_size=8) == []
 
     # The dead worker's late write finds no row of its own to write to.
     outcome = StepOutcome(0, "good", "late", 1.0, [], Usage(), None)
-    job_service.record_outcomes(session, [(job.id, unit.trajectory_id, "dead-worker", outcome)])
+    workqueue.record_outcomes(session, [(job.id, unit.trajectory_id, "dead-worker", outcome)])
     assert {r.status for r in _rows(session, job)} == {"pending"}
     # The task the sweeper queued claims it at once.
-    assert job_service.claim_unit(session, unit, STALE_S, token="next") is not None
+    assert workqueue.claim_unit(session, unit, STALE_S, token="next") is not None
 
 
 @pytest.fixture
@@ -111,8 +112,8 @@ def two_sessions(engine: Engine) -> Iterator[tuple[Session, Session]]:
 
 def test_one_sweep_at_a_time(two_sessions: tuple[Session, Session]) -> None:
     first, second = two_sessions
-    assert job_service.lock_sweep(first)
-    assert not job_service.lock_sweep(second)  # skips its sweep
+    assert workqueue.lock_sweep(first)
+    assert not workqueue.lock_sweep(second)  # skips its sweep
     first.commit()  # the lock ends with the first sweep's transaction
     second.rollback()
-    assert job_service.lock_sweep(second)
+    assert workqueue.lock_sweep(second)

@@ -15,11 +15,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.auth.browser import COOKIE
 from app.auth.service import hash_key
 from app.config import Settings
-from app.jobs import service as job_service
+from app.jobs import workqueue
 from app.models import ApiKey, HumanLabel, UiSession, Verdict, utcnow
+from app.review.browser import COOKIE
 from tests.builders import make_trajectory
 from tests.conftest import Caller
 
@@ -66,7 +66,7 @@ def _labeled_job(
                 prompt_tokens=7,
             )
         )
-    job_service.finish_if_done(session, uuid.UUID(job_id))  # closes it once every step is done
+    workqueue.finish_if_done(session, uuid.UUID(job_id))  # closes it once every step is done
     session.flush()
     return job_id
 

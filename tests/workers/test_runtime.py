@@ -10,9 +10,9 @@ import pytest
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from app.critic.judge import StepOutcome, Usage
-from app.jobs.service import Unit
-from workers import runtime
-from workers.runtime import _Recorder, _Write
+from app.jobs import labeling
+from app.jobs.labeling import Recorder, _Write
+from app.jobs.workqueue import Unit
 
 UNIT = Unit(uuid.uuid4(), uuid.uuid4(), (0,))
 OUTCOME = StepOutcome(0, "good", "fine", 1.0, [], Usage())
@@ -35,7 +35,7 @@ class FlakyDatabase:
 
 def _record(database: FlakyDatabase, patience_s: float) -> bool:
     async def submit() -> bool:
-        recorder = _Recorder(database.write, patience_s=patience_s)
+        recorder = Recorder(database.write, patience_s=patience_s)
         return await recorder.submit(UNIT, "token", [OUTCOME])
 
     return asyncio.run(submit())
@@ -43,7 +43,7 @@ def _record(database: FlakyDatabase, patience_s: float) -> bool:
 
 @pytest.fixture(autouse=True)
 def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runtime, "outage_delay", lambda attempt: 0.01)
+    monkeypatch.setattr(labeling, "outage_delay", lambda attempt: 0.01)
 
 
 def _outage() -> OperationalError:

@@ -11,9 +11,9 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from app.config import Settings
+from app.db import outage_tries
 from app.exports.builder import BuildInterrupted
-from workers import tasks
-from workers.runtime import outage_tries
+from app.worker import tasks
 
 STALE_S = 10.0
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from workers.celery_app import create_celery
+from app.broker import create_celery
 
 
 @pytest.fixture

@@ -11,7 +11,9 @@ import logging
 import threading
 from typing import Any
 
-from workers.celery_app import celery_app
+from app.broker import celery_for
+from app.config import get_settings
+from app.worker.runtime import get_runtime
 
 log = logging.getLogger("srft.worker")
 
@@ -28,7 +30,7 @@ class EmbeddedWorker:
         from celery.worker import WorkController
 
         self._worker = WorkController(
-            app=celery_app,
+            app=celery_for(get_settings().broker_url),
             pool_cls="threads",
             concurrency=self.concurrency,
             hostname="embedded@localhost",
@@ -49,9 +51,6 @@ class EmbeddedWorker:
 
     def _sweep_forever(self) -> None:
         """The embedded stand-in for beat: resume open work at start, then sweep periodically."""
-        from app.config import get_settings
-        from workers.runtime import get_runtime
-
         interval = get_settings().sweep_interval_s
         try:
             resumed = get_runtime().resume()

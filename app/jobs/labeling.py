@@ -1,9 +1,8 @@
-"""What a worker process needs to label: the database, one event loop, the critic client and
-the shared limits. Built lazily, once per process (after the fork, in prefork pools).
+"""The labeling loop: claim a unit of work, ask the critic about its steps, store each outcome
+as it arrives under the claim, and close the job when nothing is left.
 
-Critic calls are async so that one process can keep many in flight; Celery tasks are sync, so
-each task hands its coroutine to this process's loop, which runs in a background thread and is
-shared by every task the process runs at once (thread pools) or in turn (prefork).
+A worker process runs one `Labeler` (built by its runtime, `app.worker.runtime`) on its one
+event loop; the critic calls of every unit the process labels at once share that loop.
 """
 
 from __future__ import annotations
@@ -12,119 +11,59 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
-import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
-from sqlalchemy.orm import Session
-
-from app.config import Settings, get_settings
+from app.config import Settings
 from app.critic.client import CriticClient
 from app.critic.judge import Judge, JudgeConfig, StepOutcome
-from app.critic.limits import Limiter, LocalLimiter, RedisLimiter
-from app.db import Database, is_database_unavailable
-from app.exports import builder as export_builder
-from app.exports import queue as export_queue
-from app.exports import service as export_service
-from app.jobs import queue
+from app.critic.limits import Limiter
+from app.db import (
+    OUTAGE_BACKOFF_MAX_S,
+    Database,
+    is_database_unavailable,
+    outage_delay,
+    outage_reason,
+)
 from app.jobs import service as job_service
+from app.jobs import workqueue
+from app.jobs.workqueue import Unit
 from app.recipe.steps import split_steps
 
 log = logging.getLogger("srft.worker")
 T = TypeVar("T")
 
-# While the database is unavailable, work is tried again after 0.5 s, doubling to at most 5 s:
-# a blip costs seconds, not a stale timeout, and a long outage costs one query per try.
-OUTAGE_BACKOFF_BASE_S = 0.5
-OUTAGE_BACKOFF_MAX_S = 5.0
 
+class Labeler:
+    """Labels units of work with one critic client and one set of limits."""
 
-def outage_delay(attempt: int) -> float:
-    """Seconds to wait before trying again after `attempt` tries (0, 1, ...) found the
-    database unavailable; half of it random, so that workers do not all return at once."""
-    ceiling = min(OUTAGE_BACKOFF_MAX_S, OUTAGE_BACKOFF_BASE_S * (1 << min(attempt, 16)))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
-
-
-def outage_reason(error: BaseException) -> str:
-    """What the driver said, first line only: not the statement and its parameters."""
-    return str(getattr(error, "orig", None) or error).partition("\n")[0]
-
-
-def outage_tries(budget_s: float) -> int:
-    """How many times to try again, at `outage_delay`, to keep trying for about `budget_s`."""
-    tries, waited = 0, 0.0
-    while waited < budget_s:
-        waited += 0.75 * min(OUTAGE_BACKOFF_MAX_S, OUTAGE_BACKOFF_BASE_S * (1 << min(tries, 16)))
-        tries += 1
-    return tries
-
-
-class WorkerRuntime:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.database = Database(settings.database_url)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="srft-critic-loop", daemon=True
-        )
-        self._thread.start()
-        self.critic_url = settings.critic_base_url or self._start_rules_critic()
-        api_key = settings.critic_api_key.get_secret_value() if settings.critic_api_key else None
-        self.client = self.run(self._make_client(api_key))
-        self.limiter: Limiter = self.run(self._make_limiter())
+    def __init__(
+        self,
+        database: Database,
+        settings: Settings,
+        client: CriticClient,
+        limiter: Limiter,
+        run: Callable[[Coroutine[Any, Any, Any]], Any],
+    ) -> None:
+        self._database = database
+        self._settings = settings
+        self._client = client
+        self._limiter = limiter
+        self._run = run
         # Outcomes are paid for: a write that finds the database gone is tried again for half
         # the stale timeout, still well within the claim, before the unit gives up on them.
-        self._recorder = _Recorder(self._record, patience_s=settings.stale_after_s / 2)
+        self._recorder = Recorder(self._record, patience_s=settings.stale_after_s / 2)
 
-    async def _make_client(self, api_key: str | None) -> CriticClient:
-        return CriticClient(
-            self.critic_url,
-            api_key,
-            timeout_s=self.settings.critic_timeout_s,
-            max_connections=self.settings.critic_max_concurrency,
-        )
-
-    async def _make_limiter(self) -> Limiter:
-        s = self.settings
-        if s.broker_url.startswith(("redis://", "rediss://")):
-            return RedisLimiter(
-                s.broker_url,
-                s.critic_max_concurrency,
-                s.critic_rpm,
-                s.critic_tpm,
-                lease_s=s.stale_after_s,
-            )
-        return LocalLimiter(s.critic_max_concurrency, s.critic_rpm, s.critic_tpm)
-
-    def _start_rules_critic(self) -> str:
-        from app.critic.rules_server import start_rules_server_thread
-
-        port = start_rules_server_thread(latency_ms=self.settings.rules_critic_latency_ms)
-        log.warning(
-            "SRFT_CRITIC_BASE_URL is not set: labels come from the built-in rules critic "
-            "(heuristics, not an LLM), started on 127.0.0.1:%d",
-            port,
-        )
-        return f"http://127.0.0.1:{port}/v1"
-
-    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        """Run `coroutine` on this process's loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
-
-    # ------------------------------------------------------------------ labeling
-
-    def label_unit(self, unit: job_service.Unit, token: str | None = None) -> None:
+    def label_unit(self, unit: Unit, token: str | None = None) -> None:
         """Claim the unit (under `token`, taking back what is still running under it), ask
         the critic about its steps, store each outcome as it arrives.
 
         An error that says the database is unavailable is raised with the claim kept, for
         the task to retry under the same token; any other gives the claim back first.
         """
-        with self.database.transaction() as session:
-            claim = job_service.claim_unit(session, unit, self.settings.stale_after_s, token=token)
+        with self._database.transaction() as session:
+            claim = workqueue.claim_unit(session, unit, self._settings.stale_after_s, token=token)
             if claim is not None:
                 job = claim.job
                 config = JudgeConfig(
@@ -132,19 +71,19 @@ class WorkerRuntime:
                     labels=job_service.job_labels(job),
                     votes=job.votes,
                     temperature=job.temperature,
-                    context_tokens=self.settings.critic_context_tokens,
-                    max_attempts=self.settings.critic_max_attempts,
-                    backoff_base_s=self.settings.critic_backoff_base_s,
-                    backoff_max_s=self.settings.critic_backoff_max_s,
-                    max_answer_tokens=self.settings.critic_max_answer_tokens,
+                    context_tokens=self._settings.critic_context_tokens,
+                    max_attempts=self._settings.critic_max_attempts,
+                    backoff_base_s=self._settings.critic_backoff_base_s,
+                    backoff_max_s=self._settings.critic_backoff_max_s,
+                    max_answer_tokens=self._settings.critic_max_answer_tokens,
                 )
                 messages = claim.trajectory.messages
                 resolved = claim.trajectory.resolved
                 mode = job.mode
         if claim is not None:
-            judge = Judge(self.client, self.limiter, config)
+            judge = Judge(self._client, self._limiter, config)
             try:
-                self.run(
+                self._run(
                     self._judge(
                         judge, mode, unit, claim.token, messages, resolved, claim.step_indices
                     )
@@ -159,7 +98,7 @@ class WorkerRuntime:
         self,
         judge: Judge,
         mode: str,
-        unit: job_service.Unit,
+        unit: Unit,
         token: str,
         messages: list[dict[str, Any]],
         resolved: bool | None,
@@ -194,80 +133,27 @@ class WorkerRuntime:
     ) -> dict[uuid.UUID, str]:
         """Store outcomes in one transaction; return the status of each job they belong to
         (a job missing from the result was deleted)."""
-        with self.database.transaction() as session:
-            job_service.record_outcomes(session, outcomes)
-            return job_service.job_statuses(session, {job_id for job_id, *_ in outcomes})
+        with self._database.transaction() as session:
+            workqueue.record_outcomes(session, outcomes)
+            return workqueue.job_statuses(session, {job_id for job_id, *_ in outcomes})
 
-    def _release(self, unit: job_service.Unit, token: str) -> None:
+    def _release(self, unit: Unit, token: str) -> None:
         """Give back what this task claimed but did not finish, for the next task to take."""
         try:
-            with self.database.transaction() as session:
-                job_service.release_claim(session, unit, token)
+            with self._database.transaction() as session:
+                workqueue.release_claim(session, unit, token)
         except Exception:
             log.exception("could not release claim %s; the sweeper will take it over", token)
 
-    def _finish(self, unit: job_service.Unit) -> None:
-        with self.database.transaction() as session:
-            job_service.finish_if_done(session, unit.job_id)
-
-    def sweep(self) -> int:
-        """Re-enqueue lost work and close jobs with nothing open; return units enqueued.
-
-        Skipped while another sweep runs, and while the database is unavailable: the tasks
-        that lost it retry by themselves, and the next sweep comes soon enough.
-        """
-        try:
-            with self.database.transaction() as session:
-                if not job_service.lock_sweep(session):
-                    log.info("another sweep is running; skipped this one")
-                    return 0
-                units = job_service.sweep(
-                    session, self.settings.stale_after_s, self.settings.step_chunk_size
-                )
-                job_service.close_finished_jobs(session)
-                exports = export_service.sweep(session, self.settings.stale_after_s)
-                self._requeue_after_commit(session, units, exports)
-        except Exception as error:
-            if not is_database_unavailable(error):
-                raise
-            log.warning("sweep skipped: the database is unavailable (%s)", outage_reason(error))
-            return 0
-        if units:
-            log.warning("sweeper re-enqueued %d units of lost or stalled work", len(units))
-        if exports:
-            log.warning("sweeper re-enqueued %d lost or stalled exports", len(exports))
-        return len(units) + len(exports)
-
-    def resume(self) -> int:
-        """Enqueue every open item (at start-up, when the broker may have lost messages)."""
-        with self.database.transaction() as session:
-            units = job_service.resume_all(session, self.settings.step_chunk_size)
-            exports = export_service.sweep(session, stale_after_s=0)
-            self._requeue_after_commit(session, units, exports)
-        return len(units) + len(exports)
-
-    def _requeue_after_commit(
-        self, session: Session, units: list[job_service.Unit], exports: list[uuid.UUID]
-    ) -> None:
-        queue.enqueue_after_commit(session, self.settings.broker_url, units)
-        for export_id in exports:
-            export_queue.enqueue_build_after_commit(session, self.settings.broker_url, export_id)
-
-    def build_export(
-        self,
-        export_id: uuid.UUID,
-        token: str | None = None,
-        failure: dict[str, Any] | None = None,
-    ) -> str | None:
-        return export_builder.build_export(
-            self.database, self.settings, export_id, token=token, failure=failure
-        )
+    def _finish(self, unit: Unit) -> None:
+        with self._database.transaction() as session:
+            workqueue.finish_if_done(session, unit.job_id)
 
 
 _Write = tuple[uuid.UUID, uuid.UUID, str, StepOutcome]
 
 
-class _Recorder:
+class Recorder:
     """Writes the outcomes of every unit this process judges, in batches.
 
     One transaction per batch instead of one per step: outcomes that arrive within
@@ -297,9 +183,7 @@ class _Recorder:
         self._flusher: asyncio.Task[None] | None = None
         self._statuses: dict[uuid.UUID, str | None] = {}
 
-    def submit(
-        self, unit: job_service.Unit, token: str, outcomes: list[StepOutcome]
-    ) -> asyncio.Future[bool]:
+    def submit(self, unit: Unit, token: str, outcomes: list[StepOutcome]) -> asyncio.Future[bool]:
         """Queue outcomes for writing; the future says whether the job is still open."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         writes = [(unit.job_id, unit.trajectory_id, token, outcome) for outcome in outcomes]
@@ -372,15 +256,3 @@ class _Recorder:
             else:
                 self._unavailable_last = -math.inf
                 return statuses
-
-
-_runtime: WorkerRuntime | None = None
-_runtime_lock = threading.Lock()
-
-
-def get_runtime() -> WorkerRuntime:
-    global _runtime
-    with _runtime_lock:
-        if _runtime is None:
-            _runtime = WorkerRuntime(get_settings())
-        return _runtime

@@ -1,4 +1,5 @@
-"""Celery tasks. Each takes ids, loads its rows, calls the runtime and commits.
+"""Celery tasks (registered on every app `app.broker.create_celery` makes, which imports this
+module in workers). Each takes ids, loads its rows, calls the runtime and commits.
 
 Delivery is at-least-once (`acks_late`); tasks are idempotent because work is claimed in the
 database and results are written under the claim token. A task that finds the database
@@ -8,14 +9,18 @@ unavailable retries itself within seconds, keeping its claim token (see `_retry_
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from typing import Any
 
-from app.db import is_database_unavailable
+from celery import shared_task
+from celery.signals import worker_process_init, worker_ready
+
+from app.broker import BUILD_EXPORT, LABEL_UNIT, SWEEP
+from app.db import is_database_unavailable, outage_delay, outage_reason, outage_tries
 from app.exports.builder import BuildInterrupted
-from app.jobs.service import Unit
-from workers.celery_app import celery_app
-from workers.runtime import get_runtime, outage_delay, outage_reason, outage_tries
+from app.jobs.workqueue import Unit
+from app.worker.runtime import get_runtime
 
 log = logging.getLogger("srft.worker")
 
@@ -53,7 +58,7 @@ def _retry_after_outage(task: Any, error: BaseException, **kwargs: Any) -> Excep
     return retry
 
 
-@celery_app.task(bind=True, name="srft.jobs.label_unit", acks_late=True, reject_on_worker_lost=True)
+@shared_task(bind=True, name=LABEL_UNIT, acks_late=True, reject_on_worker_lost=True)
 def label_unit(
     self: Any,
     job_id: str,
@@ -74,16 +79,16 @@ def label_unit(
         raise _retry_after_outage(self, error, claim_token=token) from error
 
 
-@celery_app.task(name="srft.jobs.sweep")
+@shared_task(name=SWEEP)
 def sweep() -> int:
     """Periodic (beat): re-enqueue work lost to dead workers or a restarted broker."""
     return get_runtime().sweep()
 
 
 # Exports can run for long; a dead worker is detected by its stopped heartbeat instead.
-@celery_app.task(
+@shared_task(
     bind=True,
-    name="srft.exports.build",
+    name=BUILD_EXPORT,
     acks_late=True,
     reject_on_worker_lost=True,
     time_limit=7 * 86400,
@@ -103,3 +108,35 @@ def build_export(
         raise _retry_after_outage(
             self, cause, claim_token=token, failure=interrupted.failure
         ) from interrupted
+
+
+# ---------------------------------------------------------------------- warm-up
+
+
+def _warm_up() -> None:
+    """Build this process's worker runtime (database engine, event loop, critic clients,
+    limits) in the background now, rather than in the first task: the first job then does not
+    wait for it. A failure is only logged; the first task builds it again."""
+
+    def build() -> None:
+        try:
+            get_runtime()
+        except Exception:
+            log.exception("could not prepare the worker runtime; the first task will retry")
+
+    threading.Thread(target=build, name="srft-warm-up", daemon=True).start()
+
+
+@worker_process_init.connect
+def _warm_up_pool_process(**_: Any) -> None:
+    """A prefork pool process, just forked: its runtime must be built here, after the fork."""
+    _warm_up()
+
+
+@worker_ready.connect
+def _warm_up_worker(sender: Any = None, **_: Any) -> None:
+    """Pools that run tasks in the worker's own process (threads, solo); never the prefork
+    parent, whose runtime would be copied, loop thread gone, into every process it forks."""
+    pool = getattr(sender, "pool", None)
+    if pool is not None and "prefork" not in type(pool).__module__:
+        _warm_up()

@@ -1,0 +1,401 @@
+"""The verdict work queue. The verdict rows are the queue: a unit of work (one trajectory, or a
+chunk of its steps in `step` mode) is claimed by flipping its rows from `pending` (or `running`
+past the stale timeout) to `running` with a fresh claim token in one UPDATE, and results are
+written only under that token. Two workers can therefore never both apply a verdict, and a dead
+worker's claim is taken over by the sweeper's next task.
+
+Services flush; the task that calls them commits (`app.jobs.labeling`, `app.worker.runtime`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Table,
+    and_,
+    bindparam,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.orm import Session
+
+from app.critic.judge import StepOutcome
+from app.models import Export, Job, Trajectory, Verdict, utcnow
+
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+OPEN_ITEMS = ("pending", "running")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One task's worth of work: some steps of one trajectory in one job."""
+
+    job_id: uuid.UUID
+    trajectory_id: uuid.UUID
+    step_indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Claim:
+    job: Job
+    trajectory: Trajectory
+    token: str
+    step_indices: tuple[int, ...]
+
+
+def fill_from_cache(
+    session: Session,
+    project_id: uuid.UUID,
+    rows: list[dict[str, Any]],
+    *,
+    exclude_job: uuid.UUID | None,
+) -> int:
+    """Copy earlier done verdicts onto rows with the same cache key; return how many."""
+    keys = list({row["cache_key"] for row in rows})
+    found: dict[str, Verdict] = {}
+    for start in range(0, len(keys), 1000):
+        query = select(Verdict).where(
+            Verdict.project_id == project_id,
+            Verdict.cache_key.in_(keys[start : start + 1000]),
+            Verdict.status == "done",
+        )
+        if exclude_job is not None:
+            query = query.where(Verdict.job_id != exclude_job)
+        for verdict in session.scalars(query.order_by(Verdict.id)):
+            found.setdefault(verdict.cache_key, verdict)
+    filled = 0
+    now = utcnow()
+    for row in rows:
+        earlier = found.get(row["cache_key"])
+        if earlier is None:
+            continue
+        row.update(
+            status="done",
+            cached=True,
+            label=earlier.label,
+            reason=earlier.reason,
+            agreement=earlier.agreement,
+            vote_labels=earlier.vote_labels,
+            finished_at=now,
+        )
+        filled += 1
+    return filled
+
+
+def units_of(job: Job, rows: list[tuple[uuid.UUID, int]], chunk_size: int) -> list[Unit]:
+    """Group (trajectory, step) pairs into units: a trajectory per unit in `trajectory` mode,
+    chunks of `chunk_size` steps in `step` mode."""
+    by_trajectory: dict[uuid.UUID, list[int]] = defaultdict(list)
+    for trajectory_id, step in rows:
+        by_trajectory[trajectory_id].append(step)
+    units: list[Unit] = []
+    for trajectory_id, steps in by_trajectory.items():
+        steps.sort()
+        size = chunk_size if job.mode == "step" else len(steps)
+        for start in range(0, len(steps), max(1, size)):
+            units.append(Unit(job.id, trajectory_id, tuple(steps[start : start + size])))
+    return units
+
+
+def pending_units(session: Session, job: Job, chunk_size: int) -> list[Unit]:
+    """Every pending item of a job as units, marked enqueued now."""
+    # Core: a large job has a row per step, and ORM rows cost more than tuples.
+    connection = session.connection()
+    rows = connection.execute(
+        select(Verdict.trajectory_id, Verdict.step_index).where(
+            Verdict.job_id == job.id, Verdict.status == "pending"
+        )
+    ).all()
+    connection.execute(
+        update(Verdict)
+        .where(Verdict.job_id == job.id, Verdict.status == "pending")
+        .values(enqueued_at=utcnow())
+    )
+    return units_of(job, [(r.trajectory_id, r.step_index) for r in rows], chunk_size)
+
+
+def claim_unit(
+    session: Session, unit: Unit, stale_after_s: float, *, token: str | None = None
+) -> Claim | None:
+    """Claim the unit's open items under `token` (a fresh one if None); None when there is
+    nothing left to do.
+
+    Items still running under `token` itself are taken back at once: a task that lost the
+    database resumes its own claim when it retries, instead of waiting for the claim to go
+    stale. A token belongs to one task and its retries, which never run at the same time.
+    """
+    job = session.get(Job, unit.job_id)
+    if job is None or job.status in TERMINAL:
+        return None
+    now = utcnow()
+    token = token or str(uuid.uuid4())
+    stale = now - timedelta(seconds=stale_after_s)
+    claimed = list(
+        session.execute(
+            update(Verdict)
+            .where(
+                Verdict.job_id == unit.job_id,
+                Verdict.trajectory_id == unit.trajectory_id,
+                Verdict.step_index.in_(unit.step_indices),
+                or_(
+                    Verdict.status == "pending",
+                    and_(
+                        Verdict.status == "running",
+                        or_(Verdict.claimed_at < stale, Verdict.claim_token == token),
+                    ),
+                ),
+            )
+            .values(status="running", claim_token=token, claimed_at=now)
+            .returning(Verdict.step_index)
+        )
+        .scalars()
+        .all()
+    )
+    if not claimed:
+        return None
+    if job.status == "queued":
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == "queued")
+            .values(status="running", started_at=now)
+        )
+    if job.use_cache:
+        claimed = _claim_from_cache(session, job, unit.trajectory_id, token, claimed)
+    session.flush()
+    trajectory = session.get(Trajectory, unit.trajectory_id)
+    if trajectory is None or not claimed:
+        return None
+    return Claim(job, trajectory, token, tuple(sorted(claimed)))
+
+
+def _claim_from_cache(
+    session: Session, job: Job, trajectory_id: uuid.UUID, token: str, claimed: list[int]
+) -> list[int]:
+    """Serve claimed items from verdicts finished since the job was created; return the rest."""
+    rows = session.execute(
+        select(Verdict.step_index, Verdict.cache_key).where(
+            Verdict.job_id == job.id,
+            Verdict.trajectory_id == trajectory_id,
+            Verdict.step_index.in_(claimed),
+        )
+    ).all()
+    wanted = [{"cache_key": r.cache_key, "step_index": r.step_index} for r in rows]
+    fill_from_cache(session, job.project_id, wanted, exclude_job=job.id)
+    remaining: list[int] = []
+    for row in wanted:
+        if row.get("status") != "done":
+            remaining.append(row["step_index"])
+            continue
+        session.execute(
+            update(Verdict)
+            .where(
+                Verdict.job_id == job.id,
+                Verdict.trajectory_id == trajectory_id,
+                Verdict.step_index == row["step_index"],
+                Verdict.claim_token == token,
+            )
+            .values(
+                status="done",
+                cached=True,
+                label=row["label"],
+                reason=row["reason"],
+                agreement=row["agreement"],
+                vote_labels=row["vote_labels"],
+                finished_at=row["finished_at"],
+            )
+        )
+    return remaining
+
+
+def record_outcomes(
+    session: Session, outcomes: Sequence[tuple[uuid.UUID, uuid.UUID, str, StepOutcome]]
+) -> None:
+    """Store many (job, trajectory, claim token, outcome) at once. Each is written only under
+    its claim token and while its item is still running, so a lost claim writes nothing.
+    One statement executed for all (pipelined)."""
+    if not outcomes:
+        return
+    table = Verdict.__table__
+    assert isinstance(table, Table)
+    c = table.c
+    statement = (
+        update(table)
+        .where(
+            c.job_id == bindparam("b_job_id"),
+            c.trajectory_id == bindparam("b_trajectory_id"),
+            c.step_index == bindparam("b_step_index"),
+            c.claim_token == bindparam("b_token"),
+            c.status == "running",
+        )
+        .values(
+            status=bindparam("b_status"),
+            label=bindparam("b_label"),
+            reason=bindparam("b_reason"),
+            agreement=bindparam("b_agreement"),
+            vote_labels=bindparam("b_vote_labels", type_=c.vote_labels.type),
+            prompt_tokens=bindparam("b_prompt_tokens"),
+            completion_tokens=bindparam("b_completion_tokens"),
+            cached_tokens=bindparam("b_cached_tokens"),
+            latency_ms=bindparam("b_latency_ms"),
+            attempts=c.attempts + bindparam("b_attempts", type_=c.attempts.type),
+            error=bindparam("b_error"),
+            finished_at=bindparam("b_finished_at", type_=c.finished_at.type),
+        )
+    )
+    now = utcnow()
+    rows = []
+    for job_id, trajectory_id, token, outcome in outcomes:
+        usage = outcome.usage
+        rows.append(
+            {
+                "b_job_id": job_id,
+                "b_trajectory_id": trajectory_id,
+                "b_step_index": outcome.index,
+                "b_token": token,
+                "b_status": "done" if outcome.label is not None else "failed",
+                "b_label": outcome.label,
+                "b_reason": outcome.reason,
+                "b_agreement": outcome.agreement,
+                "b_vote_labels": outcome.vote_labels or None,
+                "b_prompt_tokens": usage.prompt_tokens,
+                "b_completion_tokens": usage.completion_tokens,
+                "b_cached_tokens": usage.cached_tokens,
+                "b_latency_ms": round(usage.latency_s * 1000, 3),
+                "b_attempts": usage.attempts,
+                "b_error": outcome.error,
+                "b_finished_at": now,
+            }
+        )
+    # Core, not the ORM: a list of parameters to an ORM update() means "by primary key".
+    session.connection().execute(statement, rows)
+
+
+def finish_if_done(session: Session, job_id: uuid.UUID) -> str | None:
+    """Close the job when no item is open; return its new status, or None if still open."""
+    # Whether any item is open, not how many: counting a large job's open items per task
+    # would read its whole index range every time.
+    remaining = session.scalar(
+        select(Verdict.id).where(Verdict.job_id == job_id, Verdict.status.in_(OPEN_ITEMS)).limit(1)
+    )
+    if remaining is not None:
+        return None
+    done = session.scalar(
+        select(func.count())
+        .select_from(Verdict)
+        .where(Verdict.job_id == job_id, Verdict.status == "done")
+    )
+    status = "completed" if done else "failed"
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(("queued", "running")))
+        .values(
+            status=status,
+            finished_at=utcnow(),
+            error=None if done else "every step failed; see the verdicts' errors",
+        )
+    )
+    return status if getattr(result, "rowcount", 0) else None
+
+
+# Any constant shared by every sweeper: the key of their Postgres advisory lock.
+SWEEP_LOCK = 0x53524654  # "SRFT"
+
+
+def lock_sweep(session: Session) -> bool:
+    """Take the sweepers' lock until this transaction ends; False if another sweep holds it.
+
+    Two sweeps at once would each hand the same lost work on. SQLite needs no lock: its
+    embedded worker is the only one, and it sweeps from one thread.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return True
+    return bool(session.scalar(select(func.pg_try_advisory_xact_lock(SWEEP_LOCK))))
+
+
+def lost_work(
+    queue: type[Verdict] | type[Export], waiting: str, stale: datetime
+) -> ColumnElement[bool]:
+    """Rows of a work queue (verdicts, exports) whose work was lost: `running` under a claim
+    not renewed since `stale` (a dead or stuck worker), or `waiting` and not enqueued since
+    `stale` (a lost broker message)."""
+    return or_(
+        and_(queue.status == "running", queue.claimed_at < stale),
+        and_(
+            queue.status == waiting,
+            or_(queue.enqueued_at.is_(None), queue.enqueued_at < stale),
+        ),
+    )
+
+
+def sweep(session: Session, stale_after_s: float, chunk_size: int) -> list[Unit]:
+    """Units whose work was lost: claims older than the timeout (a dead or stuck worker) and
+    pending items not picked up within it (a lost broker message).
+
+    Both are put back to `pending`, claim cleared, marked enqueued now, in the statement that
+    finds them: the next sweep leaves them alone for another timeout instead of handing them
+    on again, and a late write under the old claim finds no row to write to.
+    """
+    now = utcnow()
+    lost = lost_work(Verdict, "pending", now - timedelta(seconds=stale_after_s))
+    open_jobs = select(Job.id).where(Job.status.in_(("queued", "running")))
+    rows = session.execute(
+        update(Verdict)
+        .where(lost, Verdict.job_id.in_(open_jobs.scalar_subquery()))
+        .values(status="pending", claim_token=None, claimed_at=None, enqueued_at=now)
+        .returning(Verdict.job_id, Verdict.trajectory_id, Verdict.step_index)
+        .execution_options(synchronize_session=False)
+    ).all()
+    if not rows:
+        return []
+    by_job: dict[uuid.UUID, list[tuple[uuid.UUID, int]]] = defaultdict(list)
+    for row in rows:
+        by_job[row.job_id].append((row.trajectory_id, row.step_index))
+    units: list[Unit] = []
+    for job_id, items in by_job.items():
+        job = session.get(Job, job_id)
+        if job is not None:
+            units.extend(units_of(job, items, chunk_size))
+    return units
+
+
+def resume_all(session: Session, chunk_size: int) -> list[Unit]:
+    """Every open item of every open job: after a restart with an in-memory broker."""
+    return sweep(session, stale_after_s=0, chunk_size=chunk_size)
+
+
+def job_statuses(session: Session, job_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """The status of each job that exists among `job_ids`."""
+    wanted = list(set(job_ids))
+    if not wanted:
+        return {}
+    rows = session.execute(select(Job.id, Job.status).where(Job.id.in_(wanted))).all()
+    return {row.id: row.status for row in rows}
+
+
+def release_claim(session: Session, unit: Unit, token: str) -> None:
+    """Return a claim's unfinished items to the queue."""
+    session.execute(
+        update(Verdict)
+        .where(
+            Verdict.job_id == unit.job_id,
+            Verdict.trajectory_id == unit.trajectory_id,
+            Verdict.claim_token == token,
+            Verdict.status == "running",
+        )
+        .values(status="pending", claim_token=None, claimed_at=None, enqueued_at=None)
+    )
+
+
+def close_finished_jobs(session: Session) -> int:
+    """Close open jobs that have no open item left (their last task died after its writes)."""
+    open_jobs = session.scalars(select(Job.id).where(Job.status.in_(("queued", "running"))))
+    return sum(1 for job_id in list(open_jobs) if finish_if_done(session, job_id))

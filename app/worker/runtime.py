@@ -1,0 +1,154 @@
+"""What a worker process needs: the database, one event loop, the critic client and the shared
+limits, and the labeling loop (`app.jobs.labeling`) built on them. Built lazily, once per
+process (after the fork, in prefork pools).
+
+Critic calls are async so that one process can keep many in flight; Celery tasks are sync, so
+each task hands its coroutine to this process's loop, which runs in a background thread and is
+shared by every task the process runs at once (thread pools) or in turn (prefork).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from sqlalchemy.orm import Session
+
+from app.config import Settings, get_settings
+from app.critic.client import CriticClient
+from app.critic.limits import Limiter, LocalLimiter, RedisLimiter
+from app.db import Database, is_database_unavailable, outage_reason
+from app.exports import builder as export_builder
+from app.exports import queue as export_queue
+from app.exports import service as export_service
+from app.jobs import queue as job_queue
+from app.jobs import workqueue
+from app.jobs.labeling import Labeler
+from app.jobs.workqueue import Unit
+
+log = logging.getLogger("srft.worker")
+T = TypeVar("T")
+
+
+class WorkerRuntime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.database = Database(settings.database_url)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="srft-critic-loop", daemon=True
+        )
+        self._thread.start()
+        self.critic_url = settings.critic_base_url or self._start_rules_critic()
+        api_key = settings.critic_api_key.get_secret_value() if settings.critic_api_key else None
+        self.client = self.run(self._make_client(api_key))
+        self.limiter: Limiter = self.run(self._make_limiter())
+        self.labeler = Labeler(self.database, settings, self.client, self.limiter, self.run)
+
+    async def _make_client(self, api_key: str | None) -> CriticClient:
+        return CriticClient(
+            self.critic_url,
+            api_key,
+            timeout_s=self.settings.critic_timeout_s,
+            max_connections=self.settings.critic_max_concurrency,
+        )
+
+    async def _make_limiter(self) -> Limiter:
+        s = self.settings
+        if s.broker_url.startswith(("redis://", "rediss://")):
+            return RedisLimiter(
+                s.broker_url,
+                s.critic_max_concurrency,
+                s.critic_rpm,
+                s.critic_tpm,
+                lease_s=s.stale_after_s,
+            )
+        return LocalLimiter(s.critic_max_concurrency, s.critic_rpm, s.critic_tpm)
+
+    def _start_rules_critic(self) -> str:
+        from app.critic.rules_server import start_rules_server_thread
+
+        port = start_rules_server_thread(latency_ms=self.settings.rules_critic_latency_ms)
+        log.warning(
+            "SRFT_CRITIC_BASE_URL is not set: labels come from the built-in rules critic "
+            "(heuristics, not an LLM), started on 127.0.0.1:%d",
+            port,
+        )
+        return f"http://127.0.0.1:{port}/v1"
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run `coroutine` on this process's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def label_unit(self, unit: Unit, token: str | None = None) -> None:
+        """Label one unit of work (`Labeler.label_unit`)."""
+        self.labeler.label_unit(unit, token)
+
+    def sweep(self) -> int:
+        """Re-enqueue lost work and close jobs with nothing open; return units enqueued.
+
+        Skipped while another sweep runs, and while the database is unavailable: the tasks
+        that lost it retry by themselves, and the next sweep comes soon enough.
+        """
+        try:
+            with self.database.transaction() as session:
+                if not workqueue.lock_sweep(session):
+                    log.info("another sweep is running; skipped this one")
+                    return 0
+                units = workqueue.sweep(
+                    session, self.settings.stale_after_s, self.settings.step_chunk_size
+                )
+                workqueue.close_finished_jobs(session)
+                exports = export_service.sweep(session, self.settings.stale_after_s)
+                self._requeue_after_commit(session, units, exports)
+        except Exception as error:
+            if not is_database_unavailable(error):
+                raise
+            log.warning("sweep skipped: the database is unavailable (%s)", outage_reason(error))
+            return 0
+        if units:
+            log.warning("sweeper re-enqueued %d units of lost or stalled work", len(units))
+        if exports:
+            log.warning("sweeper re-enqueued %d lost or stalled exports", len(exports))
+        return len(units) + len(exports)
+
+    def resume(self) -> int:
+        """Enqueue every open item (at start-up, when the broker may have lost messages)."""
+        with self.database.transaction() as session:
+            units = workqueue.resume_all(session, self.settings.step_chunk_size)
+            exports = export_service.sweep(session, stale_after_s=0)
+            self._requeue_after_commit(session, units, exports)
+        return len(units) + len(exports)
+
+    def _requeue_after_commit(
+        self, session: Session, units: list[Unit], exports: list[uuid.UUID]
+    ) -> None:
+        job_queue.enqueue_after_commit(session, self.settings.broker_url, units)
+        for export_id in exports:
+            export_queue.enqueue_build_after_commit(session, self.settings.broker_url, export_id)
+
+    def build_export(
+        self,
+        export_id: uuid.UUID,
+        token: str | None = None,
+        failure: dict[str, Any] | None = None,
+    ) -> str | None:
+        return export_builder.build_export(
+            self.database, self.settings, export_id, token=token, failure=failure
+        )
+
+
+_runtime: WorkerRuntime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime() -> WorkerRuntime:
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = WorkerRuntime(get_settings())
+        return _runtime
