@@ -3,43 +3,68 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 SCHEDULES = ("cosine", "linear", "constant")
+REQUIRED = object()
+
+
+def _option(default: Any, help: str, flag: str | None = None) -> Any:
+    """A field that is also an `srft train` option: its help, and its flag if not --name.
+    `REQUIRED` as the default: the field has none (the file or the command line gives it)."""
+    metadata = {"help": help, "flag": flag}
+    if default is REQUIRED:
+        return field(metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class TrainConfig:
-    data: str  # an export folder (as `srft pull` writes it) or its manifest.json
-    model: str  # hub id or local path of the base model
-    output: str  # checkpoints, metrics.jsonl and the final model go here
-    tokenizer: str | None = None  # for openai_jsonl exports; defaults to the model's
-    epochs: float = 1.0
-    max_steps: int | None = None  # optimizer steps; overrides epochs
-    lr: float = 1e-5
-    lr_schedule: str = "cosine"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    tokens_per_micro_batch: int = 16_384
-    grad_accum: int = 1
-    max_seq_len: int = 32_768
-    packing: bool = True
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    fsdp: bool = False  # with torchrun / accelerate launch: shard (FSDP2) instead of DDP
-    # The model's attention kernel (transformers' attn_implementation). With packing,
-    # "flash_attention_2" (GPU) attends within each row only; the default (sdpa/eager) builds
-    # a dense block-diagonal mask and pays for the whole pack (bench/train.py).
-    attn_implementation: str | None = None
-    seed: int = 0
-    eval_fraction: float = 0.0
-    eval_every: int = 0  # optimizer steps; 0 = at the end only (if there is an eval split)
-    save_every: int = 0  # optimizer steps; 0 = at the end only
-    log_every: int = 1
-    resume: bool = False  # continue from the latest checkpoint in `output`
+    """Every training option. `srft train` makes one command-line option of each field (its
+    help and flag are the field's metadata); a config file may give any of them."""
+
+    data: str = _option(REQUIRED, "Export folder (as `srft pull` writes it) or manifest.")
+    model: str = _option(REQUIRED, "Base model: hub id or path.")
+    output: str = _option(REQUIRED, "Checkpoints, metrics.jsonl and the final model go here.")
+    tokenizer: str | None = _option(None, "For openai_jsonl exports; default: the model's.")
+    epochs: float = _option(1.0, "Passes over the data.")
+    max_steps: int | None = _option(None, "Optimizer steps; overrides --epochs.")
+    lr: float = _option(1e-5, "Peak learning rate.")
+    lr_schedule: str = _option("cosine", "cosine, linear or constant.")
+    warmup_steps: int = _option(0, "Linear warm-up steps.")
+    weight_decay: float = _option(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _option(1.0, "Gradient clipping norm.")
+    tokens_per_micro_batch: int = _option(16_384, "Token budget of a micro-batch.")
+    grad_accum: int = _option(1, "Micro-batches per optimizer step.")
+    max_seq_len: int = _option(32_768, "Longest row, in tokens.")
+    packing: bool = _option(True, "Pack rows into micro-batches.", "--packing/--no-packing")
+    bf16: bool = _option(False, "Train in bfloat16.", "--bf16/--no-bf16")
+    gradient_checkpointing: bool = _option(
+        False,
+        "Recompute activations in the backward pass.",
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+    )
+    fsdp: bool = _option(
+        False,
+        "With torchrun / accelerate launch: shard (FSDP2) instead of DDP.",
+        "--fsdp/--no-fsdp",
+    )
+    # With packing, "flash_attention_2" (GPU) attends within each row only; the default
+    # (sdpa/eager) builds a dense block-diagonal mask and pays for the whole pack
+    # (bench/train.py).
+    attn_implementation: str | None = _option(
+        None, "The model's attention kernel: sdpa, eager, flash_attention_2 (packing on GPU)..."
+    )
+    seed: int = _option(0, "Seed of the data order, the split and the initialisation.")
+    eval_fraction: float = _option(0.0, "Held-out share of rows.")
+    eval_every: int = _option(
+        0, "Evaluate every N optimizer steps; 0: at the end only (with an eval split)."
+    )
+    save_every: int = _option(0, "Checkpoint every N optimizer steps; 0: at the end only.")
+    log_every: int = _option(1, "Log every N optimizer steps.")
+    resume: bool = _option(False, "Continue from the latest checkpoint in --output.", "--resume")
 
     def __post_init__(self) -> None:
         problems = []
@@ -80,7 +105,8 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown options {unknown}; known: {sorted(known)}")
-        missing = [name for name in ("data", "model", "output") if name not in values]
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        missing = [name for name in required if name not in values]
         if missing:
             raise ValueError(f"missing {missing}: give them as options or in the config file")
         return cls(**values)

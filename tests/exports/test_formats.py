@@ -114,10 +114,10 @@ def test_the_api_the_cli_and_the_registry_name_the_same_formats(corpus: Corpus) 
     export_command = command.commands["export"]  # type: ignore[attr-defined]
     helps = {param.name: param.help for param in export_command.params}
     named = re.compile(r"\b[a-z]+(?:_[a-z]+)+\b")
-    assert tuple(named.findall(helps["format"])) == NAMES
+    assert tuple(named.findall(helps["fmt"])) == NAMES
     for fmt in FORMATS:
         if fmt.label:
-            assert f"{fmt.name} ({fmt.label})" in helps["format"]
+            assert f"{fmt.name} ({fmt.label})" in helps["fmt"]
     assert named.findall(helps["soft"]) == [f.name for f in FORMATS if f.soft_weights]
     assert set(named.findall(helps["tokenizer"])) == {
         f.name for f in FORMATS if f.tokenizer is not TokenizerUse.NONE
