@@ -7,32 +7,31 @@ process of a deployment reports the same numbers, since they come from the share
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
 from fastapi import APIRouter, Response
-from sqlalchemy import ColumnElement, case, func, literal, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app.deps import SessionDep
 from app.models import Export, Job, Verdict
+from app.status import (
+    EXPORT_OPEN,
+    VERDICT_FINISHED,
+    VERDICT_OPEN,
+    ErrorKind,
+    ExportStatus,
+    JobStatus,
+    VerdictStatus,
+)
 
 router = APIRouter(tags=["health"])
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
-EXPORT_STATUSES = ("queued", "running", "completed", "failed")
-# How app.critic.client and app.critic.judge word a failed step's error (the verdict's
-# `error` text), as (kind, SQL LIKE patterns); the first kind that matches wins.
-ERROR_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("rate_limited", ("429 %",)),
-    ("server_error", ("5__ from critic%", "the critic's answer is not JSON%")),
-    ("timeout", ("the critic did not answer in time%",)),
-    ("connection", ("cannot reach the critic%",)),
-    ("rejected", ("4__ from critic%",)),
-    ("unparseable", ("unparseable answer%",)),
-    ("missing", ("the critic gave no verdict%",)),
-)
+# The label of failed verdicts with no known error kind (none stored, or one this version
+# does not know).
 OTHER_ERROR = "other"
 
 
@@ -67,15 +66,6 @@ def _by_status(
     return [("", {"status": s}, found.get(s, 0)) for s in statuses]
 
 
-def _error_kind() -> ColumnElement[str]:
-    whens = [
-        (Verdict.error.like(pattern), literal(kind))
-        for kind, patterns in ERROR_KINDS
-        for pattern in patterns
-    ]
-    return case(*whens, else_=literal(OTHER_ERROR))
-
-
 def render(session: Session) -> str:
     """The whole exposition, from a handful of aggregate queries."""
     lines: list[str] = []
@@ -83,13 +73,13 @@ def render(session: Session) -> str:
         "srft_jobs",
         "gauge",
         "Labeling jobs by status.",
-        _by_status(session, Job.status, JOB_STATUSES),
+        _by_status(session, Job.status, tuple(JobStatus)),
     )
     lines += _family(
         "srft_exports",
         "gauge",
         "Exports by status.",
-        _by_status(session, Export.status, EXPORT_STATUSES),
+        _by_status(session, Export.status, tuple(ExportStatus)),
     )
 
     verdicts = {
@@ -101,24 +91,22 @@ def render(session: Session) -> str:
         "counter",
         "Finished step verdicts by outcome; verdicts per second is rate() of it. "
         "(A retried job's failed verdicts leave this count when queued again.)",
-        [("", {"status": s}, verdicts.get(s, 0)) for s in ("done", "failed")],
+        [("", {"status": s}, verdicts.get(s, 0)) for s in VerdictStatus if s in VERDICT_FINISHED],
     )
 
-    exports_open = session.scalar(
-        select(func.count()).where(Export.status.in_(("queued", "running")))
-    )
+    exports_open = session.scalar(select(func.count()).where(Export.status.in_(EXPORT_OPEN)))
     lines += _family(
         "srft_queue_depth",
         "gauge",
         "Work not finished yet: pending or running verdicts, queued or running exports.",
         [
-            ("", {"kind": "verdicts"}, verdicts.get("pending", 0) + verdicts.get("running", 0)),
+            ("", {"kind": "verdicts"}, sum(verdicts.get(s, 0) for s in VERDICT_OPEN)),
             ("", {"kind": "exports"}, int(exports_open or 0)),
         ],
     )
 
     timed = (
-        Verdict.status == "done",
+        Verdict.status == VerdictStatus.DONE,
         Verdict.cached.is_(False),
         Verdict.latency_ms.is_not(None),
     )
@@ -149,14 +137,16 @@ def render(session: Session) -> str:
         histogram,
     )
 
-    kind = _error_kind()
-    errors = {
-        str(k): int(n)
-        for k, n in session.execute(
-            select(kind, func.count()).where(Verdict.status == "failed").group_by(kind)
-        )
-    }
-    known_kinds = [k for k, _ in ERROR_KINDS] + [OTHER_ERROR]
+    known_kinds: list[str] = [*ErrorKind, OTHER_ERROR]
+    errors: Counter[str] = Counter()
+    failed = session.execute(
+        select(Verdict.error_kind, func.count())
+        .where(Verdict.status == VerdictStatus.FAILED)
+        .group_by(Verdict.error_kind)
+    )
+    for stored, n in failed:
+        # None: failed before kinds were stored, with text no known pattern matched.
+        errors[stored if stored is not None and stored in known_kinds else OTHER_ERROR] += n
     lines += _family(
         "srft_critic_errors_total",
         "counter",

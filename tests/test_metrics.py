@@ -12,6 +12,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from app.models import Export, Verdict
+from app.status import ErrorKind
 from tests.builders import make_trajectory
 from tests.conftest import Caller
 
@@ -31,10 +32,35 @@ STEPS: dict[int, tuple[str, dict[str, Any]]] = {
     ),
     # Served from the cache: counted as done, but its latency is not the critic's.
     3: ("done", {"latency_ms": 100.0, "cached": True}),
-    4: ("failed", {"error": "429 from critic: slow down (after 6 attempts)", "prompt_tokens": 50}),
-    5: ("failed", {"error": "502 from critic: Bad Gateway (after 6 attempts)"}),
-    6: ("failed", {"error": "the critic did not answer in time (after 6 attempts)"}),
-    7: ("failed", {"error": "unparseable answer after 3 attempts: no step 9"}),
+    4: (
+        "failed",
+        {
+            "error": "429 from critic: slow down (after 6 attempts)",
+            "error_kind": ErrorKind.RATE_LIMITED,
+            "prompt_tokens": 50,
+        },
+    ),
+    5: (
+        "failed",
+        {
+            "error": "502 from critic: Bad Gateway (after 6 attempts)",
+            "error_kind": ErrorKind.SERVER_ERROR,
+        },
+    ),
+    6: (
+        "failed",
+        {
+            "error": "the critic did not answer in time (after 6 attempts)",
+            "error_kind": ErrorKind.TIMEOUT,
+        },
+    ),
+    7: (
+        "failed",
+        {
+            "error": "unparseable answer after 3 attempts: no step 9",
+            "error_kind": ErrorKind.UNPARSEABLE,
+        },
+    ),
     8: ("pending", {}),
 }
 
@@ -126,3 +152,35 @@ def test_metrics_count_jobs_verdicts_latency_errors_tokens_and_exports(
     assert "# TYPE srft_verdicts_total counter" in text
     for secret in (tid, job["id"], str(caller.project_id), "look around", "slow down"):
         assert secret not in text
+
+
+def test_failed_verdicts_are_counted_by_their_stored_kind_not_their_text(
+    client: TestClient, caller: Caller, session: Session
+) -> None:
+    before, _ = _scrape(client)
+    client.post("/v1/trajectories", json=make_trajectory(4, resolved=False), headers=caller.headers)
+    job = client.post("/v1/jobs", json={"selection": {}}, headers=caller.headers).json()
+    rate_limited_text = "429 from critic: slow down (after 6 attempts)"
+    # step: (error, stored kind); the text of each would say rate_limited.
+    failures: dict[int, tuple[str, str | None]] = {
+        0: (rate_limited_text, ErrorKind.CONNECTION),
+        1: (rate_limited_text, ErrorKind.CONNECTION),
+        2: (rate_limited_text, None),  # no kind stored
+        3: (rate_limited_text, "gremlins"),  # a kind this version does not know
+    }
+    for step, (error, kind) in failures.items():
+        session.execute(
+            update(Verdict)
+            .where(Verdict.job_id == uuid.UUID(job["id"]), Verdict.step_index == step)
+            .values(status="failed", error=error, error_kind=kind)
+        )
+    session.flush()
+    after, _ = _scrape(client)
+
+    def errors(kind: str) -> float:
+        key = ("srft_critic_errors_total", frozenset({("kind", kind)}))
+        return after[key] - before.get(key, 0.0)
+
+    assert errors("connection") == 2
+    assert errors("rate_limited") == 0
+    assert errors("other") == 2

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, insert, inspect, select, text
 
-from app.db import downgrade_database, upgrade_database
-from app.models import Base
+from app.db import create_db_engine, downgrade_database, upgrade_database
+from app.models import Base, Job, Project, Trajectory, Verdict
 
 TABLES = {
     "projects",
@@ -73,3 +74,98 @@ def test_postgres_upgrade_matches_models_and_reverses(scratch_postgres_url: str)
     assert _tables(scratch_postgres_url) == set()
     upgrade_database(scratch_postgres_url)
     assert _tables(scratch_postgres_url) == TABLES
+
+
+# A failed verdict's error text as written before kinds were stored -> the kind 0006 gives it.
+OLD_ERRORS: dict[str | None, str | None] = {
+    "429 from critic: slow down (after 6 attempts)": "rate_limited",
+    "502 from critic: Bad Gateway (after 6 attempts)": "server_error",
+    "the critic's answer is not JSON: Expecting value (after 6 attempts)": "server_error",
+    "the critic did not answer in time (after 6 attempts)": "timeout",
+    "cannot reach the critic: Connection refused (after 6 attempts)": "connection",
+    "400 from critic: bad request (after 1 attempts)": "rejected",
+    "unparseable answer after 6 attempts: no step 3": "unparseable",
+    "the critic gave no verdict for this step": "missing",
+    "something nobody wrote down": None,
+    None: None,
+}
+
+
+def _check_error_kind_backfill(url: str) -> None:
+    """Failed verdicts stored before 0006 get the kind /metrics read from their text."""
+    upgrade_database(url, "0005")
+    project_id, job_id, trajectory_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    engine = create_db_engine(url)
+    try:
+        # Core inserts of the columns 0005 has (the models' error_kind is not among them).
+        with engine.begin() as connection:
+            connection.execute(insert(Project).values(id=project_id, name="migrated"))
+            connection.execute(
+                insert(Trajectory).values(
+                    id=trajectory_id,
+                    project_id=project_id,
+                    content_hash="0" * 64,
+                    source_format="openai_messages",
+                    messages=[],
+                    meta={},
+                    num_steps=len(OLD_ERRORS) + 1,
+                )
+            )
+            connection.execute(
+                insert(Job).values(
+                    id=job_id,
+                    project_id=project_id,
+                    status="completed",
+                    mode="step",
+                    critic_model="critic",
+                    votes=1,
+                    temperature=0.0,
+                    labels=[["good", "fine"]],
+                    prompt_hash="0" * 64,
+                    scope="all",
+                    use_cache=False,
+                    selection={},
+                    total_trajectories=1,
+                    total_steps=len(OLD_ERRORS) + 1,
+                )
+            )
+            rows = [("failed", error) for error in OLD_ERRORS]
+            # A done verdict whose stale text would match: only failed rows are classified.
+            rows.append(("done", "429 from critic: slow down (after 1 attempts)"))
+            connection.execute(
+                insert(Verdict),
+                [
+                    {
+                        "project_id": project_id,
+                        "job_id": job_id,
+                        "trajectory_id": trajectory_id,
+                        "step_index": step,
+                        "status": status,
+                        "cache_key": f"{step:064d}",
+                        "critic_model": "critic",
+                        "prompt_hash": "0" * 64,
+                        "error": error,
+                    }
+                    for step, (status, error) in enumerate(rows)
+                ],
+            )
+        upgrade_database(url)
+        with engine.connect() as connection:
+            found = connection.execute(
+                select(Verdict.status, Verdict.error, Verdict.error_kind)
+                .where(Verdict.job_id == job_id)
+                .order_by(Verdict.step_index)
+            ).all()
+        expected = [("failed", error, kind) for error, kind in OLD_ERRORS.items()]
+        expected.append(("done", rows[-1][1], None))
+        assert [tuple(row) for row in found] == expected
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_upgrade_classifies_old_failed_verdicts(tmp_path: Path) -> None:
+    _check_error_kind_backfill(f"sqlite:///{tmp_path / 'm.sqlite3'}")
+
+
+def test_postgres_upgrade_classifies_old_failed_verdicts(scratch_postgres_url: str) -> None:
+    _check_error_kind_backfill(scratch_postgres_url)

@@ -22,6 +22,14 @@ from rich.progress import (
 from app.cli import app
 from app.exports import formats as export_formats
 from app.exports.pull import PullError, pull_export
+from app.status import (
+    EXPORT_FINISHED,
+    JOB_FINISHED,
+    VERDICT_FINISHED,
+    ExportStatus,
+    JobStatus,
+    VerdictStatus,
+)
 
 UPLOAD_SUFFIXES = (".json", ".jsonl", ".traj", ".ndjson")
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -57,6 +65,16 @@ def _client(url: str, api_key: str, timeout: float) -> httpx.Client:
     return httpx.Client(
         base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout
     )
+
+
+def _start(client: httpx.Client, path: str, body: dict[str, Any], what: str) -> dict[str, Any]:
+    """POST `body` to start a job or an export (202); exits 1 with the error otherwise."""
+    response = client.post(path, json=body)
+    if response.status_code != 202:
+        typer.echo(f"could not start the {what}: {_describe_error(response)}", err=True)
+        raise typer.Exit(1)
+    started: dict[str, Any] = response.json()
+    return started
 
 
 def _follow(
@@ -193,11 +211,7 @@ def label(
         "cache": cache,
     }
     with _client(url, api_key, timeout=120) as client:
-        response = client.post("/v1/jobs", json=body)
-        if response.status_code != 202:
-            typer.echo(f"could not start the job: {_describe_error(response)}", err=True)
-            raise typer.Exit(1)
-        job = response.json()
+        job = _start(client, "/v1/jobs", body, "job")
         typer.echo(
             f"job {job['id']}: {job['counts']['steps']['total']} steps "
             f"in {job['counts']['trajectories']['total']} trajectories"
@@ -207,16 +221,16 @@ def label(
                 client,
                 job,
                 f"/v1/jobs/{job['id']}",
-                finished=("completed", "failed", "cancelled"),
+                finished=JOB_FINISHED,
                 what="steps",
                 progress_of=lambda job: (
                     job["counts"]["steps"]["total"],
-                    job["counts"]["steps"]["done"] + job["counts"]["steps"]["failed"],
+                    sum(job["counts"]["steps"][s] for s in VERDICT_FINISHED),
                 ),
                 interval_s=1.0,
             )
         _print_job(job)
-    if wait and job["status"] != "completed":
+    if wait and job["status"] != JobStatus.COMPLETED:
         raise typer.Exit(1)
 
 
@@ -225,8 +239,9 @@ def _print_job(job: dict[str, Any]) -> None:
     labels = ", ".join(f"{k} {v}" for k, v in sorted(job["labels"].items())) or "none yet"
     usage = job["usage"]
     typer.echo(
-        f"status {job['status']}: steps done {steps['done']} (cached {steps['cached']}), "
-        f"failed {steps['failed']}, pending {steps['pending']}; labels: {labels}; tokens: "
+        f"status {job['status']}: steps done {steps[VerdictStatus.DONE]} "
+        f"(cached {steps['cached']}), failed {steps[VerdictStatus.FAILED]}, "
+        f"pending {steps[VerdictStatus.PENDING]}; labels: {labels}; tokens: "
         f"{usage['prompt_tokens']} prompt ({usage['cached_tokens']} cached), "
         f"{usage['completion_tokens']} completion"
     )
@@ -296,18 +311,14 @@ def export_command(
         "shard_max_rows": shard_max_rows,
     }
     with _client(url, api_key, timeout=120) as client:
-        response = client.post("/v1/exports", json=body)
-        if response.status_code != 202:
-            typer.echo(f"could not start the export: {_describe_error(response)}", err=True)
-            raise typer.Exit(1)
-        export = response.json()
+        export = _start(client, "/v1/exports", body, "export")
         typer.echo(f"export {export['id']}: {export['status']}")
         if wait or output is not None:
             export = _follow(
                 client,
                 export,
                 f"/v1/exports/{export['id']}",
-                finished=("completed", "failed"),
+                finished=EXPORT_FINISHED,
                 what="trajectories",
                 progress_of=lambda export: (
                     export["progress"]["trajectories_total"] or None,
@@ -316,14 +327,14 @@ def export_command(
                 interval_s=0.5,
             )
             _print_export(export)
-            if export["status"] != "completed":
+            if export["status"] != ExportStatus.COMPLETED:
                 raise typer.Exit(1)
             if output is not None:
                 _pull(client, export["id"], output)
 
 
 def _print_export(export: dict[str, Any]) -> None:
-    if export["status"] == "failed":
+    if export["status"] == ExportStatus.FAILED:
         error = export["error"] or {}
         typer.echo(f"export failed ({error.get('code')}): {error.get('message')}", err=True)
         return

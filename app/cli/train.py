@@ -64,10 +64,10 @@ def train(config: Path | None = None, **options: Any) -> None:
     except (ValueError, DataError) as error:
         typer.echo(f"srft train: {error}", err=True)
         raise typer.Exit(2) from error
-    state = "stopped (SIGTERM; --resume continues)" if result.stopped_early else "done"
+    ended = "stopped (SIGTERM; --resume continues) at" if result.stopped_early else "done at"
     last = f"{result.losses[-1]:.4f}" if result.losses else "-"
     typer.echo(
-        f"{state} at step {result.steps}: loss {last}; trained-token fraction "
+        f"{ended} step {result.steps}: loss {last}; trained-token fraction "
         f"{result.trained_token_fraction:.3f}; output in {result.output}"
     )
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import openai
 
+from app.status import ErrorKind
+
 log = logging.getLogger(__name__)
 
 
@@ -34,10 +36,10 @@ class Completion:
 
 
 class CriticCallError(Exception):
-    """A failed call. `kind`: rate_limited, server_error, timeout, connection, rejected."""
+    """A failed call, and which `ErrorKind` of failure it was."""
 
     def __init__(
-        self, kind: str, message: str, *, retryable: bool, retry_after: float | None = None
+        self, kind: ErrorKind, message: str, *, retryable: bool, retry_after: float | None = None
     ) -> None:
         super().__init__(message)
         self.kind = kind
@@ -206,28 +208,28 @@ class CriticClient:
                     max_tokens=max_tokens,
                 )
             raise CriticCallError(
-                "rejected", f"400 from critic: {exc.message}", retryable=False
+                ErrorKind.REJECTED, f"400 from critic: {exc.message}", retryable=False
             ) from exc
         except openai.RateLimitError as exc:
             raise CriticCallError(
-                "rate_limited",
+                ErrorKind.RATE_LIMITED,
                 f"429 from critic: {exc.message}",
                 retryable=True,
                 retry_after=_retry_after(exc.response.headers),
             ) from exc
         except openai.APITimeoutError as exc:
             raise CriticCallError(
-                "timeout", "the critic did not answer in time", retryable=True
+                ErrorKind.TIMEOUT, "the critic did not answer in time", retryable=True
             ) from exc
         except openai.APIConnectionError as exc:
             raise CriticCallError(
-                "connection", f"cannot reach the critic: {exc}", retryable=True
+                ErrorKind.CONNECTION, f"cannot reach the critic: {exc}", retryable=True
             ) from exc
         except openai.APIStatusError as exc:
             status = exc.status_code
             retryable = status >= 500 or status in (408, 409)
             raise CriticCallError(
-                "server_error" if status >= 500 else "rejected",
+                ErrorKind.SERVER_ERROR if status >= 500 else ErrorKind.REJECTED,
                 f"{status} from critic: {exc.message}",
                 retryable=retryable,
                 retry_after=_retry_after(exc.response.headers),
@@ -236,7 +238,7 @@ class CriticClient:
             response = json.loads(answer)
         except ValueError as exc:
             raise CriticCallError(
-                "server_error", f"the critic's answer is not JSON: {exc}", retryable=True
+                ErrorKind.SERVER_ERROR, f"the critic's answer is not JSON: {exc}", retryable=True
             ) from exc
         return _completion(response, time.monotonic() - started)
 

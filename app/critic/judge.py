@@ -35,6 +35,7 @@ from app.critic.prompt import (
     trajectory_windows,
 )
 from app.recipe.steps import Step
+from app.status import ErrorKind
 
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
@@ -98,11 +99,11 @@ class StepOutcome:
     vote_labels: list[str]
     usage: Usage
     error: str | None = None
-    error_kind: str | None = None
+    error_kind: ErrorKind | None = None
 
 
 class JudgeFailedError(Exception):
-    def __init__(self, message: str, kind: str, usage: Usage) -> None:
+    def __init__(self, message: str, kind: ErrorKind, usage: Usage) -> None:
         super().__init__(message)
         self.kind = kind
         self.usage = usage
@@ -250,7 +251,7 @@ class Judge:
                 [],
                 usage,
                 error=str(error) if error else "the critic gave no verdict for this step",
-                error_kind=error.kind if error else "missing",
+                error_kind=error.kind if error else ErrorKind.MISSING,
             )
         counts = Counter(j.label for j in answered)
         best = max(counts.values())
@@ -301,7 +302,7 @@ class Judge:
                 if usage.attempts >= self.config.max_attempts:
                     raise JudgeFailedError(
                         f"unparseable answer after {usage.attempts} attempts: {exc}",
-                        "unparseable",
+                        ErrorKind.UNPARSEABLE,
                         usage,
                     ) from exc
                 # Ask again in the same conversation, saying what was wrong.

@@ -76,17 +76,15 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Literal
+from typing import Any
 
 from app.critic.labels import LabelSet
 from app.errors import SrftError
 from app.recipe.steps import Step
+from app.status import JobMode
 from app.trajectories.formats.base import text_of
 
 PROMPT_VERSION = "srft-critic-2"
-
-Mode = Literal["trajectory", "step"]
-MODES: tuple[Mode, ...] = ("trajectory", "step")
 
 CHARS_PER_TOKEN = 3.5
 MESSAGE_OVERHEAD_TOKENS = 4  # role and separators, as chat templates add them
@@ -272,7 +270,7 @@ class PromptTooLarge(SrftError):
 class CriticRequest:
     """One call to the critic, ready for the OpenAI SDK's `chat.completions.create`."""
 
-    mode: Mode
+    mode: JobMode
     messages: list[dict[str, Any]]
     response_format: dict[str, Any]
     target_indices: tuple[int, ...]
@@ -513,7 +511,7 @@ def trajectory_instructions(
     )
 
 
-def response_format(mode: Mode, labels: LabelSet) -> dict[str, Any]:
+def response_format(mode: JobMode, labels: LabelSet) -> dict[str, Any]:
     """An OpenAI `json_schema` response format for the mode's answer.
 
     The same for every request of a mode and label set: providers cache the schema as part of
@@ -529,7 +527,7 @@ def response_format(mode: Mode, labels: LabelSet) -> dict[str, Any]:
         "required": ["index", "label", "reason"],
         "additionalProperties": False,
     }
-    if mode == "step":
+    if mode == JobMode.STEP:
         return _json_schema("srft_step_label", entry)
     schema = {
         "type": "object",
@@ -544,11 +542,13 @@ def _json_schema(name: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
 
 
-def prompt_hash(mode: Mode, labels: LabelSet) -> str:
+def prompt_hash(mode: JobMode, labels: LabelSet) -> str:
     """sha256 over everything that decides what the critic is asked in `mode` with `labels`."""
-    if mode not in MODES:
-        raise ValueError(f"unknown critic mode {mode!r}; known: {', '.join(MODES)}")
-    asked = TRAJECTORY_INSTRUCTIONS_TEMPLATE if mode == "trajectory" else STEP_QUESTION_TEMPLATE
+    if mode not in list(JobMode):
+        raise ValueError(f"unknown critic mode {mode!r}; known: {', '.join(JobMode)}")
+    asked = (
+        TRAJECTORY_INSTRUCTIONS_TEMPLATE if mode == JobMode.TRAJECTORY else STEP_QUESTION_TEMPLATE
+    )
     material = {
         "version": PROMPT_VERSION,
         "mode": mode,
@@ -593,7 +593,7 @@ class _Layout:
         steps: Sequence[Step],
         resolved: bool | None,
         labels: LabelSet,
-        mode: Mode,
+        mode: JobMode,
         context_tokens: int,
         reserve_tokens: int,
     ) -> None:
@@ -659,7 +659,7 @@ class _Layout:
         return "\n".join(lines)
 
     def footer(self, window: _Window) -> str:
-        if self.mode == "step":
+        if self.mode == JobMode.STEP:
             return "</trajectory>"
         targets = self.indices[window.first_target : window.end]
         context = self.indices[window.start : window.first_target]
@@ -684,13 +684,13 @@ class _Layout:
         chars = len(self.header(window)) + blocks + len(self.footer(window))
         chars += window.end - window.start + 1  # the newlines between the parts
         tokens = self._fixed_tokens + MESSAGE_OVERHEAD_TOKENS + math.ceil(chars / CHARS_PER_TOKEN)
-        if self.mode == "step":
+        if self.mode == JobMode.STEP:
             last = self.indices[window.end - 1]  # the longest question of the window
             tokens += MESSAGE_OVERHEAD_TOKENS + estimate_tokens(step_question(last, self.labels))
         return tokens
 
     def fits(self, window: _Window) -> bool:
-        if self.mode == "trajectory":
+        if self.mode == JobMode.TRAJECTORY:
             answer = ANSWER_BASE_TOKENS + ANSWER_TOKENS_PER_STEP * (
                 window.end - window.first_target
             )
@@ -842,7 +842,7 @@ def trajectory_windows(
     answer's room) can hold at ANSWER_TOKENS_PER_STEP each.
     """
     layout = _Layout(
-        messages, steps, resolved, labels, "trajectory", context_tokens, reserve_tokens
+        messages, steps, resolved, labels, JobMode.TRAJECTORY, context_tokens, reserve_tokens
     )
     return [_request(layout, window) for window in _plan(layout)]
 
@@ -866,7 +866,7 @@ class StepRequests:
         reserve_tokens: int = DEFAULT_RESERVE_TOKENS,
     ) -> None:
         self._layout = _Layout(
-            messages, steps, resolved, labels, "step", context_tokens, reserve_tokens
+            messages, steps, resolved, labels, JobMode.STEP, context_tokens, reserve_tokens
         )
         self._positions = {index: position for position, index in enumerate(self._layout.indices)}
         self._windows: list[_Window] | None = None

@@ -32,8 +32,9 @@ from enum import StrEnum
 from typing import Any
 
 from app.critic.labels import LabelSet
-from app.critic.prompt import Mode, StepText, parse_indices, step_texts
+from app.critic.prompt import StepText, parse_indices, step_texts
 from app.recipe.steps import Step
+from app.status import JobMode
 
 
 class Outcome(StrEnum):
@@ -55,7 +56,7 @@ class RuleVerdict:
 class ParsedPrompt:
     """What a critic request built by `app.critic.prompt` asks."""
 
-    mode: Mode
+    mode: JobMode
     steps: tuple[StepText, ...]  # the shown steps, texts as shown (fenced, maybe shortened)
     asked_index: int | None  # step mode: the step asked about
     target_indices: tuple[int, ...]
@@ -216,7 +217,7 @@ def parse_question(messages: Sequence[dict[str, Any]], prefix: PromptPrefix) -> 
     """What the request asks, given its prefix read back by `read_prefix`."""
     if prefix.instructed_targets is not None:
         targets = prefix.instructed_targets
-        return ParsedPrompt("trajectory", prefix.steps, None, targets, prefix.label_names)
+        return ParsedPrompt(JobMode.TRAJECTORY, prefix.steps, None, targets, prefix.label_names)
     question = _content(messages, 2, "user") if len(messages) > 2 else ""
     asked = _QUESTION_OPEN.match(question)
     if asked is None:
@@ -224,7 +225,7 @@ def parse_question(messages: Sequence[dict[str, Any]], prefix: PromptPrefix) -> 
             "neither <instructions> after the trajectory nor a <question> message follows it"
         )
     index = int(asked.group(1))
-    return ParsedPrompt("step", prefix.steps, index, (index,), prefix.label_names)
+    return ParsedPrompt(JobMode.STEP, prefix.steps, index, (index,), prefix.label_names)
 
 
 def _content(messages: Sequence[dict[str, Any]], position: int, role: str) -> str:

@@ -64,6 +64,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.critic import rules
 from app.critic.prompt import CHARS_PER_TOKEN, estimate_prompt_tokens, estimate_tokens
+from app.status import JobMode
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class Stats:
             "unauthorized": self.unauthorized,
             "bad_requests": self.bad_requests,
             "faults": {kind: self.faults[kind] for kind in FAULT_KINDS},
-            "by_mode": {mode: self.by_mode[mode] for mode in ("trajectory", "step")},
+            "by_mode": {mode: self.by_mode[mode] for mode in JobMode},
             "steps_answered": self.steps_answered,
             "tokens": {
                 "prompt": self.prompt_tokens,
@@ -379,11 +380,11 @@ def _answer(
     entries = _sampled(verdicts, parsed.label_names, temperature, seed)
     kind = fault.kind if fault is not None else None
     if kind == "wrong_count":
-        if parsed.mode == "trajectory":
+        if parsed.mode == JobMode.TRAJECTORY:
             entries = entries[:-1]
         else:
             entries = [{**entries[0], "index": entries[0]["index"] + 1}]
-    value: Any = {"steps": entries} if parsed.mode == "trajectory" else entries[0]
+    value: Any = {"steps": entries} if parsed.mode == JobMode.TRAJECTORY else entries[0]
     content = json.dumps(value)
     finish = "stop"
     if kind == "malformed":

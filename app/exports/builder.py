@@ -35,6 +35,7 @@ from app.exports.writers.shards import ShardInfo, ShardLimits
 from app.models import Export
 from app.recipe.masking import PolicyCounts, PolicyOptions, TrajectoryDecision, decide
 from app.recipe.render import SpanStats, template_hash
+from app.status import ExportStatus
 
 if TYPE_CHECKING:
     from app.exports.pool import TokenizePool
@@ -98,7 +99,7 @@ def build_export(
     *,
     token: str | None = None,
     failure: dict[str, Any] | None = None,
-) -> str | None:
+) -> ExportStatus | None:
     """Claim and build one export. Returns its final status, or None if it was not ours.
 
     `token`: the claim token to build under (a fresh one if None); an export still running
@@ -136,7 +137,7 @@ def build_export(
                 log.warning("export %s was taken over while finishing; kept its files", export_id)
                 return None
         log.info("export %s completed: %d rows", export_id, manifest["counts"]["rows"]["written"])
-        return "completed"
+        return ExportStatus.COMPLETED
     except ClaimLost:
         log.warning("export %s was taken over by another worker; stopping", export_id)
         shutil.rmtree(building, ignore_errors=True)
@@ -164,7 +165,7 @@ def build_export(
 
 def _record_failure(
     database: Database, export_id: uuid.UUID, token: str, failure: dict[str, Any]
-) -> str:
+) -> ExportStatus:
     try:
         with database.transaction() as session:
             service.fail(
@@ -179,7 +180,7 @@ def _record_failure(
         if is_database_unavailable(error):
             raise BuildInterrupted(failure) from error
         raise
-    return "failed"
+    return ExportStatus.FAILED
 
 
 def _remove_stale_building(settings: Settings, export_id: uuid.UUID) -> None:

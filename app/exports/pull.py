@@ -19,6 +19,7 @@ import httpx
 
 from app.exports.manifest import MANIFEST
 from app.exports.writers.shards import file_sha256
+from app.status import EXPORT_OPEN, ExportStatus
 
 PART_SUFFIX = ".part"
 CHUNK_SIZE = 1 << 20
@@ -66,13 +67,13 @@ def pull_export(
     if not isinstance(export, dict):
         raise PullError(f"GET /v1/exports/{export_id} did not answer a JSON object")
     status = export.get("status")
-    if status != "completed":
+    if status != ExportStatus.COMPLETED:
         message = f"export {export_id} is {status}, not completed"
-        if status == "failed":
+        if status == ExportStatus.FAILED:
             error = export.get("error")
             detail = error.get("message") if isinstance(error, dict) else error
             message += f": {detail}" if detail else ""
-        elif status in ("queued", "running"):
+        elif status in EXPORT_OPEN:
             message += "; pull it once it has completed"
         raise PullError(message)
     shards = _shards(export.get("manifest"))

@@ -17,6 +17,7 @@ from app.exports.manifest import MANIFEST
 from app.models import Export
 from app.pagination import MAX_EXPORT_PAGE, decode_cursor, encode_cursor
 from app.schemas import COMMON_ERRORS, error_responses
+from app.status import ExportStatus
 
 router = APIRouter(
     prefix="/v1/exports", tags=["exports"], responses=COMMON_ERRORS | error_responses(404, 409)
@@ -61,7 +62,7 @@ def get_export(
 
 def _completed(session: SessionDep, project_id: uuid.UUID, export_id: uuid.UUID) -> Export:
     export = export_service.get_export(session, project_id, export_id)
-    if export.status != "completed" or export.manifest is None:
+    if export.status != ExportStatus.COMPLETED or export.manifest is None:
         raise Conflict(
             f"export {export_id} is {export.status}: files exist only once it has completed",
             location="path.export_id",

@@ -12,6 +12,7 @@ from app.exports import formats as export_formats
 from app.jobs.schemas import Selection
 from app.recipe.masking import DEFAULT_MASK_LABELS, Policy, Unlabeled
 from app.schemas import MAX_INT64, MIN_INT64, Id, Name, RequestModel
+from app.status import ExportStatus
 
 PolicyName = Policy
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ class ExportError(BaseModel):
 
 class ExportOut(BaseModel):
     id: uuid.UUID
-    status: Literal["queued", "running", "completed", "failed"]
+    status: ExportStatus
     policy: str
     format: str
     job_ids: list[str]

@@ -29,9 +29,7 @@ from app.jobs import workqueue
 from app.jobs.schemas import Selection
 from app.models import Export, Job, Step, Trajectory, utcnow
 from app.review import service as review_service
-
-TERMINAL = ("completed", "failed")
-JOB_FINISHED = ("completed", "failed", "cancelled")
+from app.status import EXPORT_OPEN, JOB_FINISHED, ExportStatus
 
 
 class InvalidExport(SrftError):
@@ -55,7 +53,7 @@ def create_export(
     config = body.model_dump(mode="json")
     export = Export(
         project_id=project_id,
-        status="queued",
+        status=ExportStatus.QUEUED,
         policy=body.policy,
         format=body.format,
         config=config,
@@ -188,15 +186,15 @@ def claim(
         .where(
             Export.id == export_id,
             or_(
-                Export.status == "queued",
+                Export.status == ExportStatus.QUEUED,
                 and_(
-                    Export.status == "running",
+                    Export.status == ExportStatus.RUNNING,
                     or_(Export.claimed_at < stale, Export.claim_token == token),
                 ),
             ),
         )
         .values(
-            status="running",
+            status=ExportStatus.RUNNING,
             claim_token=token,
             claimed_at=now,
             started_at=now,
@@ -210,7 +208,11 @@ def heartbeat(session: Session, export_id: uuid.UUID, token: str, *, done: int, 
     """Record progress and keep the claim alive; False if the claim was taken over."""
     result = session.execute(
         update(Export)
-        .where(Export.id == export_id, Export.claim_token == token, Export.status == "running")
+        .where(
+            Export.id == export_id,
+            Export.claim_token == token,
+            Export.status == ExportStatus.RUNNING,
+        )
         .values(claimed_at=utcnow(), done_trajectories=done, total_trajectories=total)
     )
     return bool(getattr(result, "rowcount", 0))
@@ -219,9 +221,13 @@ def heartbeat(session: Session, export_id: uuid.UUID, token: str, *, done: int, 
 def complete(session: Session, export_id: uuid.UUID, token: str, manifest: dict[str, Any]) -> bool:
     result = session.execute(
         update(Export)
-        .where(Export.id == export_id, Export.claim_token == token, Export.status == "running")
+        .where(
+            Export.id == export_id,
+            Export.claim_token == token,
+            Export.status == ExportStatus.RUNNING,
+        )
         .values(
-            status="completed",
+            status=ExportStatus.COMPLETED,
             manifest=manifest,
             finished_at=utcnow(),
             done_trajectories=Export.total_trajectories,
@@ -240,12 +246,12 @@ def fail(
     message: str,
     details: dict[str, Any] | None = None,
 ) -> bool:
-    query = update(Export).where(Export.id == export_id, Export.status.in_(("queued", "running")))
+    query = update(Export).where(Export.id == export_id, Export.status.in_(EXPORT_OPEN))
     if token is not None:
         query = query.where(Export.claim_token == token)
     result = session.execute(
         query.values(
-            status="failed",
+            status=ExportStatus.FAILED,
             error_code=code,
             error=message,
             error_details=details,
@@ -264,12 +270,14 @@ def sweep(session: Session, stale_after_s: float) -> list[uuid.UUID]:
     only slow loses its claim at its next heartbeat.
     """
     now = utcnow()
-    lost = workqueue.lost_work(Export, "queued", now - timedelta(seconds=stale_after_s))
+    lost = workqueue.lost_work(
+        Export, ExportStatus.QUEUED, ExportStatus.RUNNING, now - timedelta(seconds=stale_after_s)
+    )
     return list(
         session.scalars(
             update(Export)
             .where(lost)
-            .values(status="queued", claim_token=None, enqueued_at=now)
+            .values(status=ExportStatus.QUEUED, claim_token=None, enqueued_at=now)
             .returning(Export.id)
             .execution_options(synchronize_session=False)
         )
@@ -288,7 +296,7 @@ def get_export(session: Session, project_id: uuid.UUID, export_id: uuid.UUID) ->
 
 def describe(export: Export) -> schemas.ExportOut:
     error = None
-    if export.status == "failed":
+    if export.status == ExportStatus.FAILED:
         error = schemas.ExportError(
             code=export.error_code, message=export.error or "", details=export.error_details
         )

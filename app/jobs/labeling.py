@@ -30,6 +30,7 @@ from app.jobs import service as job_service
 from app.jobs import workqueue
 from app.jobs.workqueue import Unit
 from app.recipe.steps import split_steps
+from app.status import JobMode, JobStatus
 
 log = logging.getLogger("srft.worker")
 T = TypeVar("T")
@@ -106,7 +107,7 @@ class Labeler:
     ) -> None:
         steps = split_steps(messages)
         source: AsyncIterator[list[StepOutcome] | StepOutcome]
-        if mode == "trajectory":
+        if mode == JobMode.TRAJECTORY:
             source = judge.judge_trajectory(messages, steps, resolved, set(targets))
         else:
             source = judge.judge_steps(messages, steps, resolved, targets)
@@ -197,7 +198,7 @@ class Recorder:
 
     def stopped(self, job_id: uuid.UUID) -> bool:
         """Whether the last write for this job found it cancelled or deleted."""
-        return job_id in self._statuses and self._statuses[job_id] in ("cancelled", None)
+        return job_id in self._statuses and self._statuses[job_id] in (JobStatus.CANCELLED, None)
 
     async def _flush_all(self) -> None:
         try:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.schemas import Id, Name, RequestModel
+from app.status import ErrorKind, JobMode, JobStatus, VerdictStatus
 
 
 class Selection(RequestModel):
@@ -21,7 +22,8 @@ class Selection(RequestModel):
 
 
 class CriticOptions(RequestModel):
-    mode: Literal["trajectory", "step"] = "trajectory"
+    # JSON has no enums: the mode arrives as a string, which strict mode would refuse.
+    mode: Annotated[JobMode, Field(strict=False)] = JobMode.TRAJECTORY
     model: Name | None = Field(default=None, description="Defaults to SRFT_CRITIC_MODEL.")
     votes: int = Field(default=1, ge=1, le=15)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
@@ -59,7 +61,7 @@ class Usage(BaseModel):
 
 
 class CriticOut(BaseModel):
-    mode: str
+    mode: JobMode
     model: str
     votes: int
     temperature: float
@@ -68,7 +70,7 @@ class CriticOut(BaseModel):
 
 class JobOut(BaseModel):
     id: uuid.UUID
-    status: Literal["queued", "running", "completed", "failed", "cancelled"]
+    status: JobStatus
     critic: CriticOut
     prompt_hash: str
     scope: str
@@ -90,7 +92,7 @@ class VerdictOut(BaseModel):
     job_id: uuid.UUID
     trajectory_id: uuid.UUID
     step_index: int
-    status: str
+    status: VerdictStatus
     label: str | None
     reason: str | None
     agreement: float | None
@@ -104,6 +106,7 @@ class VerdictOut(BaseModel):
     latency_ms: float | None
     attempts: int
     error: str | None
+    error_kind: ErrorKind | None = Field(description="Why the critic call failed, with `error`.")
 
 
 class VerdictPage(BaseModel):

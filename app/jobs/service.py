@@ -29,9 +29,10 @@ from app.critic.labels import DEFAULT_LABELS, LabelSet
 from app.critic.prompt import prompt_hash
 from app.errors import Conflict, NotFound, SrftError
 from app.jobs import schemas
-from app.jobs.workqueue import OPEN_ITEMS, TERMINAL, Unit, fill_from_cache, units_of
+from app.jobs.workqueue import Unit, fill_from_cache, units_of
 from app.models import Job, Trajectory, Verdict, utcnow
 from app.pagination import decode_cursor, encode_cursor
+from app.status import JOB_FINISHED, VERDICT_OPEN, JobStatus, VerdictStatus
 
 ID_CHUNK = 1000
 RowT = TypeVar("RowT")
@@ -87,7 +88,7 @@ def create_job(
 
     job = Job(
         project_id=project_id,
-        status="queued",
+        status=JobStatus.QUEUED,
         mode=critic.mode,
         critic_model=model,
         votes=critic.votes,
@@ -119,8 +120,8 @@ def create_job(
     if body.cache:
         fill_from_cache(session, project_id, rows, exclude_job=job.id)
     _insert_verdicts(session, rows)
-    if all(row["status"] == "done" for row in rows):
-        job.status = "completed"
+    if all(row["status"] == VerdictStatus.DONE for row in rows):
+        job.status = JobStatus.COMPLETED
         job.started_at = job.finished_at = utcnow()
     session.flush()
     return job
@@ -148,7 +149,7 @@ def _pending_row(
         "job_id": job.id,
         "trajectory_id": trajectory_id,
         "step_index": step,
-        "status": "pending",
+        "status": VerdictStatus.PENDING,
         "cache_key": key,
         "cached": False,
         "critic_model": job.critic_model,
@@ -281,13 +282,12 @@ def describe(session: Session, job: Job) -> schemas.JobOut:
         .where(Verdict.job_id == job.id)
         .group_by(Verdict.trajectory_id, Verdict.status, Verdict.cached)
     ).all()
-    steps = {"total": 0, "done": 0, "failed": 0, "pending": 0, "cached": 0}
-    per_trajectory: dict[uuid.UUID, dict[str, int]] = defaultdict(
-        lambda: {"total": 0, "done": 0, "failed": 0, "pending": 0, "cached": 0}
-    )
+    steps = _no_counts()
+    per_trajectory: dict[uuid.UUID, dict[str, int]] = defaultdict(_no_counts)
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
     for trajectory_id, status, cached, count, prompt, completion, cached_tokens in groups:
-        bucket = "pending" if status in OPEN_ITEMS else status
+        # Counts say `pending` for every open item, running or not.
+        bucket = VerdictStatus.PENDING if status in VERDICT_OPEN else status
         for target in (steps, per_trajectory[trajectory_id]):
             target["total"] += count
             target[bucket] += count
@@ -296,21 +296,21 @@ def describe(session: Session, job: Job) -> schemas.JobOut:
         usage["prompt_tokens"] += int(prompt or 0)
         usage["completion_tokens"] += int(completion or 0)
         usage["cached_tokens"] += int(cached_tokens or 0)
-    trajectories = {"total": len(per_trajectory), "done": 0, "failed": 0, "pending": 0, "cached": 0}
+    trajectories = _no_counts() | {"total": len(per_trajectory)}
     for counts in per_trajectory.values():
-        if counts["pending"]:
-            trajectories["pending"] += 1
-        elif counts["failed"]:
-            trajectories["failed"] += 1
+        if counts[VerdictStatus.PENDING]:
+            trajectories[VerdictStatus.PENDING] += 1
+        elif counts[VerdictStatus.FAILED]:
+            trajectories[VerdictStatus.FAILED] += 1
         else:
-            trajectories["done"] += 1
+            trajectories[VerdictStatus.DONE] += 1
             if counts["cached"] == counts["total"]:
                 trajectories["cached"] += 1
     histogram = {
         str(row[0]): int(row[1])
         for row in session.execute(
             select(Verdict.label, func.count())
-            .where(Verdict.job_id == job.id, Verdict.status == "done")
+            .where(Verdict.job_id == job.id, Verdict.status == VerdictStatus.DONE)
             .group_by(Verdict.label)
             .order_by(Verdict.label)
         ).all()
@@ -342,17 +342,29 @@ def describe(session: Session, job: Job) -> schemas.JobOut:
     )
 
 
+def _no_counts() -> dict[str, int]:
+    """Zero counts, keyed as `schemas.Counts`: every step, each finished outcome, the open
+    ones (`pending`), and those served from the cache."""
+    return {
+        "total": 0,
+        VerdictStatus.DONE: 0,
+        VerdictStatus.FAILED: 0,
+        VerdictStatus.PENDING: 0,
+        "cached": 0,
+    }
+
+
 def _eta(job: Job, steps: dict[str, int]) -> float | None:
-    if job.status in TERMINAL:
+    if job.status in JOB_FINISHED:
         return 0.0
-    worked = steps["done"] + steps["failed"] - steps["cached"]
-    if job.started_at is None or worked <= 0 or not steps["pending"]:
+    worked = steps[VerdictStatus.DONE] + steps[VerdictStatus.FAILED] - steps["cached"]
+    if job.started_at is None or worked <= 0 or not steps[VerdictStatus.PENDING]:
         return None
     started = (
         job.started_at if job.started_at.tzinfo else job.started_at.replace(tzinfo=utcnow().tzinfo)
     )
     elapsed = (utcnow() - started).total_seconds()
-    return round(elapsed / worked * steps["pending"], 1)
+    return round(elapsed / worked * steps[VerdictStatus.PENDING], 1)
 
 
 def list_verdicts(
@@ -371,9 +383,9 @@ def list_verdicts(
 
 
 def cancel_job(session: Session, job: Job) -> Job:
-    if job.status in TERMINAL:
+    if job.status in JOB_FINISHED:
         raise Conflict(f"job {job.id} is already {job.status}", location="path.job_id")
-    job.status = "cancelled"
+    job.status = JobStatus.CANCELLED
     job.finished_at = utcnow()
     session.flush()
     return job
@@ -381,11 +393,11 @@ def cancel_job(session: Session, job: Job) -> Job:
 
 def retry_failed(session: Session, job: Job, chunk_size: int) -> list[Unit]:
     """Put the job's failed items back in the queue; return the units to enqueue."""
-    if job.status == "cancelled":
+    if job.status == JobStatus.CANCELLED:
         raise Conflict("a cancelled job cannot be retried", location="path.job_id")
     failed = session.execute(
         select(Verdict.trajectory_id, Verdict.step_index).where(
-            Verdict.job_id == job.id, Verdict.status == "failed"
+            Verdict.job_id == job.id, Verdict.status == VerdictStatus.FAILED
         )
     ).all()
     if not failed:
@@ -393,10 +405,17 @@ def retry_failed(session: Session, job: Job, chunk_size: int) -> list[Unit]:
     now = utcnow()
     session.execute(
         update(Verdict)
-        .where(Verdict.job_id == job.id, Verdict.status == "failed")
-        .values(status="pending", error=None, claim_token=None, claimed_at=None, enqueued_at=now)
+        .where(Verdict.job_id == job.id, Verdict.status == VerdictStatus.FAILED)
+        .values(
+            status=VerdictStatus.PENDING,
+            error=None,
+            error_kind=None,
+            claim_token=None,
+            claimed_at=None,
+            enqueued_at=now,
+        )
     )
-    job.status = "running" if job.started_at else "queued"
+    job.status = JobStatus.RUNNING if job.started_at else JobStatus.QUEUED
     job.finished_at = None
     job.error = None
     session.flush()

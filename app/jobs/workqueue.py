@@ -30,9 +30,14 @@ from sqlalchemy.orm import Session
 
 from app.critic.judge import StepOutcome
 from app.models import Export, Job, Trajectory, Verdict, utcnow
-
-TERMINAL = frozenset({"completed", "failed", "cancelled"})
-OPEN_ITEMS = ("pending", "running")
+from app.status import (
+    JOB_FINISHED,
+    JOB_OPEN,
+    VERDICT_OPEN,
+    JobMode,
+    JobStatus,
+    VerdictStatus,
+)
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,7 @@ def fill_from_cache(
         query = select(Verdict).where(
             Verdict.project_id == project_id,
             Verdict.cache_key.in_(keys[start : start + 1000]),
-            Verdict.status == "done",
+            Verdict.status == VerdictStatus.DONE,
         )
         if exclude_job is not None:
             query = query.where(Verdict.job_id != exclude_job)
@@ -79,7 +84,7 @@ def fill_from_cache(
         if earlier is None:
             continue
         row.update(
-            status="done",
+            status=VerdictStatus.DONE,
             cached=True,
             label=earlier.label,
             reason=earlier.reason,
@@ -100,7 +105,7 @@ def units_of(job: Job, rows: list[tuple[uuid.UUID, int]], chunk_size: int) -> li
     units: list[Unit] = []
     for trajectory_id, steps in by_trajectory.items():
         steps.sort()
-        size = chunk_size if job.mode == "step" else len(steps)
+        size = chunk_size if job.mode == JobMode.STEP else len(steps)
         for start in range(0, len(steps), max(1, size)):
             units.append(Unit(job.id, trajectory_id, tuple(steps[start : start + size])))
     return units
@@ -112,12 +117,12 @@ def pending_units(session: Session, job: Job, chunk_size: int) -> list[Unit]:
     connection = session.connection()
     rows = connection.execute(
         select(Verdict.trajectory_id, Verdict.step_index).where(
-            Verdict.job_id == job.id, Verdict.status == "pending"
+            Verdict.job_id == job.id, Verdict.status == VerdictStatus.PENDING
         )
     ).all()
     connection.execute(
         update(Verdict)
-        .where(Verdict.job_id == job.id, Verdict.status == "pending")
+        .where(Verdict.job_id == job.id, Verdict.status == VerdictStatus.PENDING)
         .values(enqueued_at=utcnow())
     )
     return units_of(job, [(r.trajectory_id, r.step_index) for r in rows], chunk_size)
@@ -134,7 +139,7 @@ def claim_unit(
     stale. A token belongs to one task and its retries, which never run at the same time.
     """
     job = session.get(Job, unit.job_id)
-    if job is None or job.status in TERMINAL:
+    if job is None or job.status in JOB_FINISHED:
         return None
     now = utcnow()
     token = token or str(uuid.uuid4())
@@ -147,14 +152,14 @@ def claim_unit(
                 Verdict.trajectory_id == unit.trajectory_id,
                 Verdict.step_index.in_(unit.step_indices),
                 or_(
-                    Verdict.status == "pending",
+                    Verdict.status == VerdictStatus.PENDING,
                     and_(
-                        Verdict.status == "running",
+                        Verdict.status == VerdictStatus.RUNNING,
                         or_(Verdict.claimed_at < stale, Verdict.claim_token == token),
                     ),
                 ),
             )
-            .values(status="running", claim_token=token, claimed_at=now)
+            .values(status=VerdictStatus.RUNNING, claim_token=token, claimed_at=now)
             .returning(Verdict.step_index)
         )
         .scalars()
@@ -162,11 +167,11 @@ def claim_unit(
     )
     if not claimed:
         return None
-    if job.status == "queued":
+    if job.status == JobStatus.QUEUED:
         session.execute(
             update(Job)
-            .where(Job.id == job.id, Job.status == "queued")
-            .values(status="running", started_at=now)
+            .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
+            .values(status=JobStatus.RUNNING, started_at=now)
         )
     if job.use_cache:
         claimed = _claim_from_cache(session, job, unit.trajectory_id, token, claimed)
@@ -192,7 +197,7 @@ def _claim_from_cache(
     fill_from_cache(session, job.project_id, wanted, exclude_job=job.id)
     remaining: list[int] = []
     for row in wanted:
-        if row.get("status") != "done":
+        if row.get("status") != VerdictStatus.DONE:
             remaining.append(row["step_index"])
             continue
         session.execute(
@@ -204,7 +209,7 @@ def _claim_from_cache(
                 Verdict.claim_token == token,
             )
             .values(
-                status="done",
+                status=VerdictStatus.DONE,
                 cached=True,
                 label=row["label"],
                 reason=row["reason"],
@@ -234,7 +239,7 @@ def record_outcomes(
             c.trajectory_id == bindparam("b_trajectory_id"),
             c.step_index == bindparam("b_step_index"),
             c.claim_token == bindparam("b_token"),
-            c.status == "running",
+            c.status == VerdictStatus.RUNNING,
         )
         .values(
             status=bindparam("b_status"),
@@ -248,6 +253,7 @@ def record_outcomes(
             latency_ms=bindparam("b_latency_ms"),
             attempts=c.attempts + bindparam("b_attempts", type_=c.attempts.type),
             error=bindparam("b_error"),
+            error_kind=bindparam("b_error_kind"),
             finished_at=bindparam("b_finished_at", type_=c.finished_at.type),
         )
     )
@@ -261,7 +267,9 @@ def record_outcomes(
                 "b_trajectory_id": trajectory_id,
                 "b_step_index": outcome.index,
                 "b_token": token,
-                "b_status": "done" if outcome.label is not None else "failed",
+                "b_status": (
+                    VerdictStatus.DONE if outcome.label is not None else VerdictStatus.FAILED
+                ),
                 "b_label": outcome.label,
                 "b_reason": outcome.reason,
                 "b_agreement": outcome.agreement,
@@ -272,6 +280,7 @@ def record_outcomes(
                 "b_latency_ms": round(usage.latency_s * 1000, 3),
                 "b_attempts": usage.attempts,
                 "b_error": outcome.error,
+                "b_error_kind": outcome.error_kind,
                 "b_finished_at": now,
             }
         )
@@ -279,24 +288,26 @@ def record_outcomes(
     session.connection().execute(statement, rows)
 
 
-def finish_if_done(session: Session, job_id: uuid.UUID) -> str | None:
+def finish_if_done(session: Session, job_id: uuid.UUID) -> JobStatus | None:
     """Close the job when no item is open; return its new status, or None if still open."""
     # Whether any item is open, not how many: counting a large job's open items per task
     # would read its whole index range every time.
     remaining = session.scalar(
-        select(Verdict.id).where(Verdict.job_id == job_id, Verdict.status.in_(OPEN_ITEMS)).limit(1)
+        select(Verdict.id)
+        .where(Verdict.job_id == job_id, Verdict.status.in_(VERDICT_OPEN))
+        .limit(1)
     )
     if remaining is not None:
         return None
     done = session.scalar(
         select(func.count())
         .select_from(Verdict)
-        .where(Verdict.job_id == job_id, Verdict.status == "done")
+        .where(Verdict.job_id == job_id, Verdict.status == VerdictStatus.DONE)
     )
-    status = "completed" if done else "failed"
+    status = JobStatus.COMPLETED if done else JobStatus.FAILED
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status.in_(("queued", "running")))
+        .where(Job.id == job_id, Job.status.in_(JOB_OPEN))
         .values(
             status=status,
             finished_at=utcnow(),
@@ -322,13 +333,13 @@ def lock_sweep(session: Session) -> bool:
 
 
 def lost_work(
-    queue: type[Verdict] | type[Export], waiting: str, stale: datetime
+    queue: type[Verdict] | type[Export], waiting: str, running: str, stale: datetime
 ) -> ColumnElement[bool]:
     """Rows of a work queue (verdicts, exports) whose work was lost: `running` under a claim
     not renewed since `stale` (a dead or stuck worker), or `waiting` and not enqueued since
     `stale` (a lost broker message)."""
     return or_(
-        and_(queue.status == "running", queue.claimed_at < stale),
+        and_(queue.status == running, queue.claimed_at < stale),
         and_(
             queue.status == waiting,
             or_(queue.enqueued_at.is_(None), queue.enqueued_at < stale),
@@ -345,12 +356,17 @@ def sweep(session: Session, stale_after_s: float, chunk_size: int) -> list[Unit]
     on again, and a late write under the old claim finds no row to write to.
     """
     now = utcnow()
-    lost = lost_work(Verdict, "pending", now - timedelta(seconds=stale_after_s))
-    open_jobs = select(Job.id).where(Job.status.in_(("queued", "running")))
+    lost = lost_work(
+        Verdict,
+        VerdictStatus.PENDING,
+        VerdictStatus.RUNNING,
+        now - timedelta(seconds=stale_after_s),
+    )
+    open_jobs = select(Job.id).where(Job.status.in_(JOB_OPEN))
     rows = session.execute(
         update(Verdict)
         .where(lost, Verdict.job_id.in_(open_jobs.scalar_subquery()))
-        .values(status="pending", claim_token=None, claimed_at=None, enqueued_at=now)
+        .values(status=VerdictStatus.PENDING, claim_token=None, claimed_at=None, enqueued_at=now)
         .returning(Verdict.job_id, Verdict.trajectory_id, Verdict.step_index)
         .execution_options(synchronize_session=False)
     ).all()
@@ -389,13 +405,13 @@ def release_claim(session: Session, unit: Unit, token: str) -> None:
             Verdict.job_id == unit.job_id,
             Verdict.trajectory_id == unit.trajectory_id,
             Verdict.claim_token == token,
-            Verdict.status == "running",
+            Verdict.status == VerdictStatus.RUNNING,
         )
-        .values(status="pending", claim_token=None, claimed_at=None, enqueued_at=None)
+        .values(status=VerdictStatus.PENDING, claim_token=None, claimed_at=None, enqueued_at=None)
     )
 
 
 def close_finished_jobs(session: Session) -> int:
     """Close open jobs that have no open item left (their last task died after its writes)."""
-    open_jobs = session.scalars(select(Job.id).where(Job.status.in_(("queued", "running"))))
+    open_jobs = session.scalars(select(Job.id).where(Job.status.in_(JOB_OPEN)))
     return sum(1 for job_id in list(open_jobs) if finish_if_done(session, job_id))

@@ -90,6 +90,8 @@ class Verdict(Base):
     latency_ms: Mapped[float | None] = mapped_column(Float)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
+    # An `app.status.ErrorKind` with `error`: what /metrics counts failed verdicts by.
+    error_kind: Mapped[str | None] = mapped_column(String(32))
     claim_token: Mapped[str | None] = mapped_column(String(36))
     claimed_at: Mapped[datetime | None] = mapped_column(default=None)
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)

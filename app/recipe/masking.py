@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
 
+from app.status import LabelSource, TrainingOutcome
+
 Policy = Literal["sft", "rft", "srft", "srft_unresolved", "prefix"]
 POLICIES: tuple[str, ...] = get_args(Policy)
 Unlabeled = Literal["mask", "train", "drop"]
@@ -33,10 +35,10 @@ class StepLabel:
 
     label: str | None
     votes: tuple[str, ...] = ()
-    source: Literal["critic", "human", "none"] = "critic"
+    source: LabelSource = LabelSource.CRITIC
 
 
-NO_LABEL = StepLabel(None, (), "none")
+NO_LABEL = StepLabel(None, (), LabelSource.NONE)
 
 
 def critic_label(label: str, vote_labels: Sequence[str] | None) -> StepLabel:
@@ -58,7 +60,7 @@ def resolve_labels(
     labels: list[StepLabel] = []
     for step in range(num_steps):
         if step in human:
-            labels.append(StepLabel(human[step], (), "human"))
+            labels.append(StepLabel(human[step], (), LabelSource.HUMAN))
             continue
         labels.append(next((job[step] for job in reversed(critic) if step in job), NO_LABEL))
     return tuple(labels)
@@ -86,9 +88,9 @@ class PolicyOptions:
 @dataclass(frozen=True)
 class StepDecision:
     weight: float  # 0.0 = no loss, 1.0 = trained; in between only with soft=True
-    outcome: str  # "trained" | "masked" | "cut" (after the prefix end: not in the row at all)
+    outcome: TrainingOutcome  # `cut`: after the prefix end, not in the row at all
     label: str | None  # the label given, recorded even when the policy did not consult it
-    source: str  # "critic" | "human" | "none" | "policy" (verdicts not consulted)
+    source: LabelSource  # `policy` when the policy did not consult the label
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,10 @@ def decide(
         expected = ", ".join(POLICIES)
         raise ValueError(f"unknown masking policy {policy!r}; expected one of {expected}")
     is_resolved = resolved is True
-    untouched = tuple(StepDecision(1.0, "trained", item.label, "policy") for item in labels)
+    untouched = tuple(
+        StepDecision(1.0, TrainingOutcome.TRAINED, item.label, LabelSource.POLICY)
+        for item in labels
+    )
     if policy == "rft" and not is_resolved:
         return _dropped(untouched, len(labels), "unresolved")
     if policy == "srft_unresolved" and is_resolved:
@@ -127,21 +132,25 @@ def decide(
     if policy != "prefix":
         return _checked(steps, len(steps), options)
     end = next((i for i, step in enumerate(steps) if step.weight == 0), len(steps))
-    cut = tuple(replace(step, weight=0.0, outcome="cut") for step in steps[end:])
+    cut = tuple(replace(step, weight=0.0, outcome=TrainingOutcome.CUT) for step in steps[end:])
     return _checked(steps[:end] + cut, end, options)
 
 
 def _judge(item: StepLabel, options: PolicyOptions) -> StepDecision:
     if item.label is None:
         weight = 1.0 if options.unlabeled == "train" else 0.0
-        return StepDecision(weight, "trained" if weight > 0 else "masked", None, "none")
-    if options.soft and item.votes and item.source != "human":
+        return StepDecision(weight, _outcome(weight), None, LabelSource.NONE)
+    if options.soft and item.votes and item.source != LabelSource.HUMAN:
         # The share of voters who saw nothing to mask; a human's word is not a vote.
         kept_votes = sum(1 for vote in item.votes if vote not in options.mask_labels)
         weight = kept_votes / len(item.votes)
     else:
         weight = 0.0 if item.label in options.mask_labels else 1.0
-    return StepDecision(weight, "trained" if weight > 0 else "masked", item.label, item.source)
+    return StepDecision(weight, _outcome(weight), item.label, item.source)
+
+
+def _outcome(weight: float) -> TrainingOutcome:
+    return TrainingOutcome.TRAINED if weight > 0 else TrainingOutcome.MASKED
 
 
 def _checked(
@@ -158,7 +167,9 @@ def _dropped(
 ) -> TrajectoryDecision:
     # A dropped row trains nothing; weights say so, so sums over decisions never count it.
     zeroed = tuple(
-        replace(step, weight=0.0, outcome="masked") if step.outcome == "trained" else step
+        replace(step, weight=0.0, outcome=TrainingOutcome.MASKED)
+        if step.outcome == TrainingOutcome.TRAINED
+        else step
         for step in steps
     )
     return TrajectoryDecision(False, reason, zeroed, context_steps)

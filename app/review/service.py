@@ -23,6 +23,7 @@ from app.errors import NotFound, SrftError
 from app.models import HumanLabel, Job, Trajectory, Verdict, utcnow
 from app.pagination import decode_cursor, encode_cursor
 from app.recipe.masking import StepLabel, critic_label, resolve_labels
+from app.status import VERDICT_FINISHED, LabelSource, TrainingOutcome, VerdictStatus
 from app.trajectories.formats.base import text_of
 
 
@@ -135,7 +136,7 @@ def step_labels(
         ).where(
             Verdict.trajectory_id.in_(ids),
             Verdict.job_id.in_(list(rank)),
-            Verdict.status == "done",
+            Verdict.status == VerdictStatus.DONE,
         )
     )
     for verdict in verdicts:
@@ -159,7 +160,7 @@ def labeling_jobs(session: Session, trajectory_id: uuid.UUID) -> list[uuid.UUID]
     query = (
         select(Job.id)
         .join(Verdict, Verdict.job_id == Job.id)
-        .where(Verdict.trajectory_id == trajectory_id, Verdict.status == "done")
+        .where(Verdict.trajectory_id == trajectory_id, Verdict.status == VerdictStatus.DONE)
         .group_by(Job.id, Job.created_at)
         .order_by(Job.created_at, Job.id)
     )
@@ -215,8 +216,8 @@ class StepCard:
     human: HumanLabel | None = None
     # What the previewed export decides (`apply_decision`).
     label: str | None = None
-    source: str = "none"
-    outcome: str = "trained"
+    source: LabelSource = LabelSource.NONE
+    outcome: TrainingOutcome = TrainingOutcome.TRAINED
     weight: float = 1.0
 
     @property
@@ -235,7 +236,7 @@ def verdicts_by_step(session: Session, trajectory_id: uuid.UUID) -> dict[int, li
     found: dict[int, list[Verdict]] = defaultdict(list)
     query = (
         select(Verdict)
-        .where(Verdict.trajectory_id == trajectory_id, Verdict.status.in_(("done", "failed")))
+        .where(Verdict.trajectory_id == trajectory_id, Verdict.status.in_(VERDICT_FINISHED))
         .order_by(Verdict.id)
     )
     for verdict in session.scalars(query):
@@ -249,7 +250,7 @@ def _chosen_verdict(verdicts: list[Verdict], job_id: uuid.UUID | None) -> Verdic
         for verdict in verdicts:
             if verdict.job_id == job_id:
                 return verdict
-    done = [v for v in verdicts if v.status == "done"]
+    done = [v for v in verdicts if v.status == VerdictStatus.DONE]
     return done[-1] if done else None
 
 
@@ -293,7 +294,9 @@ def _same_step(job: Job) -> ColumnElement[bool]:
 
 
 def _done(job: Job) -> ColumnElement[bool]:
-    return and_(Verdict.job_id == job.id, Verdict.status == "done", Verdict.label.is_not(None))
+    return and_(
+        Verdict.job_id == job.id, Verdict.status == VerdictStatus.DONE, Verdict.label.is_not(None)
+    )
 
 
 def pair_counts(session: Session, job: Job) -> dict[tuple[str, str], int]:

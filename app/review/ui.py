@@ -33,9 +33,9 @@ from app.recipe.masking import DEFAULT_MASK_LABELS, POLICIES, Policy, PolicyOpti
 from app.review import browser, schemas
 from app.review import service as review_service
 from app.review.browser import UiCallerDep, require_ui_caller
+from app.status import JOB_OPEN, LabelSource, TrainingOutcome
 from app.trajectories import service as trajectory_service
 
-OPEN_STATUSES = frozenset({"queued", "running"})
 REFRESH_S = 3
 MAX_JOBS = 100
 MAX_JOB_TRAJECTORIES = 500
@@ -238,7 +238,7 @@ def jobs_page(session: SessionDep, caller: UiCallerDep) -> Response:
         .limit(MAX_JOBS)
     ).all()
     described = [job_service.describe(session, job) for job in jobs]
-    refresh = any(job.status in OPEN_STATUSES for job in described)
+    refresh = any(job.status in JOB_OPEN for job in described)
     return _page(
         "jobs.html",
         jobs=described,
@@ -282,10 +282,10 @@ def job_page(
                 "task_id": trajectory.task_id,
                 "resolved": trajectory.resolved,
                 "steps": trajectory.num_steps,
-                "trained": sum(1 for s in decision.steps if s.outcome == "trained"),
-                "masked": sum(1 for s in decision.steps if s.outcome == "masked"),
-                "cut": sum(1 for s in decision.steps if s.outcome == "cut"),
-                "human": sum(1 for label in labels if label.source == "human"),
+                "trained": sum(1 for s in decision.steps if s.outcome == TrainingOutcome.TRAINED),
+                "masked": sum(1 for s in decision.steps if s.outcome == TrainingOutcome.MASKED),
+                "cut": sum(1 for s in decision.steps if s.outcome == TrainingOutcome.CUT),
+                "human": sum(1 for label in labels if label.source == LabelSource.HUMAN),
                 "kept": decision.kept,
                 "drop_reason": decision.drop_reason,
                 "statuses": row.statuses,
@@ -297,7 +297,7 @@ def job_page(
         trajectories=listed,
         hidden=hidden,
         **preview.context(session, caller.project_id),
-        refresh=REFRESH_S if summary.status in OPEN_STATUSES else None,
+        refresh=REFRESH_S if summary.status in JOB_OPEN else None,
         signed_in=True,
     )
 

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.schemas import RequestModel
+from app.status import ErrorKind, IngestStatus, VerdictStatus
 
 
 class IngestedTrajectory(BaseModel):
     id: uuid.UUID
-    status: Literal["created", "duplicate"]
+    status: IngestStatus
     source_format: str
     num_steps: int
     resolved: bool | None
@@ -29,7 +30,7 @@ class StepVerdict(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     job_id: uuid.UUID
-    status: str
+    status: VerdictStatus
     label: str | None
     reason: str | None
     agreement: float | None
@@ -37,6 +38,7 @@ class StepVerdict(BaseModel):
     critic_model: str
     prompt_hash: str
     error: str | None
+    error_kind: ErrorKind | None = Field(description="Why the critic call failed, with `error`.")
 
 
 class StepOut(BaseModel):

@@ -19,6 +19,7 @@ from app.models import Step, Trajectory, Upload, new_id, utcnow
 from app.pagination import decode_cursor, encode_cursor
 from app.recipe.steps import Step as StepView
 from app.recipe.steps import split_steps
+from app.status import IngestStatus
 from app.trajectories import formats
 from app.trajectories.formats.base import Trajectory as Canonical
 
@@ -34,7 +35,7 @@ _ZSTD_LEVEL = 3
 @dataclass(frozen=True)
 class IngestedRun:
     id: uuid.UUID
-    status: Literal["created", "duplicate"]
+    status: IngestStatus
     source_format: str
     num_steps: int
     resolved: bool | None
@@ -46,7 +47,7 @@ class IngestResult:
 
     @property
     def created(self) -> int:
-        return sum(1 for run in self.runs if run.status == "created")
+        return sum(1 for run in self.runs if run.status == IngestStatus.CREATED)
 
     @property
     def duplicates(self) -> int:
@@ -120,7 +121,11 @@ def ingest(
             row = rows[item.digest]
             results.append(
                 IngestedRun(
-                    row["id"], "created", row["source_format"], row["num_steps"], row["resolved"]
+                    row["id"],
+                    IngestStatus.CREATED,
+                    row["source_format"],
+                    row["num_steps"],
+                    row["resolved"],
                 )
             )
         else:
@@ -166,13 +171,17 @@ def _duplicate(
     if digest in pending:  # stored by this very upload
         row = pending[digest]
         return IngestedRun(
-            row["id"], "duplicate", row["source_format"], row["num_steps"], row["resolved"]
+            row["id"],
+            IngestStatus.DUPLICATE,
+            row["source_format"],
+            row["num_steps"],
+            row["resolved"],
         )
     stored = session.get(Trajectory, existing[digest])
     if stored is None:  # pragma: no cover - the row was just read under this transaction
         raise NotFound("trajectory vanished during upload")
     return IngestedRun(
-        stored.id, "duplicate", stored.source_format, stored.num_steps, stored.resolved
+        stored.id, IngestStatus.DUPLICATE, stored.source_format, stored.num_steps, stored.resolved
     )
 
 

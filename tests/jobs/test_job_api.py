@@ -211,6 +211,35 @@ def test_cancel_and_retry(
     assert client.post(f"{url}/retry", headers=caller.headers).status_code == 409
 
 
+def test_verdicts_show_the_kind_of_their_error_until_a_retry_clears_it(
+    client: TestClient, caller: Caller, session: Session, stored: list[str]
+) -> None:
+    job = client.post(
+        "/v1/jobs", json={"selection": {"trajectory_ids": [stored[0]]}}, headers=caller.headers
+    ).json()
+    url = f"/v1/jobs/{job['id']}"
+    session.execute(
+        update(Verdict)
+        .where(Verdict.job_id == uuid.UUID(job["id"]), Verdict.step_index == 0)
+        .values(
+            status="failed",
+            error="429 from critic: slow down (after 6 attempts)",
+            error_kind="rate_limited",
+        )
+    )
+
+    def errors() -> list[tuple[str, str | None, str | None]]:
+        items = client.get(f"{url}/verdicts", headers=caller.headers).json()["items"]
+        return [(v["status"], v["error"], v["error_kind"]) for v in items]
+
+    assert errors() == [
+        ("failed", "429 from critic: slow down (after 6 attempts)", "rate_limited"),
+        ("pending", None, None),
+    ]
+    assert client.post(f"{url}/retry", headers=caller.headers).status_code == 200
+    assert errors() == [("pending", None, None), ("pending", None, None)]
+
+
 def test_jobs_of_another_project_answer_404(
     client: TestClient, caller: Caller, other_caller: Caller, stored: list[str]
 ) -> None:

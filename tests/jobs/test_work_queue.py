@@ -19,6 +19,7 @@ from app.jobs import service as job_service
 from app.jobs import workqueue
 from app.jobs.schemas import CriticOptions, JobCreate, Selection
 from app.models import Job, Verdict, utcnow
+from app.status import ErrorKind
 from app.trajectories.service import ingest
 from tests.builders import make_trajectory
 from tests.conftest import Caller
@@ -99,6 +100,31 @@ def test_a_stale_claim_is_handed_on_by_one_sweep_not_by_every_sweep(
     assert {r.status for r in _rows(session, job)} == {"pending"}
     # The task the sweeper queued claims it at once.
     assert workqueue.claim_unit(session, unit, STALE_S, token="next") is not None
+
+
+def test_outcomes_store_the_kind_of_a_failure_and_none_for_a_verdict(
+    session: Session, job: Job
+) -> None:
+    unit = _unit(session, job)
+    assert workqueue.claim_unit(session, unit, STALE_S, token="task-1") is not None
+    failed = StepOutcome(
+        0,
+        None,
+        None,
+        None,
+        [],
+        Usage(),
+        error="the critic did not answer in time (after 6 attempts)",
+        error_kind=ErrorKind.TIMEOUT,
+    )
+    done = StepOutcome(1, "good", "fine", 1.0, [], Usage())
+    workqueue.record_outcomes(
+        session,
+        [(job.id, unit.trajectory_id, "task-1", o) for o in (failed, done)],
+    )
+    rows = {r.step_index: r for r in _rows(session, job)}
+    assert (rows[0].status, rows[0].error_kind) == ("failed", "timeout")
+    assert (rows[1].status, rows[1].error, rows[1].error_kind) == ("done", None, None)
 
 
 @pytest.fixture
