@@ -51,7 +51,7 @@ class InternalError(SrftError):
     code = "internal_error"
 
 
-class RequestValidation(SrftError):
+class InvalidRequestError(SrftError):
     """A field of the request (path, query, header or body) is missing, mistyped or out of
     range; the location names it (`body.critic.votes`, `query.limit`)."""
 
@@ -59,69 +59,69 @@ class RequestValidation(SrftError):
     code = "validation_error"
 
 
-class InvalidJson(SrftError):
+class InvalidJsonError(SrftError):
     status_code = 400
     code = "invalid_json"
 
 
-class InvalidEncoding(SrftError):
+class InvalidEncodingError(SrftError):
     status_code = 400
     code = "invalid_encoding"
 
 
-class InvalidTrajectory(SrftError):
+class InvalidTrajectoryError(SrftError):
     """The content parsed, but is not a valid run of the named format."""
 
     status_code = 422
     code = "invalid_trajectory"
 
 
-class UnknownFormat(SrftError):
+class UnknownFormatError(SrftError):
     status_code = 422
     code = "unknown_format"
 
 
-class NoSteps(SrftError):
+class NoStepsError(SrftError):
     status_code = 422
     code = "no_steps"
 
 
-class PayloadTooLarge(SrftError):
+class PayloadTooLargeError(SrftError):
     status_code = 413
     code = "payload_too_large"
 
 
-class Unauthorized(SrftError):
+class UnauthorizedError(SrftError):
     status_code = 401
     code = "unauthorized"
 
 
-class NotFound(SrftError):
+class NotFoundError(SrftError):
     status_code = 404
     code = "not_found"
 
 
-class Conflict(SrftError):
+class ConflictError(SrftError):
     status_code = 409
     code = "conflict"
 
 
-class Forbidden(SrftError):
+class ForbiddenError(SrftError):
     status_code = 403
     code = "forbidden"
 
 
-class InvalidCursor(SrftError):
+class InvalidCursorError(SrftError):
     status_code = 422
     code = "invalid_cursor"
 
 
-class RangeNotSatisfiable(SrftError):
+class RangeNotSatisfiableError(SrftError):
     status_code = 416
     code = "range_not_satisfiable"
 
 
-class DatabaseUnavailable(SrftError):
+class DatabaseUnavailableError(SrftError):
     """The database cannot be reached right now; the same request may succeed shortly."""
 
     status_code = 503

@@ -44,18 +44,18 @@ class JsonSyntaxError(ValueError):
         return f"line {self.line}, column {self.column}"
 
 
-class _NotJson(ValueError):
+class _NotJsonError(ValueError):
     """Raised by the parse hooks; located afterwards by scanning the text."""
 
 
 def _refuse_constant(name: str) -> Any:
-    raise _NotJson(name)
+    raise _NotJsonError(name)
 
 
 def _finite_float(text: str) -> float:
     value = float(text)
     if math.isinf(value):
-        raise _NotJson(text)
+        raise _NotJsonError(text)
     return value
 
 
@@ -79,7 +79,7 @@ def loads(text: str, *, allow_control_characters: bool = False) -> Any:
         raise JsonSyntaxError(error.msg, error.lineno, error.colno) from None
     except RecursionError:
         raise _too_deep(text) from None
-    except ValueError:  # _NotJson, or an integer past Python's digit limit
+    except ValueError:  # _NotJsonError, or an integer past Python's digit limit
         raise _bad_number(text) from None
 
 

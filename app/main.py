@@ -17,7 +17,7 @@ from app import __version__
 from app.auth import service as auth_service
 from app.config import Settings, get_settings
 from app.db import Database
-from app.errors import InvalidJson, RequestValidation, SrftError
+from app.errors import InvalidJsonError, InvalidRequestError, SrftError
 from app.exports.router import router as exports_router
 from app.jobs.router import router as jobs_router
 from app.metrics import router as metrics_router
@@ -47,11 +47,13 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     if first.get("type") == "json_invalid":
         # The guard parses JSON bodies first; this is only a backstop with the same shape.
         return error_response(
-            InvalidJson(f"malformed JSON: {first.get('ctx', {}).get('error')}", location="body")
+            InvalidJsonError(
+                f"malformed JSON: {first.get('ctx', {}).get('error')}", location="body"
+            )
         )
     message = "; ".join(f"{_field_location(e.get('loc', ()))}: {e.get('msg')}" for e in errors)
     return error_response(
-        RequestValidation(
+        InvalidRequestError(
             message or "invalid request", location=_field_location(first.get("loc", ())) or None
         )
     )

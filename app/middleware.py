@@ -30,11 +30,11 @@ from app import json_input
 from app.config import Settings
 from app.db import is_database_unavailable
 from app.errors import (
-    DatabaseUnavailable,
+    DatabaseUnavailableError,
     InternalError,
-    InvalidJson,
-    PayloadTooLarge,
-    RequestValidation,
+    InvalidJsonError,
+    InvalidRequestError,
+    PayloadTooLargeError,
     SrftError,
 )
 from app.json_input import JsonSyntaxError
@@ -56,7 +56,7 @@ MAX_CONTROL_DEPTH = 32
 def error_response(error: SrftError, headers: dict[str, str] | None = None) -> JSONResponse:
     """The one JSON shape of every error: `{"error": {"code", "message", "location"}}`."""
     extra = dict(headers or {})
-    if isinstance(error, DatabaseUnavailable):
+    if isinstance(error, DatabaseUnavailableError):
         extra.setdefault("Retry-After", str(RETRY_AFTER_S))
     return JSONResponse(status_code=error.status_code, content=error.to_dict(), headers=extra)
 
@@ -70,8 +70,8 @@ def body_limit_for(settings: Settings, method: str, path: str) -> int:
     return settings.max_body_bytes
 
 
-def _too_large(limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(
+def _too_large(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
         f"the body is larger than this endpoint accepts ({limit} bytes); trajectory uploads "
         "take up to SRFT_MAX_UPLOAD_BYTES, other bodies are small JSON documents",
         location="body",
@@ -100,12 +100,12 @@ def _is_json(scope: Scope) -> bool:
 
 def _nul_in_target(scope: Scope) -> SrftError | None:
     if "\x00" in scope.get("path", ""):
-        return RequestValidation("the path holds a NUL character", location="path")
+        return InvalidRequestError("the path holds a NUL character", location="path")
     query = scope.get("query_string", b"").decode("latin-1")
     if "%00" in query or "\x00" in query:
         for name, value in parse_qsl(query, keep_blank_values=True):
             if "\x00" in name or "\x00" in value:
-                return RequestValidation(
+                return InvalidRequestError(
                     "NUL characters are not allowed in query parameters",
                     location=f"query.{name.replace(chr(0), '')}",
                 )
@@ -137,22 +137,26 @@ def check_control_body(body: bytes, *, is_json: bool) -> None:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise InvalidJson(
+        raise InvalidJsonError(
             "the body is not valid UTF-8", location=f"body, byte {error.start}"
         ) from None
     try:
         value = json_input.loads(text)
     except JsonSyntaxError as error:
-        raise InvalidJson(f"malformed JSON: {error.message}", location=error.location) from None
+        raise InvalidJsonError(
+            f"malformed JSON: {error.message}", location=error.location
+        ) from None
     deep = json_input.too_deep(value, MAX_CONTROL_DEPTH)
     if deep is not None:
-        raise InvalidJson(
+        raise InvalidJsonError(
             f"the body nests more than {MAX_CONTROL_DEPTH} levels deep",
             location=f"body.{deep}",
         )
     where = _nul_path(value)
     if where is not None:
-        raise RequestValidation("NUL characters (\\u0000) are not allowed in text", location=where)
+        raise InvalidRequestError(
+            "NUL characters (\\u0000) are not allowed in text", location=where
+        )
 
 
 class RequestGuard:
@@ -189,7 +193,7 @@ class RequestGuard:
                 log.warning(
                     "database unavailable on %s %s: %s", scope["method"], scope["path"], error
                 )
-                unavailable = DatabaseUnavailable(
+                unavailable = DatabaseUnavailableError(
                     "the database is unavailable right now; nothing was changed. Try again "
                     f"in {RETRY_AFTER_S} s",
                 )

@@ -15,7 +15,7 @@ import uuid
 from typing import Any
 
 from app import json_input
-from app.errors import InvalidCursor
+from app.errors import InvalidCursorError
 
 # Every cursor this service issues is far shorter; longer ones are refused before decoding.
 MAX_CURSOR_CHARS = 256
@@ -40,8 +40,8 @@ def encode_cursor(*values: CursorValue) -> str:
 
 
 def decode_cursor(cursor: str, *kinds: type[int] | type[uuid.UUID]) -> tuple[Any, ...]:
-    """The key values of `cursor`, one per kind (`int` or `uuid.UUID`), or InvalidCursor."""
-    invalid = InvalidCursor(
+    """The key values of `cursor`, one per kind (`int` or `uuid.UUID`), or InvalidCursorError."""
+    invalid = InvalidCursorError(
         "invalid cursor: pass back the next_cursor of a previous page unchanged",
         location="query.cursor",
     )

@@ -335,12 +335,12 @@ def exit_status(problems: list[str]) -> int:
     return 0
 
 
-class Terminated(Exception):
+class TerminatedError(Exception):
     """SIGTERM, raised in the main thread so that every clean-up runs as for Ctrl-C."""
 
 
 def _terminate(_signum: int, _frame: FrameType | None) -> None:
-    raise Terminated
+    raise TerminatedError
 
 
 def run_cleaning_up(benchmark: Callable[[OptionsT], int], options: OptionsT) -> int:
@@ -355,6 +355,6 @@ def run_cleaning_up(benchmark: Callable[[OptionsT], int], options: OptionsT) -> 
     except KeyboardInterrupt:
         print("\ninterrupted; cleaned up", file=sys.stderr)
         return 128 + signal.SIGINT
-    except Terminated:
+    except TerminatedError:
         print("\nterminated; cleaned up", file=sys.stderr)
         return 128 + signal.SIGTERM

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from app.errors import Unauthorized
+from app.errors import UnauthorizedError
 from app.models import ApiKey, Project, UiSession, utcnow
 
 KEY_PREFIX = "srft_"
@@ -82,12 +82,12 @@ def authenticate(session: Session, authorization: str | None) -> uuid.UUID:
 def authenticate_key(session: Session, authorization: str | None) -> ApiKey:
     """The API key row for an `Authorization: Bearer <key>` header, or 401."""
     if not authorization:
-        raise Unauthorized(
+        raise UnauthorizedError(
             "missing API key: send 'Authorization: Bearer <key>'", location="header.Authorization"
         )
     scheme, _, key = authorization.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
-        raise Unauthorized(
+        raise UnauthorizedError(
             "malformed Authorization header: expected 'Bearer <key>'",
             location="header.Authorization",
         )
@@ -95,7 +95,7 @@ def authenticate_key(session: Session, authorization: str | None) -> ApiKey:
         select(ApiKey).where(ApiKey.key_hash == hash_key(key.strip()), ApiKey.revoked_at.is_(None))
     )
     if found is None:
-        raise Unauthorized("invalid or revoked API key", location="header.Authorization")
+        raise UnauthorizedError("invalid or revoked API key", location="header.Authorization")
     return found
 
 

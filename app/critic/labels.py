@@ -19,7 +19,7 @@ MAX_DEFINITION_CHARS = 2000
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
-class InvalidLabels(SrftError):
+class InvalidLabelSetError(SrftError):
     status_code = 422
     code = "invalid_labels"
 
@@ -60,12 +60,12 @@ class LabelSet:
         if obj is None:
             return DEFAULT_LABELS
         if not isinstance(obj, Mapping):
-            raise InvalidLabels(
+            raise InvalidLabelSetError(
                 'labels must be an object {"name": "definition", ...}',
                 location="critic.labels",
             )
         if not MIN_LABELS <= len(obj) <= MAX_LABELS:
-            raise InvalidLabels(
+            raise InvalidLabelSetError(
                 f"a label set needs {MIN_LABELS} to {MAX_LABELS} labels, got {len(obj)}",
                 location="critic.labels",
             )
@@ -75,23 +75,25 @@ class LabelSet:
 def _checked_label(name: Any, definition: Any) -> tuple[str, str]:
     where = f"critic.labels.{name}"
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise InvalidLabels(
+        raise InvalidLabelSetError(
             f"label name {name!r} must match [a-z][a-z0-9_]{{0,31}} "
             "(lowercase letter first, then up to 31 lowercase letters, digits or _)",
             location=where,
         )
     if not isinstance(definition, str) or not definition.strip():
-        raise InvalidLabels(
+        raise InvalidLabelSetError(
             f"label {name!r} needs a non-empty definition (a string)", location=where
         )
     if len(definition) > MAX_DEFINITION_CHARS:
-        raise InvalidLabels(
+        raise InvalidLabelSetError(
             f"the definition of {name!r} has {len(definition)} characters; "
             f"at most {MAX_DEFINITION_CHARS} are allowed",
             location=where,
         )
     if "\x00" in definition:
-        raise InvalidLabels(f"the definition of {name!r} contains a NUL byte", location=where)
+        raise InvalidLabelSetError(
+            f"the definition of {name!r} contains a NUL byte", location=where
+        )
     return name, definition
 
 

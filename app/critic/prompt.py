@@ -259,7 +259,7 @@ EXCERPT_TEMPLATE = (
 )
 
 
-class PromptTooLarge(SrftError):
+class PromptTooLargeError(SrftError):
     """Even one step, shortened as far as we shorten, does not fit the critic's context."""
 
     status_code = 422
@@ -746,7 +746,7 @@ def _last_resort(layout: _Layout, position: int) -> _Window:
         lambda c: layout.fits(_with_caps(alone, MIN_TEXT_CHARS, c)),
     )
     if cap is None:
-        raise PromptTooLarge(
+        raise PromptTooLargeError(
             f"step {layout.indices[position]} does not fit a critic context of "
             f"{layout.context_tokens} tokens with {layout.reserve_tokens} kept for the answer, "
             "even with every text shortened; raise the context or lower the answer reserve",
@@ -878,7 +878,7 @@ class StepRequests:
         if position is None:
             raise ValueError(f"step {step_index} is not a step of this trajectory")
         if self._windows is None:
-            self._windows = _plan(self._layout)  # may raise PromptTooLarge, each time asked
+            self._windows = _plan(self._layout)  # may raise PromptTooLargeError, each time asked
         window = next(w for w in self._windows if w.first_target <= position < w.end)
         prefix = self._prefixes.get(window)
         if prefix is None:

@@ -48,7 +48,7 @@ HEARTBEAT_S = 10.0
 MAX_LISTED = 20
 
 
-class ExportRefused(Exception):
+class ExportRefusedError(Exception):
     """The export cannot be built as asked; the reason goes to the caller."""
 
     def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
@@ -58,11 +58,11 @@ class ExportRefused(Exception):
         self.details = details
 
 
-class ClaimLost(Exception):
+class ClaimLostError(Exception):
     """Another worker took the export over (this one stalled past the timeout)."""
 
 
-class BuildInterrupted(Exception):
+class BuildInterruptedError(Exception):
     """The database became unavailable during the build. Nothing is left on disk and the
     export is still claimed under the same token: the caller tries again with that token once
     the database is back. `failure`: a failure the build found but could not record, for the
@@ -104,7 +104,7 @@ def build_export(
 
     `token`: the claim token to build under (a fresh one if None); an export still running
     under it is taken back. `failure`: record this failure ({code, message, details}) under
-    `token` instead of building. Raises BuildInterrupted when the database becomes
+    `token` instead of building. Raises BuildInterruptedError when the database becomes
     unavailable (claiming, reading, beating, completing or recording a failure), for the task
     to try again with the same token as soon as it is back, rather than leave the export
     `running` with no reason until the sweeper takes it over.
@@ -121,7 +121,7 @@ def build_export(
             session.expunge(export)
     except Exception as error:
         if is_database_unavailable(error):
-            raise BuildInterrupted() from error
+            raise BuildInterruptedError() from error
         raise
     building = building_root(settings) / f"{export_id}-{token}"
     _remove_stale_building(settings, export_id)
@@ -138,7 +138,7 @@ def build_export(
                 return None
         log.info("export %s completed: %d rows", export_id, manifest["counts"]["rows"]["written"])
         return ExportStatus.COMPLETED
-    except ClaimLost:
+    except ClaimLostError:
         log.warning("export %s was taken over by another worker; stopping", export_id)
         shutil.rmtree(building, ignore_errors=True)
         return None
@@ -149,8 +149,8 @@ def build_export(
             # database is back (the same inputs give the same bytes).
             reason = str(getattr(error, "orig", None) or error).partition("\n")[0]
             log.warning("export %s: the database became unavailable (%s)", export_id, reason)
-            raise BuildInterrupted() from error
-        if isinstance(error, ExportRefused):
+            raise BuildInterruptedError() from error
+        if isinstance(error, ExportRefusedError):
             log.info("export %s failed: %s", export_id, error.message)
             failed = {"code": error.code, "message": error.message, "details": error.details}
         else:
@@ -178,7 +178,7 @@ def _record_failure(
             )
     except Exception as error:
         if is_database_unavailable(error):
-            raise BuildInterrupted(failure) from error
+            raise BuildInterruptedError(failure) from error
         raise
     return ExportStatus.FAILED
 
@@ -208,7 +208,7 @@ class _Heartbeat:
         self.last = now
         with self.database.transaction() as session:
             if not service.heartbeat(session, self.export_id, self.token, done=done, total=total):
-                raise ClaimLost()
+                raise ClaimLostError()
 
 
 def _build(
@@ -230,7 +230,7 @@ def _build(
         )
         jobs = service.job_infos(session, export.job_ids)
     if not ids:
-        raise ExportRefused("no_trajectories", "the jobs' selections match no trajectory")
+        raise ExportRefusedError("no_trajectories", "the jobs' selections match no trajectory")
     if config.get("seed") is not None:
         random.Random(config["seed"]).shuffle(ids)
     heartbeat = _Heartbeat(database, export.id, token, settings.stale_after_s)
@@ -277,7 +277,7 @@ def _build(
         case _:
             assert_never(fmt.rows)
     if rows.written == 0:
-        raise ExportRefused(
+        raise ExportRefusedError(
             "no_rows",
             "no row has a trained step under this policy and these options "
             f"(trajectories dropped: {counts.trajectories_dropped}, rows dropped: "
@@ -299,8 +299,8 @@ def manifest_bytes(manifest: dict[str, Any]) -> bytes:
 def _format_of(export: Export) -> ExportFormat:
     try:
         return export_formats.get_format(export.format)
-    except export_formats.UnknownExportFormat as error:
-        raise ExportRefused("unknown_format", str(error)) from error
+    except export_formats.UnknownExportFormatError as error:
+        raise ExportRefusedError("unknown_format", str(error)) from error
 
 
 def _write_text(
@@ -402,7 +402,7 @@ def _refuse_invalid(invalid: Sequence[dict[str, Any]]) -> None:
         f"{first['problems'][0]}); export them as openai_jsonl_raw to get the canonical "
         "messages unchanged"
     )
-    raise ExportRefused("invalid_rows", message, details={"rows": list(invalid[:MAX_LISTED])})
+    raise ExportRefusedError("invalid_rows", message, details={"rows": list(invalid[:MAX_LISTED])})
 
 
 def _tokenize_pool(
@@ -415,12 +415,12 @@ def _tokenize_pool(
 
         from app.exports.pool import TokenizePool
         from app.exports.tokenize import (
-            NotFastTokenizer,
-            TokenizerUnavailable,
+            NotFastTokenizerError,
+            TokenizerUnavailableError,
             load_export_tokenizer,
         )
     except ImportError as error:
-        raise ExportRefused(
+        raise ExportRefusedError(
             "missing_dependency",
             f"{config['format']} with a tokenizer needs transformers on the worker: "
             f"pip install 'srft[export]' ({error})",
@@ -429,16 +429,16 @@ def _tokenize_pool(
     name, revision = config["tokenizer"], config.get("tokenizer_revision")
     try:
         chat, load_as = load_export_tokenizer(name, revision, settings.tokenizer_roots)
-    except NotFastTokenizer as error:
-        raise ExportRefused(
+    except NotFastTokenizerError as error:
+        raise ExportRefusedError(
             "tokenizer_not_fast",
             f"the tokenizer {name!r} is not a fast tokenizer: token offsets (needed to map "
             "turns onto tokens) come only from a tokenizer.json",
         ) from error
-    except TokenizerUnavailable as error:
+    except TokenizerUnavailableError as error:
         # Why (what exists where) is for the worker's log; the caller learns only that it failed.
         log.warning("tokenizer %r unavailable: %s", name, error.reason, exc_info=error.__cause__)
-        raise ExportRefused("tokenizer_unavailable", error.message) from error
+        raise ExportRefusedError("tokenizer_unavailable", error.message) from error
     # The pool's processes load what was checked here: a resolved path, or the Hub id.
     pool = TokenizePool(chat, load_as, revision, tokenize_config, settings.export_processes)
     tokenizer = chat.tokenizer
@@ -469,7 +469,7 @@ def _write_tokenized(
     try:
         from app.exports.writers.parquet import ParquetShards
     except ImportError as error:
-        raise ExportRefused(
+        raise ExportRefusedError(
             "missing_dependency",
             f"{fmt.name} needs transformers and pyarrow on the worker: "
             f"pip install 'srft[export]' ({error})",
@@ -516,7 +516,7 @@ def _refuse_on_errors(results: Sequence[Any], tokenizer: str) -> None:
         message = f"trajectory {failed[0].key}: {failed[0].error}"
         if len(failed) > 1:
             message += f" (and {len(failed) - 1} more rows of this batch)"
-    raise ExportRefused(code, message, details={"rows": listed})
+    raise ExportRefusedError(code, message, details={"rows": listed})
 
 
 def _manifest(

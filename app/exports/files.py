@@ -15,7 +15,7 @@ from urllib.parse import quote
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from app.errors import NotFound, RangeNotSatisfiable
+from app.errors import NotFoundError, RangeNotSatisfiableError
 from app.exports.formats import FORMATS
 
 CHUNK_SIZE = 1 << 20
@@ -37,12 +37,12 @@ def media_type_for(path: Path) -> str:
 
 
 def resolve_export_file(root: Path, relative: str) -> Path:
-    """The regular file under `root` named by a manifest path; NotFound for anything else.
+    """The regular file under `root` named by a manifest path; NotFoundError for anything else.
 
     Refuses absolute paths, `.`/`..`/empty segments, backslashes, NUL bytes and symlinks that
     lead outside `root`, all with the same 404 so that probing learns nothing.
     """
-    missing = NotFound(f"this export has no file {relative!r}")
+    missing = NotFoundError(f"this export has no file {relative!r}")
     segments = relative.split("/")
     if "\\" in relative or "\x00" in relative or any(s in ("", ".", "..") for s in segments):
         raise missing
@@ -141,7 +141,7 @@ def _strong_match(tag: str, etag: str) -> bool:
 def _unsatisfiable(header: str, size: int, etag: str) -> JSONResponse:
     """416 with the JSON error body every error has, and the size the range missed."""
     shown = header if len(header) <= 80 else header[:80] + "..."
-    error = RangeNotSatisfiable(
+    error = RangeNotSatisfiableError(
         f"Range {shown!r} asks for no byte of this {size}-byte file",
         location="header.Range",
     )

@@ -135,17 +135,17 @@ if len(_BY_NAME) != len(FORMATS):
     raise ValueError("two export formats are registered under one name")
 
 
-class UnknownExportFormat(LookupError):
+class UnknownExportFormatError(LookupError):
     def __init__(self, name: object) -> None:
         super().__init__(f"unknown export format {name!r}; registered formats: {or_list(NAMES)}")
         self.name = name
 
 
 def get_format(name: object) -> ExportFormat:
-    """The registered format `name`; UnknownExportFormat for anything else."""
+    """The registered format `name`; UnknownExportFormatError for anything else."""
     found = _BY_NAME.get(name) if isinstance(name, str) else None
     if found is None:
-        raise UnknownExportFormat(name)
+        raise UnknownExportFormatError(name)
     return found
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response, status
 
 from app.deps import ProjectDep, SessionDep, SettingsDep
-from app.errors import Conflict
+from app.errors import ConflictError
 from app.exports import queue, schemas
 from app.exports import service as export_service
 from app.exports.builder import export_path
@@ -63,7 +63,7 @@ def get_export(
 def _completed(session: SessionDep, project_id: uuid.UUID, export_id: uuid.UUID) -> Export:
     export = export_service.get_export(session, project_id, export_id)
     if export.status != ExportStatus.COMPLETED or export.manifest is None:
-        raise Conflict(
+        raise ConflictError(
             f"export {export_id} is {export.status}: files exist only once it has completed",
             location="path.export_id",
             code="export_not_completed",

@@ -24,7 +24,7 @@ else:
 GiB = 1024**3
 
 
-class PolicyOptionsIn(RequestModel):
+class ExportOptions(RequestModel):
     mask_labels: list[Name] = Field(
         default_factory=lambda: list(DEFAULT_MASK_LABELS),
         max_length=64,
@@ -47,7 +47,7 @@ class PolicyOptionsIn(RequestModel):
 class ExportCreate(RequestModel):
     job_ids: list[Id] = Field(min_length=1, max_length=100)
     policy: PolicyName = "srft"
-    options: PolicyOptionsIn = Field(default_factory=PolicyOptionsIn)
+    options: ExportOptions = Field(default_factory=ExportOptions)
     format: FormatName = "openai_jsonl"
     tokenizer: str | None = Field(
         default=None,

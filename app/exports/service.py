@@ -12,7 +12,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.errors import Conflict, NotFound, SrftError
+from app.errors import ConflictError, NotFoundError, SrftError
 from app.exports import formats as export_formats
 from app.exports import schemas
 from app.exports.formats import TokenizerUse
@@ -32,7 +32,7 @@ from app.review import service as review_service
 from app.status import EXPORT_OPEN, JOB_FINISHED, ExportStatus
 
 
-class InvalidExport(SrftError):
+class InvalidExportError(SrftError):
     status_code = 422
     code = "invalid_export"
 
@@ -69,7 +69,9 @@ def create_export(
 
 def _jobs(session: Session, project_id: uuid.UUID, ids: Sequence[uuid.UUID]) -> list[Job]:
     if len(set(ids)) != len(ids):
-        raise InvalidExport("job_ids lists a job twice", location="job_ids", code="duplicate_jobs")
+        raise InvalidExportError(
+            "job_ids lists a job twice", location="job_ids", code="duplicate_jobs"
+        )
     found = {
         job.id: job
         for job in session.scalars(
@@ -78,7 +80,7 @@ def _jobs(session: Session, project_id: uuid.UUID, ids: Sequence[uuid.UUID]) -> 
     }
     unknown = [str(i) for i in ids if i not in found]
     if unknown:
-        raise InvalidExport(
+        raise InvalidExportError(
             f"{len(unknown)} job ids are not in this project: {', '.join(unknown[:20])}",
             location="job_ids",
             code="unknown_jobs",
@@ -87,7 +89,7 @@ def _jobs(session: Session, project_id: uuid.UUID, ids: Sequence[uuid.UUID]) -> 
     unfinished = [found[i] for i in ids if found[i].status not in JOB_FINISHED]
     if unfinished:
         shown = ", ".join(f"{j.id} ({j.status})" for j in unfinished[:20])
-        raise Conflict(
+        raise ConflictError(
             f"{len(unfinished)} jobs have not finished: {shown}; export when they have (or "
             "cancel them to export what they labeled so far)",
             location="job_ids",
@@ -101,11 +103,11 @@ def _check_format(body: schemas.ExportCreate) -> None:
     """What the request gives the format must be what it takes (its registered capabilities)."""
     try:
         fmt = export_formats.get_format(body.format)
-    except export_formats.UnknownExportFormat as error:
-        raise InvalidExport(str(error), location="format", code="unknown_format") from error
+    except export_formats.UnknownExportFormatError as error:
+        raise InvalidExportError(str(error), location="format", code="unknown_format") from error
     uses = fmt.tokenizer
     if uses is TokenizerUse.RENDERS and not body.tokenizer:
-        raise InvalidExport(
+        raise InvalidExportError(
             f"{fmt.name} needs `tokenizer`: the Hub id of the target model's tokenizer "
             "(or its path inside SRFT_TOKENIZER_DIRS), whose chat template renders the rows",
             location="tokenizer",
@@ -113,13 +115,13 @@ def _check_format(body: schemas.ExportCreate) -> None:
     if uses is TokenizerUse.MEASURES:
         # A tokenizer only measures rows of messages: one without the other does nothing.
         if body.max_seq_len is not None and body.tokenizer is None:
-            raise InvalidExport(
+            raise InvalidExportError(
                 f"`max_seq_len` for {fmt.name} needs `tokenizer`: rows are measured in the "
                 "tokens of the target model's chat template",
                 location="max_seq_len",
             )
         if body.tokenizer is not None and body.max_seq_len is None:
-            raise InvalidExport(
+            raise InvalidExportError(
                 f"`tokenizer` measures {fmt.name} rows against `max_seq_len`; give "
                 "max_seq_len too (the trainer tokenizes the rows)",
                 location="tokenizer",
@@ -127,14 +129,14 @@ def _check_format(body: schemas.ExportCreate) -> None:
     if uses is TokenizerUse.NONE:
         for name in ("tokenizer", "max_seq_len"):
             if getattr(body, name) is not None:
-                raise InvalidExport(
+                raise InvalidExportError(
                     f"`{name}` does not apply to {fmt.name}: its rows are text, tokenized "
                     "by the trainer",
                     location=name,
                 )
     if body.options.soft and not fmt.soft_weights:
         weighted = [f.name for f in export_formats.FORMATS if f.soft_weights]
-        raise InvalidExport(
+        raise InvalidExportError(
             f"soft weights need a format that takes floats: {fmt.name} takes 0/1 "
             f"(use {export_formats.or_list(weighted)}, whose rows get a `loss_weights` column)",
             location="options.soft",
@@ -146,10 +148,10 @@ def _check_tokenizer(body: schemas.ExportCreate, settings: Settings) -> None:
     is the same whatever exists on the server (the worker checks again, symlinks resolved)."""
     roots = [*settings.tokenizer_roots, *roots_as_written(settings.tokenizer_dirs)]
     if body.tokenizer is not None and not tokenizer_allowed(body.tokenizer, roots):
-        raise InvalidExport(INVALID_TOKENIZER, location="tokenizer", code="invalid_tokenizer")
+        raise InvalidExportError(INVALID_TOKENIZER, location="tokenizer", code="invalid_tokenizer")
     revision = body.tokenizer_revision
     if revision is not None and not revision_allowed(revision):
-        raise InvalidExport(
+        raise InvalidExportError(
             INVALID_REVISION, location="tokenizer_revision", code="invalid_tokenizer"
         )
 
@@ -158,7 +160,7 @@ def _check_mask_labels(body: schemas.ExportCreate, jobs: Sequence[Job]) -> None:
     known = {name for job in jobs for name, _ in job.labels}
     unknown = sorted(set(body.options.mask_labels) - known)
     if unknown:
-        raise InvalidExport(
+        raise InvalidExportError(
             f"mask_labels {unknown} are not labels of these jobs (their labels: {sorted(known)})",
             location="options.mask_labels",
             code="unknown_labels",
@@ -290,7 +292,7 @@ def sweep(session: Session, stale_after_s: float) -> list[uuid.UUID]:
 def get_export(session: Session, project_id: uuid.UUID, export_id: uuid.UUID) -> Export:
     export = session.get(Export, export_id)
     if export is None or export.project_id != project_id:
-        raise NotFound(f"export {export_id} not found", location="path.export_id")
+        raise NotFoundError(f"export {export_id} not found", location="path.export_id")
     return export
 
 

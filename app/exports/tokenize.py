@@ -19,7 +19,7 @@ from typing import Any
 from app.recipe.render import (
     ChatRenderer,
     Encoded,
-    NotPrefixStable,
+    NotPrefixStableError,
     RenderedChat,
     SpanStats,
     TokenRow,
@@ -74,7 +74,7 @@ class TokenizeConfig:
     messages: bool = False
 
 
-class NotFastTokenizer(ValueError):
+class NotFastTokenizerError(ValueError):
     """The tokenizer loaded, but has no token offsets to map turns onto tokens."""
 
 
@@ -83,7 +83,7 @@ class ChatTokenizer:
 
     def __init__(self, tokenizer: Any) -> None:
         if not getattr(tokenizer, "is_fast", False):
-            raise NotFastTokenizer(
+            raise NotFastTokenizerError(
                 f"tokenizer {tokenizer.name_or_path!r} is not a fast tokenizer: token offsets "
                 "(needed to map turns onto tokens) come only from a tokenizer.json"
             )
@@ -141,7 +141,7 @@ INVALID_REVISION = (
 )
 
 
-class TokenizerUnavailable(Exception):
+class TokenizerUnavailableError(Exception):
     """An export's tokenizer cannot be loaded. `reason` is for the worker's log only: the
     caller gets `message`, which says nothing about what exists on the server."""
 
@@ -205,41 +205,45 @@ def load_export_tokenizer(
 
     A Hub id is loaded from the Hub (or its cache), never from a folder of the same name in the
     working directory; a path only from inside `roots` (absolute, symlinks resolved) once its
-    own symlinks are resolved too. Raises `TokenizerUnavailable` for every failure but
-    `NotFastTokenizer`."""
+    own symlinks are resolved too. Raises `TokenizerUnavailableError` for every failure but
+    `NotFastTokenizerError`."""
     source = _export_source(name, revision, roots)
     try:
         return load_chat_tokenizer(source, revision), source
-    except NotFastTokenizer:
+    except NotFastTokenizerError:
         raise
     except Exception as error:
-        raise TokenizerUnavailable(name, f"{type(error).__name__}: {error}") from error
+        raise TokenizerUnavailableError(name, f"{type(error).__name__}: {error}") from error
 
 
 def _export_source(name: str, revision: str | None, roots: Sequence[Path]) -> str:
     if revision is not None and not revision_allowed(revision):
-        raise TokenizerUnavailable(name, f"revision {revision!r} is not allowed")
+        raise TokenizerUnavailableError(name, f"revision {revision!r} is not allowed")
     if is_hub_id(name):
         # transformers loads a name that is also a folder (or file) relative to the working
         # directory from there, before it asks the Hub.
         if os.path.lexists(name):
-            raise TokenizerUnavailable(
+            raise TokenizerUnavailableError(
                 name,
                 f"{name!r} exists in the working directory {os.getcwd()}; a Hub id is "
                 "never loaded from a local folder",
             )
         return name
     if not _path_shaped(name):
-        raise TokenizerUnavailable(name, "neither a Hub id nor an absolute path")
+        raise TokenizerUnavailableError(name, "neither a Hub id nor an absolute path")
     real = Path(os.path.realpath(name))
     if not _inside(real, roots):
-        raise TokenizerUnavailable(name, f"{real} is outside SRFT_TOKENIZER_DIRS {list(roots)}")
+        raise TokenizerUnavailableError(
+            name, f"{real} is outside SRFT_TOKENIZER_DIRS {list(roots)}"
+        )
     if not real.is_dir():
-        raise TokenizerUnavailable(name, f"{real} is not a directory")
+        raise TokenizerUnavailableError(name, f"{real} is not a directory")
     for entry in real.iterdir():
         target = Path(os.path.realpath(entry))
         if not _inside(target, roots):
-            raise TokenizerUnavailable(name, f"{entry} leads outside SRFT_TOKENIZER_DIRS: {target}")
+            raise TokenizerUnavailableError(
+                name, f"{entry} leads outside SRFT_TOKENIZER_DIRS: {target}"
+            )
     return str(real)
 
 
@@ -269,7 +273,7 @@ def tokenize_examples(
         wanted = () if config.messages else sorted(example.weights)
         try:
             rendered.append((position, chat.render(example, wanted)))
-        except NotPrefixStable as error:
+        except NotPrefixStableError as error:
             _not_prefix_stable(results[position], error)
     encoded = chat.encode([r for _, r in rendered])
     to_split: list[int] = []
@@ -301,7 +305,7 @@ def tokenize_examples(
     return results
 
 
-def _not_prefix_stable(result: Tokenized, error: NotPrefixStable) -> None:
+def _not_prefix_stable(result: Tokenized, error: NotPrefixStableError) -> None:
     result.error = f"message {error.message_index}: {error}"
     result.error_code = "template_not_prefix_stable"
 
@@ -357,7 +361,7 @@ def _split(
             # Every step's token position is needed to cut between steps, trained or not.
             [full] = chat.encode([chat.render(example, example.step_messages)])
             parts = _fit_pieces(chat, example, full, limit, config.messages)
-        except NotPrefixStable as error:
+        except NotPrefixStableError as error:
             _not_prefix_stable(result, error)
             continue
         head_only = config.messages and config.overflow == "truncate"

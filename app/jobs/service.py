@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, load_only
 from app.config import Settings
 from app.critic.labels import DEFAULT_LABELS, LabelSet
 from app.critic.prompt import prompt_hash
-from app.errors import Conflict, NotFound, SrftError
+from app.errors import ConflictError, NotFoundError, SrftError
 from app.jobs import schemas
 from app.jobs.workqueue import Unit, fill_from_cache, units_of
 from app.models import Job, Trajectory, Verdict, utcnow
@@ -38,12 +38,12 @@ ID_CHUNK = 1000
 RowT = TypeVar("RowT")
 
 
-class InvalidJob(SrftError):
+class InvalidJobError(SrftError):
     status_code = 422
     code = "invalid_job"
 
 
-class InvalidSelection(SrftError):
+class InvalidSelectionError(SrftError):
     """Explicit trajectory ids a job or an export cannot select."""
 
     status_code = 422
@@ -77,7 +77,7 @@ def create_job(
     critic = body.critic
     labels = DEFAULT_LABELS if critic.labels is None else LabelSet.from_request(critic.labels)
     if critic.votes > 1 and critic.temperature == 0:
-        raise InvalidJob(
+        raise InvalidJobError(
             "votes > 1 needs temperature > 0: identical calls at temperature 0 would only "
             "repeat the same answer",
             location="critic.temperature",
@@ -178,7 +178,7 @@ def _select(
         query = query.where(or_(Trajectory.resolved.is_(None), Trajectory.resolved.is_(False)))
     chosen = selected(session, query, selection)
     if not chosen:
-        raise InvalidJob(
+        raise InvalidJobError(
             "the selection matches no trajectory"
             + (
                 " that is unresolved (scope=unresolved; use scope=all to include resolved runs)"
@@ -207,7 +207,7 @@ def check_selection(session: Session, project_id: uuid.UUID, selection: schemas.
     if selection.trajectory_ids is None:
         return
     if not selection.trajectory_ids:
-        raise InvalidSelection(
+        raise InvalidSelectionError(
             "selection.trajectory_ids is empty: name at least one trajectory",
             location="selection.trajectory_ids",
             code="empty_selection",
@@ -224,7 +224,7 @@ def check_selection(session: Session, project_id: uuid.UUID, selection: schemas.
     unknown = sorted(str(i) for i in set(selection.trajectory_ids) - found)
     if unknown:
         shown = ", ".join(unknown[:20]) + (" ..." if len(unknown) > 20 else "")
-        raise InvalidSelection(
+        raise InvalidSelectionError(
             f"{len(unknown)} trajectory ids are not in this project: {shown}",
             location="selection.trajectory_ids",
             code="unknown_trajectories",
@@ -263,7 +263,7 @@ def _criteria(selection: schemas.Selection) -> list[ColumnElement[bool]]:
 def get_job(session: Session, project_id: uuid.UUID, job_id: uuid.UUID) -> Job:
     job = session.get(Job, job_id)
     if job is None or job.project_id != project_id:
-        raise NotFound(f"job {job_id} not found", location="path.job_id")
+        raise NotFoundError(f"job {job_id} not found", location="path.job_id")
     return job
 
 
@@ -384,7 +384,7 @@ def list_verdicts(
 
 def cancel_job(session: Session, job: Job) -> Job:
     if job.status in JOB_FINISHED:
-        raise Conflict(f"job {job.id} is already {job.status}", location="path.job_id")
+        raise ConflictError(f"job {job.id} is already {job.status}", location="path.job_id")
     job.status = JobStatus.CANCELLED
     job.finished_at = utcnow()
     session.flush()
@@ -394,14 +394,14 @@ def cancel_job(session: Session, job: Job) -> Job:
 def retry_failed(session: Session, job: Job, chunk_size: int) -> list[Unit]:
     """Put the job's failed items back in the queue; return the units to enqueue."""
     if job.status == JobStatus.CANCELLED:
-        raise Conflict("a cancelled job cannot be retried", location="path.job_id")
+        raise ConflictError("a cancelled job cannot be retried", location="path.job_id")
     failed = session.execute(
         select(Verdict.trajectory_id, Verdict.step_index).where(
             Verdict.job_id == job.id, Verdict.status == VerdictStatus.FAILED
         )
     ).all()
     if not failed:
-        raise Conflict(f"job {job.id} has no failed items to retry", location="path.job_id")
+        raise ConflictError(f"job {job.id} has no failed items to retry", location="path.job_id")
     now = utcnow()
     session.execute(
         update(Verdict)

@@ -35,7 +35,7 @@ Overflow = Literal["truncate", "drop", "split"]
 _CROSS_CHECKS = 8
 
 
-class NotPrefixStable(Exception):
+class NotPrefixStableError(Exception):
     """The chat template renders a prefix of the conversation differently from the whole."""
 
     def __init__(self, message_index: int, position: int, expected: str, got: str) -> None:
@@ -144,10 +144,10 @@ class ChatRenderer:
             # the fast path rather than write spans from a render the trainer will not see.
             log.error("fast chat-template render differs from apply_chat_template; falling back")
             self._fast = None
-            raise RenderMismatch()
+            raise RenderMismatchError()
 
 
-class RenderMismatch(Exception):
+class RenderMismatchError(Exception):
     """Internal: the fast render path disagreed with `apply_chat_template`; render again."""
 
 
@@ -183,11 +183,11 @@ def render_chat(
 ) -> RenderedChat:
     """Render `messages` and find the span of each assistant message in `wanted`.
 
-    Raises NotPrefixStable when a prefix render is not a prefix of the full render.
+    Raises NotPrefixStableError when a prefix render is not a prefix of the full render.
     """
     try:
         return _render_chat(renderer, messages, tools, wanted)
-    except RenderMismatch:
+    except RenderMismatchError:
         return _render_chat(renderer, messages, tools, wanted)
 
 
@@ -216,7 +216,7 @@ def _render_chat(
         start = len(opened)
         end = max(start, len(closed.rstrip()))
         if len(closed) < start:
-            raise NotPrefixStable(index + 1, len(closed), full[len(closed) : start], "")
+            raise NotPrefixStableError(index + 1, len(closed), full[len(closed) : start], "")
         turns.append(TurnSpan(index, start, end, len(closed)))
     return RenderedChat(full, tuple(turns), len(prefix))
 
@@ -228,7 +228,7 @@ def _require_prefix(full: str, prefix: str, count: int) -> None:
         (i for i, (a, b) in enumerate(zip(full, prefix, strict=False)) if a != b),
         min(len(full), len(prefix)),
     )
-    raise NotPrefixStable(
+    raise NotPrefixStableError(
         count, position, full[position : position + 40], prefix[position : position + 40]
     )
 

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from app.auth import service as auth_service
 from app.config import Settings
 from app.deps import SessionDep
-from app.errors import Forbidden, Unauthorized
+from app.errors import ForbiddenError, UnauthorizedError
 
 COOKIE = "srft_ui_session"
 # Earlier versions kept the raw API key in this cookie; sign-in and sign-out clear it.
@@ -55,7 +55,7 @@ def refuse_cross_origin(request: Request) -> None:
         return
     fetch_site = request.headers.get("sec-fetch-site")
     if fetch_site is not None and fetch_site not in OWN_FETCH_SITES:
-        raise Forbidden(
+        raise ForbiddenError(
             f"cross-origin request refused: Sec-Fetch-Site is {fetch_site[:40]!r}",
             location="header.Sec-Fetch-Site",
         )
@@ -64,7 +64,7 @@ def refuse_cross_origin(request: Request) -> None:
     # uvicorn trusts its X-Forwarded-Proto (--proxy-headers --forwarded-allow-ips).
     own = _origin(f"{request.url.scheme}://{request.url.netloc}")
     if origin is not None and (own is None or _origin(origin) != own):
-        raise Forbidden(
+        raise ForbiddenError(
             f"cross-origin request refused: Origin {origin[:100]!r} is not this site",
             location="header.Origin",
         )
@@ -77,7 +77,7 @@ def _key_caller(session: Session, request: Request) -> auth_service.Caller | Non
     if authorization:
         try:
             key = auth_service.authenticate_key(session, authorization)
-        except Unauthorized:
+        except UnauthorizedError:
             return None
         return auth_service.Caller(key.project_id, key.name)
     token = request.cookies.get(COOKIE)
@@ -105,5 +105,5 @@ UiCallerDep = Annotated[auth_service.Caller | None, Depends(get_ui_caller)]
 def require_ui_caller(request: Request, session: SessionDep) -> auth_service.Caller:
     caller = _key_caller(session, request)
     if caller is None:
-        raise Unauthorized("sign in at /ui/ or send 'Authorization: Bearer <key>'")
+        raise UnauthorizedError("sign in at /ui/ or send 'Authorization: Bearer <key>'")
     return caller

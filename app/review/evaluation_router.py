@@ -21,7 +21,7 @@ router = APIRouter(
 )
 
 
-class InvalidEvaluation(SrftError):
+class InvalidEvaluationError(SrftError):
     status_code = 422
     code = "invalid_evaluation"
 
@@ -44,7 +44,7 @@ def get_evaluation(
     masked = list(dict.fromkeys(mask_labels or DEFAULT_MASK_LABELS))
     unknown = [name for name in masked if name not in known]
     if unknown:
-        raise InvalidEvaluation(
+        raise InvalidEvaluationError(
             f"unknown mask label {unknown[0]!r} (labels: {', '.join(known)})",
             location="query.mask_labels",
             code="unknown_label",

@@ -23,7 +23,7 @@ router = APIRouter(
 def put_human_label(
     trajectory_id: uuid.UUID,
     step_index: int,
-    body: schemas.HumanLabelIn,
+    body: schemas.HumanLabelPut,
     session: SessionDep,
     caller: CallerDep,
 ) -> schemas.HumanLabelOut:
@@ -63,5 +63,5 @@ def get_trajectory(
         ]
         human = humans.get((trajectory.id, step.index))
         if human is not None:
-            step.human_label = trajectory_schemas.HumanLabelView.model_validate(human)
+            step.human_label = trajectory_schemas.StepHumanLabel.model_validate(human)
     return out

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.schemas import RequestModel
 
 
-class HumanLabelIn(RequestModel):
+class HumanLabelPut(RequestModel):
     label: str = Field(min_length=1, max_length=64)
     note: str | None = Field(default=None, max_length=10_000)
 

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, load_only
 
 from app.auth.service import Caller
 from app.critic.labels import DEFAULT_LABELS
-from app.errors import NotFound, SrftError
+from app.errors import NotFoundError, SrftError
 from app.models import HumanLabel, Job, Trajectory, Verdict, utcnow
 from app.pagination import decode_cursor, encode_cursor
 from app.recipe.masking import StepLabel, critic_label, resolve_labels
@@ -27,7 +27,7 @@ from app.status import VERDICT_FINISHED, LabelSource, TrainingOutcome, VerdictSt
 from app.trajectories.formats.base import text_of
 
 
-class InvalidLabel(SrftError):
+class UnknownLabelError(SrftError):
     status_code = 422
     code = "unknown_label"
 
@@ -45,9 +45,9 @@ def _step(
 ) -> Trajectory:
     trajectory = session.get(Trajectory, trajectory_id)
     if trajectory is None or trajectory.project_id != project_id:
-        raise NotFound(f"trajectory {trajectory_id} not found", location="path.trajectory_id")
+        raise NotFoundError(f"trajectory {trajectory_id} not found", location="path.trajectory_id")
     if not 0 <= step_index < trajectory.num_steps:
-        raise NotFound(
+        raise NotFoundError(
             f"trajectory {trajectory_id} has steps 0-{trajectory.num_steps - 1}, not {step_index}",
             location="path.step_index",
         )
@@ -67,7 +67,7 @@ def set_label(
     _step(session, project_id, trajectory_id, step_index)
     allowed = known_labels(session, project_id)
     if label not in allowed:
-        raise InvalidLabel(
+        raise UnknownLabelError(
             f"{label!r} is not a label of this project (labels: {', '.join(allowed)})",
             location="body.label",
         )

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from app.auth import service as auth_service
 from app.critic.prompt import task_text
 from app.deps import SessionDep, SettingsDep
-from app.errors import NotFound, SrftError, Unauthorized
+from app.errors import NotFoundError, SrftError, UnauthorizedError
 from app.jobs import service as job_service
 from app.models import Job
 from app.recipe.masking import DEFAULT_MASK_LABELS, POLICIES, Policy, PolicyOptions, decide
@@ -67,7 +67,7 @@ templates = jinja2.Environment(
 )
 
 
-class BadRequest(SrftError):
+class BadRequestError(SrftError):
     status_code = 400
     code = "bad_request"
 
@@ -107,7 +107,7 @@ def _uuid(raw: str, what: str) -> uuid.UUID:
     try:
         return uuid.UUID(raw)
     except ValueError:
-        raise NotFound(f"{what} {raw} not found") from None
+        raise NotFoundError(f"{what} {raw} not found") from None
 
 
 def is_long(text: str) -> bool:
@@ -143,7 +143,7 @@ PreviewQueryDep = Annotated[tuple[str, list[str]], Depends(_preview_query)]
 def _preview(query: tuple[str, list[str]]) -> Preview:
     policy, mask = query
     if policy not in POLICIES:
-        raise BadRequest(
+        raise BadRequestError(
             f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}",
             location="query.policy",
         )
@@ -175,7 +175,7 @@ def login(
         return _prompt("enter an API key")
     try:
         api_key = auth_service.authenticate_key(session, f"Bearer {key}")
-    except Unauthorized:
+    except UnauthorizedError:
         return _prompt("invalid or revoked API key")
     previous = request.cookies.get(browser.COOKIE)
     if previous:
@@ -262,7 +262,7 @@ def job_page(
     try:
         job = job_service.get_job(session, caller.project_id, _uuid(job_id, "job"))
         preview = _preview(query)
-    except (NotFound, BadRequest) as exc:
+    except (NotFoundError, BadRequestError) as exc:
         return _error_page(exc)
     summary = job_service.describe(session, job)
 
@@ -321,7 +321,7 @@ def trajectory_page(
             job_service.get_job(session, caller.project_id, _uuid(job, "job")) if job else None
         )
         preview = _preview(query)
-    except (NotFound, BadRequest) as exc:
+    except (NotFoundError, BadRequestError) as exc:
         return _error_page(exc)
 
     job_id = job_row.id if job_row is not None else None
@@ -359,7 +359,7 @@ def trajectory_page(
 def post_label(
     trajectory_id: uuid.UUID,
     step_index: int,
-    body: schemas.HumanLabelIn,
+    body: schemas.HumanLabelPut,
     session: SessionDep,
     caller: Annotated[auth_service.Caller, Depends(require_ui_caller)],
 ) -> schemas.HumanLabelOut:

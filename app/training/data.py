@@ -76,7 +76,7 @@ def load_rows(path: Path, *, tokenizer: str | None, max_seq_len: int) -> list[Ro
     fmt = manifest.get("format")
     try:
         reads = export_formats.get_format(fmt).trainer
-    except export_formats.UnknownExportFormat:
+    except export_formats.UnknownExportFormatError:
         reads = None
     if reads is TrainerReads.TOKEN_ROWS:
         rows = _parquet_rows(files)

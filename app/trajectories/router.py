@@ -32,7 +32,7 @@ async def read_body(request: Request) -> bytes:
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    response_model=schemas.IngestResponse,
+    response_model=schemas.IngestOut,
     openapi_extra={"requestBody": schemas.UPLOAD_REQUEST_BODY},
 )
 def upload_trajectories(
@@ -51,7 +51,7 @@ def upload_trajectories(
     resolved: Annotated[
         bool | None, Query(description="Resolution of every run in the file, if known.")
     ] = None,
-) -> schemas.IngestResponse:
+) -> schemas.IngestOut:
     """Upload one trajectory file (any supported format) or canonical items."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower() or None
     result = trajectory_service.ingest(
@@ -64,7 +64,7 @@ def upload_trajectories(
         content_type=content_type,
         filename=request.headers.get("x-filename"),
     )
-    return schemas.IngestResponse(
+    return schemas.IngestOut(
         created=result.created,
         duplicates=result.duplicates,
         trajectories=[
@@ -101,21 +101,21 @@ def list_trajectories(
         cursor=cursor,
     )
     return schemas.TrajectoryPage(
-        items=[schemas.TrajectorySummary.model_validate(t) for t in items],
+        items=[schemas.TrajectorySummaryOut.model_validate(t) for t in items],
         next_cursor=next_cursor,
     )
 
 
-@router.patch("/{trajectory_id}", response_model=schemas.TrajectorySummary)
+@router.patch("/{trajectory_id}", response_model=schemas.TrajectorySummaryOut)
 def patch_trajectory(
     trajectory_id: uuid.UUID,
     patch: schemas.TrajectoryPatch,
     session: SessionDep,
     project_id: ProjectDep,
-) -> schemas.TrajectorySummary:
+) -> schemas.TrajectorySummaryOut:
     """Set whether the run resolved its task (true, false, or null for unknown)."""
     trajectory = trajectory_service.set_resolved(session, project_id, trajectory_id, patch.resolved)
-    return schemas.TrajectorySummary.model_validate(trajectory)
+    return schemas.TrajectorySummaryOut.model_validate(trajectory)
 
 
 @uploads_router.get("/{upload_id}/raw", response_class=Response)

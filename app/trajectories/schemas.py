@@ -20,7 +20,7 @@ class IngestedTrajectory(BaseModel):
     resolved: bool | None
 
 
-class IngestResponse(BaseModel):
+class IngestOut(BaseModel):
     created: int
     duplicates: int
     trajectories: list[IngestedTrajectory]
@@ -52,12 +52,12 @@ class StepOut(BaseModel):
     action: str | None = Field(description="A readable form of the step's tool call(s).")
     tool_names: list[str]
     verdicts: list[StepVerdict] = Field(default_factory=list)
-    human_label: HumanLabelView | None = Field(
+    human_label: StepHumanLabel | None = Field(
         default=None, description="A reviewer's label, which exports prefer to verdicts."
     )
 
 
-class HumanLabelView(BaseModel):
+class StepHumanLabel(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     label: str
@@ -66,7 +66,7 @@ class HumanLabelView(BaseModel):
     updated_at: datetime
 
 
-class TrajectorySummary(BaseModel):
+class TrajectorySummaryOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: uuid.UUID
@@ -79,7 +79,7 @@ class TrajectorySummary(BaseModel):
     updated_at: datetime
 
 
-class TrajectoryOut(TrajectorySummary):
+class TrajectoryOut(TrajectorySummaryOut):
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None
     metadata: dict[str, Any] = Field(validation_alias="meta")
@@ -87,7 +87,7 @@ class TrajectoryOut(TrajectorySummary):
 
 
 class TrajectoryPage(BaseModel):
-    items: list[TrajectorySummary]
+    items: list[TrajectorySummaryOut]
     next_cursor: str | None
 
 

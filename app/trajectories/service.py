@@ -14,11 +14,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, load_only
 
 from app import json_input
-from app.errors import InvalidTrajectory, NoSteps, NotFound
+from app.errors import InvalidTrajectoryError, NoStepsError, NotFoundError
 from app.models import Step, Trajectory, Upload, new_id, utcnow
 from app.pagination import decode_cursor, encode_cursor
-from app.recipe.steps import Step as StepView
-from app.recipe.steps import split_steps
+from app.recipe import steps as recipe_steps
 from app.status import IngestStatus
 from app.trajectories import formats
 from app.trajectories.formats.base import Trajectory as Canonical
@@ -58,7 +57,7 @@ class IngestResult:
 class _PlannedRun:
     run: Canonical
     digest: str
-    steps: list[StepView]
+    steps: list[recipe_steps.Step]
 
 
 def content_hash(run: Canonical) -> str:
@@ -136,13 +135,13 @@ def ingest(
 
 def _plan(runs: list[Canonical], resolved: bool | None) -> list[_PlannedRun]:
     if not runs:
-        raise InvalidTrajectory("the upload holds no trajectory", location="(document)")
+        raise InvalidTrajectoryError("the upload holds no trajectory", location="(document)")
     plan: list[_PlannedRun] = []
     for position, run in enumerate(runs):
-        steps = split_steps(run.messages)
+        steps = recipe_steps.split_steps(run.messages)
         if not steps:
             where = f"run {position}" if len(runs) > 1 else "(document)"
-            raise NoSteps(
+            raise NoStepsError(
                 f"run {position} ({run.task_id or 'no task id'}) has no assistant step, so "
                 "there is nothing to label; nothing was stored",
                 location=where,
@@ -152,7 +151,7 @@ def _plan(runs: list[Canonical], resolved: bool | None) -> list[_PlannedRun]:
         deep = json_input.too_deep({"tools": run.tools, "metadata": run.metadata}, MAX_NESTING)
         if deep is not None:
             where = f"run {position}: {deep}" if len(runs) > 1 else deep
-            raise InvalidTrajectory(
+            raise InvalidTrajectoryError(
                 f"{deep} nests more than {MAX_NESTING} levels deep; nothing was stored",
                 location=where,
             )
@@ -179,7 +178,7 @@ def _duplicate(
         )
     stored = session.get(Trajectory, existing[digest])
     if stored is None:  # pragma: no cover - the row was just read under this transaction
-        raise NotFound("trajectory vanished during upload")
+        raise NotFoundError("trajectory vanished during upload")
     return IngestedRun(
         stored.id, IngestStatus.DUPLICATE, stored.source_format, stored.num_steps, stored.resolved
     )
@@ -219,7 +218,7 @@ def _trajectory_row(
     }
 
 
-def _step_row(trajectory_id: uuid.UUID, step: StepView) -> dict[str, Any]:
+def _step_row(trajectory_id: uuid.UUID, step: recipe_steps.Step) -> dict[str, Any]:
     return {
         "trajectory_id": trajectory_id,
         "index": step.index,
@@ -276,7 +275,7 @@ def _store_upload(
 def get_upload(session: Session, project_id: uuid.UUID, upload_id: uuid.UUID) -> Upload:
     upload = session.get(Upload, upload_id)
     if upload is None or upload.project_id != project_id:
-        raise NotFound(f"upload {upload_id} not found", location="path.upload_id")
+        raise NotFoundError(f"upload {upload_id} not found", location="path.upload_id")
     return upload
 
 
@@ -290,7 +289,7 @@ def get_trajectory(session: Session, project_id: uuid.UUID, trajectory_id: uuid.
     """The trajectory, if it belongs to this project; another project's id is a 404."""
     trajectory = session.get(Trajectory, trajectory_id)
     if trajectory is None or trajectory.project_id != project_id:
-        raise NotFound(f"trajectory {trajectory_id} not found", location="path.trajectory_id")
+        raise NotFoundError(f"trajectory {trajectory_id} not found", location="path.trajectory_id")
     return trajectory
 
 

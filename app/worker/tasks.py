@@ -18,7 +18,7 @@ from celery.signals import worker_process_init, worker_ready
 
 from app.broker import BUILD_EXPORT, LABEL_UNIT, SWEEP
 from app.db import is_database_unavailable, outage_delay, outage_reason, outage_tries
-from app.exports.builder import BuildInterrupted
+from app.exports.builder import BuildInterruptedError
 from app.jobs.workqueue import Unit
 from app.worker.runtime import get_runtime
 
@@ -103,7 +103,7 @@ def build_export(
     token = claim_token or str(uuid.uuid4())
     try:
         return get_runtime().build_export(uuid.UUID(export_id), token, failure)
-    except BuildInterrupted as interrupted:
+    except BuildInterruptedError as interrupted:
         cause = interrupted.__cause__ or interrupted
         raise _retry_after_outage(
             self, cause, claim_token=token, failure=interrupted.failure

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from app.critic import prompt, rules
-from app.critic.labels import DEFAULT_LABELS, InvalidLabels, LabelSet
+from app.critic.labels import DEFAULT_LABELS, InvalidLabelSetError, LabelSet
 from app.recipe.steps import Step, split_steps
 from app.trajectories.formats import parse_upload
 from app.trajectories.formats.base import Trajectory
@@ -82,7 +82,7 @@ def test_a_custom_label_set_keeps_its_order() -> None:
     ],
 )
 def test_bad_label_sets_are_422_with_a_location(obj: Any, location: str, says: str) -> None:
-    with pytest.raises(InvalidLabels) as caught:
+    with pytest.raises(InvalidLabelSetError) as caught:
         LabelSet.from_request(obj)
     assert caught.value.status_code == 422
     assert caught.value.code == "invalid_labels"
@@ -286,7 +286,7 @@ def test_a_huge_step_is_shortened_to_the_last_resort() -> None:
 
 def test_a_context_too_small_for_one_step_is_an_error() -> None:
     messages = tool_run("ok")
-    with pytest.raises(prompt.PromptTooLarge, match="does not fit a critic context of 500"):
+    with pytest.raises(prompt.PromptTooLargeError, match="does not fit a critic context of 500"):
         prompt.trajectory_windows(messages, split_steps(messages), None, DEFAULT_LABELS, 500)
 
 

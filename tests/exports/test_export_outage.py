@@ -16,7 +16,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 
 from app.exports import service as export_service
-from app.exports.builder import BuildInterrupted, build_export, building_root, export_path
+from app.exports.builder import BuildInterruptedError, build_export, building_root, export_path
 from app.exports.schemas import ExportCreate
 from app.jobs.schemas import Selection
 from app.models import Export, Job, utcnow
@@ -51,7 +51,7 @@ def test_a_build_that_loses_the_database_leaves_nothing_and_resumes_under_its_to
     database, settings = corpus.api.database, corpus.api.settings
     export_id = _written(corpus)
     monkeypatch.setattr(export_service, "load_sources", _lose_the_database)
-    with pytest.raises(BuildInterrupted) as interrupted:
+    with pytest.raises(BuildInterruptedError) as interrupted:
         build_export(database, settings, export_id, token="task-1")
     assert interrupted.value.failure is None
     row = _row(corpus, export_id)
@@ -78,7 +78,7 @@ def test_a_failure_that_could_not_be_recorded_is_recorded_by_the_retry(
         selection=Selection(trajectory_ids=[uuid.UUID(resolved[0])]),
     )
     monkeypatch.setattr(export_service, "fail", _lose_the_database)
-    with pytest.raises(BuildInterrupted) as interrupted:
+    with pytest.raises(BuildInterruptedError) as interrupted:
         build_export(database, settings, export_id, token="task-1")
     failure = interrupted.value.failure
     assert failure is not None

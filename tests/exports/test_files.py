@@ -28,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response, StreamingResponse
 
-from app.errors import NotFound, SrftError
+from app.errors import NotFoundError, SrftError
 from app.exports.files import (
     archive_response,
     file_response,
@@ -84,7 +84,7 @@ def export_app(exports: dict[str, ServedExport]) -> FastAPI:
 
     def find(export_id: str) -> ServedExport:
         if export_id not in exports:
-            raise NotFound(f"no export {export_id}")
+            raise NotFoundError(f"no export {export_id}")
         return exports[export_id]
 
     def manifest_of(export: ServedExport) -> dict[str, Any]:
@@ -446,7 +446,7 @@ def test_literal_dot_dot_in_the_request_line_gets_404(base_url: str) -> None:
 def test_resolve_export_file_refuses_anything_but_a_file_inside(
     export_root: Path, relative: str
 ) -> None:
-    with pytest.raises(NotFound) as caught:
+    with pytest.raises(NotFoundError) as caught:
         resolve_export_file(export_root, relative)
     assert repr(relative) in caught.value.message
 

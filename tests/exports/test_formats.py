@@ -171,7 +171,7 @@ def test_an_unregistered_format_is_refused_at_the_api_and_never_reaches_row_code
 
     # Past the schema too (a body built without validation): the format's own checks refuse it.
     unchecked = ExportCreate(job_ids=[uuid.uuid4()]).model_copy(update={"format": "csv"})
-    with pytest.raises(service.InvalidExport) as refused:
+    with pytest.raises(service.InvalidExportError) as refused:
         service._check_format(unchecked)
     assert refused.value.status_code == 422
     assert refused.value.code == "unknown_format"
@@ -195,5 +195,5 @@ def test_an_unregistered_format_is_refused_at_the_api_and_never_reaches_row_code
     assert state["error"]["code"] == "unknown_format"
     assert "csv" in state["error"]["message"]
     assert not list(corpus.api.settings.export_dir.rglob(f"{export_id}*"))
-    with pytest.raises(export_formats.UnknownExportFormat):
+    with pytest.raises(export_formats.UnknownExportFormatError):
         export_formats.get_format("csv")

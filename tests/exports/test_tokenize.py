@@ -18,7 +18,7 @@ from huggingface_hub.utils import validate_repo_id
 from app.config import Settings
 from app.exports import tokenize
 from app.exports.tokenize import (
-    TokenizerUnavailable,
+    TokenizerUnavailableError,
     is_hub_id,
     load_export_tokenizer,
     revision_allowed,
@@ -163,8 +163,8 @@ def root(tmp_path: Path, tokenizers: dict[str, Path]) -> Path:
     return allowed.resolve()
 
 
-def _refused(name: str, roots: list[Path]) -> TokenizerUnavailable:
-    with pytest.raises(TokenizerUnavailable) as caught:
+def _refused(name: str, roots: list[Path]) -> TokenizerUnavailableError:
+    with pytest.raises(TokenizerUnavailableError) as caught:
         load_export_tokenizer(name, None, roots)
     assert caught.value.message == (
         f"the tokenizer {name!r} could not be loaded from the Hub or an allowed directory"
@@ -240,5 +240,5 @@ def test_a_bad_revision_is_refused_before_anything_loads(
         raise AssertionError(f"loaded {args}")
 
     monkeypatch.setattr(tokenize, "load_chat_tokenizer", load)
-    with pytest.raises(TokenizerUnavailable):
+    with pytest.raises(TokenizerUnavailableError):
         load_export_tokenizer("srft-test/other", "../../../etc", [root])

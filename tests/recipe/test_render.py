@@ -16,7 +16,7 @@ from app.exports.tokenize import (
     tokenize_examples,
     weights_from_messages,
 )
-from app.recipe.render import NotPrefixStable, render_chat, split_pieces
+from app.recipe.render import NotPrefixStableError, render_chat, split_pieces
 from tests.builders import make_trajectory
 
 TOOLS = [{"type": "function", "function": {"name": "bash", "parameters": {"type": "object"}}}]
@@ -66,7 +66,7 @@ def test_spans_hold_each_trained_turn_and_its_end_token(tokenizers: dict[str, Pa
 def test_a_template_that_rewrites_history_is_refused(tokenizers: dict[str, Path]) -> None:
     chat = _chat(tokenizers, "chatml_drops_past_thoughts")
     example = _example(2, [0])
-    with pytest.raises(NotPrefixStable) as refused:
+    with pytest.raises(NotPrefixStableError) as refused:
         render_chat(chat.renderer, example.messages, example.tools, [2])
     assert refused.value.message_index in (2, 3)
     assert "step 0: look around" in refused.value.expected + refused.value.got

@@ -12,7 +12,7 @@ from sqlalchemy.exc import OperationalError
 
 from app.config import Settings
 from app.db import outage_tries
-from app.exports.builder import BuildInterrupted
+from app.exports.builder import BuildInterruptedError
 from app.worker import tasks
 
 STALE_S = 10.0
@@ -96,7 +96,7 @@ def test_an_export_that_could_not_record_its_failure_records_it_on_retry(
         runtime.calls.append((export_id, token, given))
         if first:
             first = False
-            raise BuildInterrupted(failure) from _outage()
+            raise BuildInterruptedError(failure) from _outage()
         return "failed"
 
     monkeypatch.setattr(runtime, "build_export", build_export)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from app.errors import InvalidTrajectory, SrftError, UnknownFormat
+from app.errors import InvalidTrajectoryError, SrftError, UnknownFormatError
 from app.trajectories.formats import (
     mini_swe_agent,
     nebius,
@@ -38,7 +38,7 @@ def get_importer(name: str) -> Importer:
     for importer in IMPORTERS:
         if importer.name == name:
             return importer
-    raise UnknownFormat(
+    raise UnknownFormatError(
         f"unknown format {name!r}; known formats: auto, {', '.join(FORMAT_NAMES)}",
         location="query.format",
     )
@@ -53,7 +53,7 @@ def detect_format(doc: Document) -> Importer:
             return importer
         reasons[importer.name] = reason
     tried = "; ".join(f"{name}: {why}" for name, why in reasons.items())
-    raise UnknownFormat(
+    raise UnknownFormatError(
         f"could not detect the trajectory format (tried {', '.join(reasons)}). {tried}. "
         "Force one with ?format=",
         location="(document)",
@@ -66,7 +66,7 @@ def parse_document(doc: Document, fmt: str = "auto") -> list[Trajectory]:
     if fmt != "auto":
         reason = importer.sniff(doc)
         if reason is not None:
-            raise InvalidTrajectory(f"the body is not {fmt}: {reason}", location="(document)")
+            raise InvalidTrajectoryError(f"the body is not {fmt}: {reason}", location="(document)")
     try:
         trajectories = importer.parse(doc)
     except SrftError:
@@ -76,7 +76,7 @@ def parse_document(doc: Document, fmt: str = "auto") -> list[Trajectory]:
         # importer anticipated. That is still the file's problem to the caller (a 422, not a
         # 500), but it is an importer gap for us, so it is logged with its traceback.
         log.exception("the %s importer failed on an unexpected shape", importer.name)
-        raise InvalidTrajectory(
+        raise InvalidTrajectoryError(
             f"the {importer.name} importer could not read this file: {type(exc).__name__}: {exc}",
             location="(document)",
         ) from exc

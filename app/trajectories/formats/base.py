@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from app.errors import InvalidTrajectory
+from app.errors import InvalidTrajectoryError
 
 Message = dict[str, Any]
 JsonValue = Any
@@ -60,7 +60,7 @@ class Importer(Protocol):
 
     `sniff` answers quickly, without parsing everything: `None` when the document looks like
     this format, or a short reason why it does not (shown to the user when no format matches).
-    `parse` does the real work and raises `InvalidTrajectory` with a precise location.
+    `parse` does the real work and raises `InvalidTrajectoryError` with a precise location.
     """
 
     name: str
@@ -70,9 +70,9 @@ class Importer(Protocol):
     def parse(self, doc: Document) -> list[Trajectory]: ...
 
 
-def fail(message: str, record: Record, path: str = "") -> InvalidTrajectory:
-    """Build (not raise) an InvalidTrajectory located at `path` inside `record`."""
-    return InvalidTrajectory(message, location=record.where(path))
+def fail(message: str, record: Record, path: str = "") -> InvalidTrajectoryError:
+    """Build (not raise) an InvalidTrajectoryError located at `path` inside `record`."""
+    return InvalidTrajectoryError(message, location=record.where(path))
 
 
 def text_of(content: Any) -> str | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from app import json_input
-from app.errors import InvalidEncoding, InvalidJson
+from app.errors import InvalidEncodingError, InvalidJsonError
 from app.json_input import JsonSyntaxError
 from app.trajectories.formats.base import Document, Record
 
@@ -24,7 +24,7 @@ def decode_text(raw: bytes) -> str:
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise InvalidEncoding(
+        raise InvalidEncodingError(
             f"the body is not valid UTF-8: byte 0x{raw[exc.start]:02x} cannot be decoded",
             location=f"line {line}, column {column}",
         ) from None
@@ -40,13 +40,15 @@ def decode_document(raw: bytes, *, lines: bool | None = None) -> Document:
     """Decode one upload. `lines=True` forces JSONL, `False` forces JSON, `None` guesses."""
     text = decode_text(raw)
     if not text.strip():
-        raise InvalidJson("the body is empty", location="line 1, column 1")
+        raise InvalidJsonError("the body is empty", location="line 1, column 1")
     if lines is not True:
         try:
             return Document(records=(Record(_loads(text)),))
         except JsonSyntaxError as exc:
             if lines is False or not _looks_like_lines(text):
-                raise InvalidJson(f"malformed JSON: {exc.message}", location=exc.location) from None
+                raise InvalidJsonError(
+                    f"malformed JSON: {exc.message}", location=exc.location
+                ) from None
     return _decode_lines(text)
 
 
@@ -83,7 +85,7 @@ def _decode_lines(text: str) -> Document:
             if len(bad) > _MAX_LISTED_BAD_LINES
             else ""
         )
-        raise InvalidJson(
+        raise InvalidJsonError(
             f"{len(bad)} of {len(bad) + len(records)} JSON Lines records are malformed; "
             f"nothing was stored: {listed}{more}",
             location=", ".join(f"line {b['line']}" for b in bad[:_MAX_LISTED_BAD_LINES]),

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from app.errors import InvalidTrajectory
+from app.errors import InvalidTrajectoryError
 from app.trajectories.formats.base import Document, Record
 from app.trajectories.formats.common import (
     CallPairing,
@@ -73,7 +73,7 @@ def test_parse_tool_calls_accepts_loose_shapes_and_makes_ids_unique() -> None:
     assert bare["id"] == "call_x_0"
     assert bare["function"]["arguments"] == '{"q": "\\u00e9"}'
     assert parse_tool_calls("[]", run, "p", "call_x") == []
-    with pytest.raises(InvalidTrajectory) as caught:
+    with pytest.raises(InvalidTrajectoryError) as caught:
         parse_tool_calls([{"id": "a", "function": {}}], run, "p", "call_x")
     assert caught.value.location == "[4].p[0].function.name"
 

@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from app.errors import InvalidJson, InvalidTrajectory, UnknownFormat
+from app.errors import InvalidJsonError, InvalidTrajectoryError, UnknownFormatError
 from app.trajectories import formats
 from app.trajectories.formats import decode_document, parse_upload
 from tests.builders import make_trajectory
 
 
 def test_undetectable_document_lists_every_importer_and_its_reason() -> None:
-    with pytest.raises(UnknownFormat) as caught:
+    with pytest.raises(UnknownFormatError) as caught:
         parse_upload(b'{"unrelated": true}')
     assert set(caught.value.details["tried"]) == set(formats.FORMAT_NAMES)
     for name in formats.FORMAT_NAMES:
@@ -21,7 +21,7 @@ def test_undetectable_document_lists_every_importer_and_its_reason() -> None:
 
 
 def test_unknown_format_name_is_refused_before_decoding() -> None:
-    with pytest.raises(UnknownFormat) as caught:
+    with pytest.raises(UnknownFormatError) as caught:
         parse_upload(b"not even json", "langchain")
     assert caught.value.location == "query.format"
 
@@ -33,14 +33,14 @@ def test_an_importer_crash_is_a_located_422_not_a_500(monkeypatch: pytest.Monkey
         raise KeyError("messages")
 
     monkeypatch.setattr(importer, "parse", broken)
-    with pytest.raises(InvalidTrajectory) as caught:
+    with pytest.raises(InvalidTrajectoryError) as caught:
         parse_upload(json.dumps(make_trajectory()).encode())
     assert "openai importer could not read this file" in caught.value.message
     assert "KeyError" in caught.value.message
 
 
 def test_deeply_nested_json_is_invalid_json() -> None:
-    with pytest.raises(InvalidJson) as caught:
+    with pytest.raises(InvalidJsonError) as caught:
         decode_document(b"[" * 100_000 + b"]" * 100_000)
     assert "nested too deeply" in caught.value.message
 

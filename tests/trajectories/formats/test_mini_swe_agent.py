@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from app.errors import InvalidTrajectory, SrftError
+from app.errors import InvalidTrajectoryError, SrftError
 from app.recipe.steps import split_steps
 from app.trajectories.formats import parse_upload
 from app.trajectories.formats.base import Trajectory
@@ -161,7 +161,7 @@ NO_NAME_CALL = [{"id": "c1", "function": {"arguments": "{}"}}]
 def test_mangled_messages_name_the_field(
     relative: str, damage: Callable[[list[Any]], object], location: str
 ) -> None:
-    with pytest.raises(InvalidTrajectory) as caught:
+    with pytest.raises(InvalidTrajectoryError) as caught:
         parse_value(damaged(relative, damage))
     assert caught.value.location == location
 
@@ -169,7 +169,7 @@ def test_mangled_messages_name_the_field(
 def test_messages_not_a_list_is_rejected() -> None:
     raw = load(V1_SHORT)
     raw["messages"] = {"0": raw["messages"][0]}
-    with pytest.raises(InvalidTrajectory) as caught:
+    with pytest.raises(InvalidTrajectoryError) as caught:
         parse_value(raw)
     assert caught.value.location == "messages"
 
@@ -177,7 +177,7 @@ def test_messages_not_a_list_is_rejected() -> None:
 def test_error_in_second_jsonl_run_names_the_line() -> None:
     bad = damaged(V1_SHORT, lambda m: m[3].pop("role"))
     body = "\n".join([json.dumps(load(V1_SHORT)), json.dumps(bad)])
-    with pytest.raises(InvalidTrajectory) as caught:
+    with pytest.raises(InvalidTrajectoryError) as caught:
         parse_upload(body.encode())
     assert caught.value.location == "line 2: messages[3].role"
 

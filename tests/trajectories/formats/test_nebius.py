@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from app.errors import InvalidTrajectory, SrftError
+from app.errors import InvalidTrajectoryError, SrftError
 from app.recipe.steps import split_steps
 from app.trajectories.formats import parse_upload
 from app.trajectories.formats.nebius import EVAL_LOG_TAIL
@@ -141,14 +141,14 @@ def damaged(damage: Callable[[list[dict[str, Any]]], object]) -> list[dict[str, 
 def test_mangled_rows_name_the_field(
     damage: Callable[[list[dict[str, Any]]], object], location: str
 ) -> None:
-    with pytest.raises(InvalidTrajectory) as caught:
+    with pytest.raises(InvalidTrajectoryError) as caught:
         parse_value(damaged(damage))
     assert caught.value.location == location
 
 
 def test_errors_in_jsonl_rows_name_the_line() -> None:
     rows = damaged(lambda rows: rows[1]["trajectory"][5].pop("role"))
-    with pytest.raises(InvalidTrajectory) as caught:
+    with pytest.raises(InvalidTrajectoryError) as caught:
         parse_upload("\n".join(json.dumps(r) for r in rows).encode())
     assert caught.value.location == "line 2: trajectory[5].role"
 

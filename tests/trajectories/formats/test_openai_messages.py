@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from app.errors import InvalidTrajectory
+from app.errors import InvalidTrajectoryError
 from app.recipe.steps import split_steps
 from app.trajectories.formats import openai_messages, parse_upload
 from app.trajectories.formats.base import Trajectory
@@ -148,8 +148,8 @@ def _run(*extra: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _error(value: Any, raw: bytes | None = None) -> InvalidTrajectory:
-    with pytest.raises(InvalidTrajectory) as caught:
+def _error(value: Any, raw: bytes | None = None) -> InvalidTrajectoryError:
+    with pytest.raises(InvalidTrajectoryError) as caught:
         parse_upload(raw if raw is not None else json.dumps(value).encode())
     return caught.value
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from app.errors import InvalidTrajectory
+from app.errors import InvalidTrajectoryError
 from app.recipe.steps import split_steps
 from app.trajectories.formats import openhands, parse_upload
 from app.trajectories.formats.base import Trajectory
@@ -273,14 +273,14 @@ def test_v0_parallel_calls_of_one_response_are_one_step() -> None:
 def test_v0_observation_of_an_unknown_event_is_rejected_with_its_line() -> None:
     run = v0_run({"id": 6, "source": "agent", "observation": "run", "cause": 40, "content": "x"})
     body = (json.dumps(v0_run()) + "\n" + json.dumps(run)).encode()
-    with pytest.raises(InvalidTrajectory) as caught:
+    with pytest.raises(InvalidTrajectoryError) as caught:
         parse_upload(body)
     assert caught.value.location == "line 2: history[4].cause"
 
 
 def test_v0_event_without_id_in_an_array_is_located() -> None:
     run = v0_run({"source": "agent", "action": "run", "args": {"command": "ls"}})
-    with pytest.raises(InvalidTrajectory) as caught:
+    with pytest.raises(InvalidTrajectoryError) as caught:
         parse_value([v0_run(), run])
     assert caught.value.location == "[1].history[4].id"
 
@@ -440,14 +440,14 @@ def test_v1_observation_of_an_unknown_action_is_rejected() -> None:
         "instruction": "t",
         "history": [action_event("a-1", "c-1", "ls", "r"), observation_event("zzz", "c-1", "x")],
     }
-    with pytest.raises(InvalidTrajectory) as caught:
+    with pytest.raises(InvalidTrajectoryError) as caught:
         parse_value(run)
     assert caught.value.location == "history[1].action_id"
 
 
 def test_run_without_any_task_is_rejected() -> None:
     run = {"instance_id": "x", "history": [action_event("a-1", "c-1", "ls", "r")]}
-    with pytest.raises(InvalidTrajectory) as caught:
+    with pytest.raises(InvalidTrajectoryError) as caught:
         parse_value(run)
     assert caught.value.location == "instruction"
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from app.errors import InvalidTrajectory, SrftError
+from app.errors import InvalidTrajectoryError, SrftError
 from app.recipe.steps import split_steps
 from app.trajectories.formats import parse_upload
 from app.trajectories.formats.base import Trajectory
@@ -252,7 +252,7 @@ def broken(relative: str, damage: Any) -> dict[str, Any]:
     ],
 )
 def test_mangled_structure_names_the_field(damage: Any, location: str) -> None:
-    with pytest.raises(InvalidTrajectory) as caught:
+    with pytest.raises(InvalidTrajectoryError) as caught:
         parse_value(broken(SA_PYDICOM, damage))
     assert caught.value.location == location
 
@@ -260,7 +260,7 @@ def test_mangled_structure_names_the_field(damage: Any, location: str) -> None:
 def test_bad_tool_call_names_the_field() -> None:
     raw = load(SA_1X)
     raw["history"][4]["tool_calls"][0]["function"].pop("name")
-    with pytest.raises(InvalidTrajectory) as caught:
+    with pytest.raises(InvalidTrajectoryError) as caught:
         parse_value(raw)
     assert caught.value.location == "history[4].tool_calls[0].function.name"
 
@@ -268,7 +268,7 @@ def test_bad_tool_call_names_the_field() -> None:
 def test_tool_message_with_no_call_to_answer_is_rejected() -> None:
     raw = load(SA_1X)
     raw["history"].insert(3, dict(raw["history"][3]))  # a second answer to a single call
-    with pytest.raises(InvalidTrajectory) as caught:
+    with pytest.raises(InvalidTrajectoryError) as caught:
         parse_value(raw)
     assert caught.value.location == "history[4]"
 
@@ -276,10 +276,10 @@ def test_tool_message_with_no_call_to_answer_is_rejected() -> None:
 def test_errors_in_later_runs_say_which_line_or_element() -> None:
     bad = broken(SA_PYDICOM, lambda raw: raw["history"][3].pop("role"))
     body = "\n".join([json.dumps(load(MSB_174)), json.dumps(bad)])
-    with pytest.raises(InvalidTrajectory) as caught:
+    with pytest.raises(InvalidTrajectoryError) as caught:
         parse_upload(body.encode())
     assert caught.value.location == "line 2: history[3].role"
-    with pytest.raises(InvalidTrajectory) as caught:
+    with pytest.raises(InvalidTrajectoryError) as caught:
         parse_value([load(MSB_174), bad])
     assert caught.value.location == "[1].history[3].role"
 
