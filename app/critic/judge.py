@@ -134,6 +134,14 @@ class Judge:
         self._sleep = sleep
         self._rng = rng or random.Random()
 
+    def _layout(self) -> dict[str, Any]:
+        """How prompts are laid out for this critic: its labels and its token budget."""
+        return {
+            "labels": self.config.labels,
+            "context_tokens": self.config.context_tokens,
+            "reserve_tokens": self.config.max_answer_tokens,
+        }
+
     # ------------------------------------------------------------------ public
 
     async def judge_trajectory(
@@ -144,14 +152,7 @@ class Judge:
         targets: set[int],
     ) -> AsyncIterator[list[StepOutcome]]:
         """Outcomes for `targets`, one window of the trajectory at a time (usually one)."""
-        windows = trajectory_windows(
-            messages,
-            list(steps),
-            resolved,
-            self.config.labels,
-            self.config.context_tokens,
-            reserve_tokens=self.config.max_answer_tokens,
-        )
+        windows = trajectory_windows(messages, list(steps), resolved, **self._layout())
         for window in windows:
             wanted = [i for i in window.target_indices if i in targets]
             if not wanted:
@@ -184,14 +185,7 @@ class Judge:
         """One outcome per target step, each from its own call(s), as they complete."""
 
         # One layout for all the steps: every request shares the trajectory's prefix.
-        requests = StepRequests(
-            messages,
-            list(steps),
-            resolved,
-            self.config.labels,
-            self.config.context_tokens,
-            reserve_tokens=self.config.max_answer_tokens,
-        )
+        requests = StepRequests(messages, list(steps), resolved, **self._layout())
 
         async def one(index: int) -> StepOutcome:
             request = requests.request(index)

@@ -206,8 +206,9 @@ def claim(
     return token if getattr(result, "rowcount", 0) else None
 
 
-def heartbeat(session: Session, export_id: uuid.UUID, token: str, *, done: int, total: int) -> bool:
-    """Record progress and keep the claim alive; False if the claim was taken over."""
+def _update_claimed(session: Session, export_id: uuid.UUID, token: str, **values: Any) -> bool:
+    """Set `values` on the export if it still runs under `token`; False if the claim was
+    taken over (the sweeper handed it on) or the export is gone."""
     result = session.execute(
         update(Export)
         .where(
@@ -215,28 +216,34 @@ def heartbeat(session: Session, export_id: uuid.UUID, token: str, *, done: int, 
             Export.claim_token == token,
             Export.status == ExportStatus.RUNNING,
         )
-        .values(claimed_at=utcnow(), done_trajectories=done, total_trajectories=total)
+        .values(**values)
     )
     return bool(getattr(result, "rowcount", 0))
+
+
+def heartbeat(session: Session, export_id: uuid.UUID, token: str, *, done: int, total: int) -> bool:
+    """Record progress and keep the claim alive; False if the claim was taken over."""
+    return _update_claimed(
+        session,
+        export_id,
+        token,
+        claimed_at=utcnow(),
+        done_trajectories=done,
+        total_trajectories=total,
+    )
 
 
 def complete(session: Session, export_id: uuid.UUID, token: str, manifest: dict[str, Any]) -> bool:
-    result = session.execute(
-        update(Export)
-        .where(
-            Export.id == export_id,
-            Export.claim_token == token,
-            Export.status == ExportStatus.RUNNING,
-        )
-        .values(
-            status=ExportStatus.COMPLETED,
-            manifest=manifest,
-            finished_at=utcnow(),
-            done_trajectories=Export.total_trajectories,
-            claim_token=None,
-        )
+    return _update_claimed(
+        session,
+        export_id,
+        token,
+        status=ExportStatus.COMPLETED,
+        manifest=manifest,
+        finished_at=utcnow(),
+        done_trajectories=Export.total_trajectories,
+        claim_token=None,
     )
-    return bool(getattr(result, "rowcount", 0))
 
 
 def fail(
