@@ -33,6 +33,8 @@ LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # The label of failed verdicts with no known error kind (none stored, or one this version
 # does not know).
 OTHER_ERROR = "other"
+# One line of a family: name suffix, labels, value.
+Sample = tuple[str, Mapping[str, str], float]
 
 
 def _number(value: float) -> str:
@@ -41,9 +43,7 @@ def _number(value: float) -> str:
     return repr(float(value))
 
 
-def _family(
-    name: str, kind: str, help_text: str, samples: Iterable[tuple[str, Mapping[str, str], float]]
-) -> list[str]:
+def _family(name: str, kind: str, help_text: str, samples: Iterable[Sample]) -> list[str]:
     lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
     for suffix, labels, value in samples:
         rendered = ",".join(f'{key}="{_escape(val)}"' for key, val in labels.items())
@@ -58,12 +58,71 @@ def _escape(value: str) -> str:
 
 def _by_status(
     session: Session, column: InstrumentedAttribute[str], known: Sequence[str]
-) -> list[tuple[str, Mapping[str, str], float]]:
+) -> list[Sample]:
     found = {
         str(s): int(n) for s, n in session.execute(select(column, func.count()).group_by(column))
     }
     statuses = list(known) + sorted(set(found) - set(known))
     return [("", {"status": s}, found.get(s, 0)) for s in statuses]
+
+
+def _latency_histogram(session: Session) -> list[Sample]:
+    """Critic seconds per done, uncached verdict, in LATENCY_BUCKETS_S."""
+    timed = (
+        Verdict.status == VerdictStatus.DONE,
+        Verdict.cached.is_(False),
+        Verdict.latency_ms.is_not(None),
+    )
+    bucket_columns = [
+        func.coalesce(func.sum(case((Verdict.latency_ms <= bound * 1000, 1), else_=0)), 0)
+        for bound in LATENCY_BUCKETS_S
+    ]
+    row = session.execute(
+        select(func.count(), func.coalesce(func.sum(Verdict.latency_ms), 0), *bucket_columns).where(
+            *timed
+        )
+    ).one()
+    count, total_ms, buckets = int(row[0]), float(row[1]), [int(v) for v in row[2:]]
+    histogram: list[Sample] = [
+        ("_bucket", {"le": repr(bound)}, n)
+        for bound, n in zip(LATENCY_BUCKETS_S, buckets, strict=True)
+    ]
+    histogram += [
+        ("_bucket", {"le": "+Inf"}, count),
+        ("_sum", {}, total_ms / 1000),
+        ("_count", {}, count),
+    ]
+    return histogram
+
+
+def _errors_by_kind(session: Session) -> list[Sample]:
+    """Failed verdicts by their stored error kind; none stored or unknown: `other`."""
+    known_kinds: list[str] = [*ErrorKind, OTHER_ERROR]
+    errors: Counter[str] = Counter()
+    failed = session.execute(
+        select(Verdict.error_kind, func.count())
+        .where(Verdict.status == VerdictStatus.FAILED)
+        .group_by(Verdict.error_kind)
+    )
+    for stored, n in failed:
+        # None: failed before kinds were stored, with text no known pattern matched.
+        errors[stored if stored is not None and stored in known_kinds else OTHER_ERROR] += n
+    return [("", {"kind": k}, errors.get(k, 0)) for k in known_kinds]
+
+
+def _tokens(session: Session) -> list[Sample]:
+    """Critic tokens of every verdict: prompt, completion, cached."""
+    tokens = session.execute(
+        select(
+            func.coalesce(func.sum(Verdict.prompt_tokens), 0),
+            func.coalesce(func.sum(Verdict.completion_tokens), 0),
+            func.coalesce(func.sum(Verdict.cached_tokens), 0),
+        )
+    ).one()
+    return [
+        ("", {"type": t}, int(v))
+        for t, v in zip(("prompt", "completion", "cached"), tokens, strict=True)
+    ]
 
 
 def render(session: Session) -> str:
@@ -105,71 +164,27 @@ def render(session: Session) -> str:
         ],
     )
 
-    timed = (
-        Verdict.status == VerdictStatus.DONE,
-        Verdict.cached.is_(False),
-        Verdict.latency_ms.is_not(None),
-    )
-    bucket_columns = [
-        func.coalesce(func.sum(case((Verdict.latency_ms <= bound * 1000, 1), else_=0)), 0)
-        for bound in LATENCY_BUCKETS_S
-    ]
-    row = session.execute(
-        select(func.count(), func.coalesce(func.sum(Verdict.latency_ms), 0), *bucket_columns).where(
-            *timed
-        )
-    ).one()
-    count, total_ms, buckets = int(row[0]), float(row[1]), [int(v) for v in row[2:]]
-    histogram: list[tuple[str, Mapping[str, str], float]] = [
-        ("_bucket", {"le": repr(bound)}, n)
-        for bound, n in zip(LATENCY_BUCKETS_S, buckets, strict=True)
-    ]
-    histogram += [
-        ("_bucket", {"le": "+Inf"}, count),
-        ("_sum", {}, total_ms / 1000),
-        ("_count", {}, count),
-    ]
     lines += _family(
         "srft_critic_latency_seconds",
         "histogram",
         "Critic time per done verdict (all attempts and votes), steps served from the "
         "cache excluded.",
-        histogram,
+        _latency_histogram(session),
     )
 
-    known_kinds: list[str] = [*ErrorKind, OTHER_ERROR]
-    errors: Counter[str] = Counter()
-    failed = session.execute(
-        select(Verdict.error_kind, func.count())
-        .where(Verdict.status == VerdictStatus.FAILED)
-        .group_by(Verdict.error_kind)
-    )
-    for stored, n in failed:
-        # None: failed before kinds were stored, with text no known pattern matched.
-        errors[stored if stored is not None and stored in known_kinds else OTHER_ERROR] += n
     lines += _family(
         "srft_critic_errors_total",
         "counter",
         "Failed step verdicts by the kind of their last error.",
-        [("", {"kind": k}, errors.get(k, 0)) for k in known_kinds],
+        _errors_by_kind(session),
     )
 
-    tokens = session.execute(
-        select(
-            func.coalesce(func.sum(Verdict.prompt_tokens), 0),
-            func.coalesce(func.sum(Verdict.completion_tokens), 0),
-            func.coalesce(func.sum(Verdict.cached_tokens), 0),
-        )
-    ).one()
     lines += _family(
         "srft_critic_tokens_total",
         "counter",
         "Critic tokens used by all verdicts (cached: prompt tokens the endpoint served from "
         "its prompt cache).",
-        [
-            ("", {"type": t}, int(v))
-            for t, v in zip(("prompt", "completion", "cached"), tokens, strict=True)
-        ],
+        _tokens(session),
     )
     return "\n".join(lines) + "\n"
 
