@@ -45,6 +45,19 @@ def discard(session: Session) -> None:
     session.rollback()
 
 
+@contextmanager
+def unit_of_work(session: Session) -> Iterator[Session]:
+    """The block is one unit of work on `session`: committed (then its after-commit steps
+    run) when it ends without an error, rolled back, its after-commit steps forgotten, on any
+    error. Requests (`app.deps.get_session`) and tasks (`Database.transaction`) both use it."""
+    try:
+        yield session
+    except BaseException:
+        discard(session)
+        raise
+    commit(session)
+
+
 def create_db_engine(url: str, **kwargs: Any) -> Engine:
     if url.startswith("sqlite"):
         _ensure_sqlite_dir(url)
@@ -125,13 +138,8 @@ class Database:
     def transaction(self) -> Iterator[Session]:
         """A unit of work: committed (then its after-commit callbacks run) when the block
         ends without an error, rolled back on any error."""
-        with self.sessions() as session:
-            try:
-                yield session
-            except BaseException:
-                discard(session)
-                raise
-            commit(session)
+        with self.sessions() as session, unit_of_work(session):
+            yield session
 
     def ping(self) -> None:
         with self.engine.connect() as connection:

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.auth import service as auth_service
 from app.config import Settings
-from app.db import Database, commit, discard
+from app.db import Database, unit_of_work
 
 
 def get_database(request: Request) -> Database:
@@ -29,16 +29,8 @@ def get_session(database: Annotated[Database, Depends(get_database)]) -> Iterato
     before the response is sent (so a 2xx means stored and a failed commit is an error
     response), then its after-commit steps run (queueing tasks); any error rolls it all back
     and nothing is queued. Routes never commit themselves."""
-    session = database.sessions()
-    try:
+    with database.sessions() as session, unit_of_work(session):
         yield session
-    except BaseException:
-        discard(session)
-        raise
-    else:
-        commit(session)
-    finally:
-        session.close()
 
 
 # scope="function": the unit of work ends when the handler returns, before the response is

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.auth import service as auth_service
 from app.config import Settings
-from app.db import Database, commit, discard, upgrade_database
+from app.db import Database, unit_of_work, upgrade_database
 from app.deps import get_session
 from app.main import create_app
 from tests.chat_tokenizers import TEMPLATES, build_tokenizer
@@ -144,13 +144,8 @@ def client(settings: Settings, session: Session, postgres_url: str) -> Iterator[
         # The request's unit of work on the test's session: a commit releases a savepoint of
         # the test's outer transaction (rolled back when the test ends), a failure rolls the
         # savepoint back, and after-commit steps run as in production.
-        try:
+        with unit_of_work(session):
             yield session
-        except BaseException:
-            discard(session)
-            raise
-        else:
-            commit(session)
 
     app.dependency_overrides[get_session] = _session
     with TestClient(app) as test_client:
