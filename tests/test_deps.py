@@ -63,13 +63,19 @@ def _upload(client: TestClient, headers: dict[str, str]) -> str:
     return trajectory_id
 
 
+def _start_job(service: tuple[TestClient, dict[str, str]]) -> Any:
+    """Upload a run of 3 steps, then POST a job over it."""
+    client, headers = service
+    trajectory_id = _upload(client, headers)
+    selection = {"trajectory_ids": [trajectory_id]}
+    return client.post("/v1/jobs", json={"selection": selection}, headers=headers)
+
+
 def test_a_route_that_fails_after_writing_stores_nothing_and_queues_nothing(
     service: tuple[TestClient, dict[str, str]],
     database_url: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    client, headers = service
-    trajectory_id = _upload(client, headers)
     sent: list[list[workqueue.Unit]] = []
     monkeypatch.setattr(job_queue, "enqueue", lambda _url, units: sent.append(list(units)))
     jobs_before, verdicts_before = _count(database_url, Job), _count(database_url, Verdict)
@@ -86,9 +92,7 @@ def test_a_route_that_fails_after_writing_stores_nothing_and_queues_nothing(
         raise RuntimeError("the handler fails after writing")
 
     monkeypatch.setattr(job_service, "describe", broken_describe)
-    response = client.post(
-        "/v1/jobs", json={"selection": {"trajectory_ids": [trajectory_id]}}, headers=headers
-    )
+    response = _start_job(service)
     assert response.status_code == 500
     assert response.json()["error"]["code"] == "internal_error"
     assert _count(database_url, Job) == jobs_before
@@ -101,8 +105,6 @@ def test_tasks_are_queued_only_after_the_rows_they_name_are_committed(
     database_url: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    client, headers = service
-    trajectory_id = _upload(client, headers)
     seen: list[int] = []
 
     def spy(_url: str, units: Any) -> int:
@@ -113,9 +115,7 @@ def test_tasks_are_queued_only_after_the_rows_they_name_are_committed(
 
     monkeypatch.setattr(job_queue, "enqueue", spy)
     before = _count(database_url, Verdict)
-    response = client.post(
-        "/v1/jobs", json={"selection": {"trajectory_ids": [trajectory_id]}}, headers=headers
-    )
+    response = _start_job(service)
     assert response.status_code == 202, response.text
     assert seen == [before + 3]
 
