@@ -69,6 +69,18 @@ class InvalidEncodingError(SrftError):
     code = "invalid_encoding"
 
 
+class InvalidParquetError(SrftError):
+    """A Parquet body that cannot be read, or a value in it that JSON cannot carry."""
+
+    status_code = 400
+    code = "invalid_parquet"
+
+
+class UnsupportedMediaTypeError(SrftError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
 class InvalidTrajectoryError(SrftError):
     """The content parsed, but is not a valid run of the named format."""
 

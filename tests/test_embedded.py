@@ -111,18 +111,30 @@ def test_embedded_service_end_to_end(served: Served) -> None:
     ).json()
     assert [item["id"] for item in listing["items"]] == [trajectory_id]
 
-    # `srft ingest` uploads a folder over HTTP; a second run finds only duplicates.
+    # `srft ingest` uploads a folder over HTTP; a second run skips what the first sent, and
+    # with --restart sends it again and finds only duplicates.
     cli_env = _env(SRFT_URL=served.url, SRFT_API_KEY=new_key)
     folder = TRAJECTORY_DIR / "openhands"
+    state = ("--state", str(served.workdir / "ingest-state"))
     first = subprocess.run(
-        [*SRFT, "ingest", str(folder), "--unresolved"], env=cli_env, capture_output=True, text=True
+        [*SRFT, "ingest", str(folder), "--unresolved", *state],
+        env=cli_env,
+        capture_output=True,
+        text=True,
     )
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "2 files: 5 trajectories created, 0 duplicates, 0 files failed" in first.stdout
+    assert "2 files: 5 trajectories created, 0 duplicates, 0 rows failed" in first.stdout
     second = subprocess.run(
-        [*SRFT, "ingest", str(folder)], env=cli_env, capture_output=True, text=True
+        [*SRFT, "ingest", str(folder), *state], env=cli_env, capture_output=True, text=True
     )
-    assert "0 trajectories created, 5 duplicates" in second.stdout
+    assert "0 trajectories created, 0 duplicates, 0 rows failed, 5 rows skipped" in second.stdout
+    third = subprocess.run(
+        [*SRFT, "ingest", str(folder), "--restart", *state],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+    )
+    assert "0 trajectories created, 5 duplicates" in third.stdout
     unresolved = httpx.get(
         f"{served.url}/v1/trajectories", params={"resolved": "false"}, headers=headers
     ).json()
@@ -188,7 +200,7 @@ def test_embedded_service_end_to_end(served: Served) -> None:
     bad = served.workdir / "bad.json"
     bad.write_text('{"messages": [')
     failed = subprocess.run(
-        [*SRFT, "ingest", str(bad)], env=cli_env, capture_output=True, text=True
+        [*SRFT, "ingest", str(bad), *state], env=cli_env, capture_output=True, text=True
     )
     assert failed.returncode == 1
     assert "bad.json" in failed.stdout

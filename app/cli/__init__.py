@@ -1,6 +1,7 @@
 """The `srft` command line. Server-side commands (serve, worker, beat, db, keys, the rules
-critic) are `app.cli.server`; commands that talk to a running service over HTTP (ingest,
-label, export, pull, evaluate) are `app.cli.client`; `srft train` is `app.cli.train`."""
+critic) are `app.cli.server`; commands that talk to a running service over HTTP (label,
+export, pull, evaluate) are `app.cli.client`, and `srft ingest` (streaming, batching,
+resuming) is `app.cli.ingest`; `srft train` is `app.cli.train`."""
 
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ app.add_typer(db_app, name="db")
 
 # The commands register themselves on the apps above, in the order `srft --help` lists them.
 # isort: off
-from app.cli import server, client, train  # noqa: E402
+from app.cli import server, client, ingest, train  # noqa: E402
 # isort: on
 
-__all__ = ["app", "client", "main", "server", "train"]
+__all__ = ["app", "client", "ingest", "main", "server", "train"]
 
 
 def main() -> None:

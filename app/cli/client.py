@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -31,7 +32,6 @@ from app.status import (
     VerdictStatus,
 )
 
-UPLOAD_SUFFIXES = (".json", ".jsonl", ".traj", ".ndjson")
 DEFAULT_URL = "http://127.0.0.1:8000"
 UrlOption = Annotated[str, typer.Option(envvar="SRFT_URL", help="Service URL.")]
 ApiKeyOption = Annotated[str, typer.Option(envvar="SRFT_API_KEY", help="API key.")]
@@ -107,74 +107,6 @@ def _follow(
             response = client.get(path)
             if response.status_code == 200:
                 item = response.json()
-
-
-def _collect(paths: list[Path]) -> list[Path]:
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            files.extend(
-                sorted(
-                    p for p in path.rglob("*") if p.is_file() and p.name.endswith(UPLOAD_SUFFIXES)
-                )
-            )
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise typer.BadParameter(f"{path} does not exist", param_hint="PATH")
-    return files
-
-
-@app.command()
-def ingest(
-    paths: Annotated[list[Path], typer.Argument(help="Files or folders of trajectory files.")],
-    fmt: Annotated[str, typer.Option("--format", help="Source format, or auto.")] = "auto",
-    resolved: Annotated[
-        bool | None, typer.Option("--resolved/--unresolved", help="Resolution of every run.")
-    ] = None,
-    url: UrlOption = DEFAULT_URL,
-    api_key: ApiKeyOption = "",
-) -> None:
-    """Upload trajectory files over HTTP, one request per file, with a progress bar."""
-    files = _collect(paths)
-    if not files:
-        typer.echo("no trajectory files found", err=True)
-        raise typer.Exit(2)
-    params: dict[str, str] = {"format": fmt}
-    if resolved is not None:
-        params["resolved"] = "true" if resolved else "false"
-    created = duplicates = failed = 0
-    with (
-        _client(url, api_key, timeout=300) as client,
-        Progress(transient=False) as progress,
-    ):
-        task = progress.add_task("uploading", total=len(files))
-        for file in files:
-            content_type = (
-                "application/x-ndjson"
-                if file.suffix in (".jsonl", ".ndjson")
-                else "application/json"
-            )
-            response = client.post(
-                "/v1/trajectories",
-                params=params,
-                content=file.read_bytes(),
-                headers={"Content-Type": content_type, "X-Filename": file.name},
-            )
-            if response.status_code == 201:
-                body = response.json()
-                created += body["created"]
-                duplicates += body["duplicates"]
-            else:
-                failed += 1
-                progress.console.print(f"[red]{file}[/red]: {_describe_error(response)}")
-            progress.advance(task)
-    typer.echo(
-        f"{len(files)} files: {created} trajectories created, {duplicates} duplicates, "
-        f"{failed} files failed"
-    )
-    if failed:
-        raise typer.Exit(1)
 
 
 @app.command()
@@ -428,10 +360,15 @@ def evaluate(
         typer.echo(f"{label:<{width}}  " + "".join(f"{n:>{cell + 1}d}" for n in row))
 
 
-def _describe_error(response: httpx.Response) -> str:
+def _describe_error(response: httpx.Response, *, one_row: bool = False) -> str:
+    """The error of a response as one line. `one_row`: the body was one row of a file, whose
+    place the caller names, so the `line 1` of the location is left out."""
     try:
         error = response.json()["error"]
     except (ValueError, KeyError, TypeError):
         return f"HTTP {response.status_code}: {response.text[:300]}"
-    where = f" at {error['location']}" if error.get("location") else ""
+    location = error.get("location") or ""
+    if one_row:
+        location = re.sub(r"^line 1(?:: |, |$)", "", location)
+    where = f" at {location}" if location else ""
     return f"HTTP {response.status_code} {error['code']}{where}: {error['message']}"

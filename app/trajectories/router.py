@@ -12,6 +12,7 @@ from app.pagination import MAX_TRAJECTORY_PAGE
 from app.schemas import COMMON_ERRORS, error_responses
 from app.trajectories import schemas
 from app.trajectories import service as trajectory_service
+from app.trajectories.formats import parquet as parquet_rows
 
 router = APIRouter(
     prefix="/v1/trajectories", tags=["trajectories"], responses=COMMON_ERRORS | error_responses(404)
@@ -21,6 +22,7 @@ uploads_router = APIRouter(
 )
 
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/x-jsonlines")
+PARQUET_TYPE = parquet_rows.MEDIA_TYPE
 
 
 async def read_body(request: Request) -> bytes:
@@ -52,7 +54,7 @@ def upload_trajectories(
         bool | None, Query(description="Resolution of every run in the file, if known.")
     ] = None,
 ) -> schemas.IngestOut:
-    """Upload one trajectory file (any supported format) or canonical items."""
+    """Upload one trajectory file (any format), canonical items, or Parquet dataset rows."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower() or None
     result = trajectory_service.ingest(
         session,
@@ -61,6 +63,7 @@ def upload_trajectories(
         fmt=fmt,
         resolved=resolved,
         lines=True if content_type in NDJSON_TYPES else None,
+        parquet=content_type == PARQUET_TYPE,
         content_type=content_type,
         filename=request.headers.get("x-filename"),
     )

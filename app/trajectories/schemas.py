@@ -132,6 +132,13 @@ UPLOAD_REQUEST_BODY: dict[str, Any] = {
         "application/x-ndjson": {
             "schema": {"type": "string", "description": "one run (any format) per line"}
         },
+        "application/vnd.apache.parquet": {
+            "schema": {
+                "type": "string",
+                "format": "binary",
+                "description": "dataset rows (Hugging Face Hub shards), one run per row",
+            }
+        },
     },
 }
 

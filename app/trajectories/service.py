@@ -79,6 +79,7 @@ def ingest(
     fmt: str = "auto",
     resolved: bool | None = None,
     lines: bool | None = None,
+    parquet: bool = False,
     content_type: str | None = None,
     filename: str | None = None,
 ) -> IngestResult:
@@ -87,7 +88,7 @@ def ingest(
     Everything is checked before anything is written, and the caller commits the whole upload
     as one transaction: an upload is stored entirely or not at all.
     """
-    plan = _plan(formats.parse_upload(raw, fmt, lines=lines), resolved)
+    plan = _plan(formats.parse_upload(raw, fmt, lines=lines, parquet=parquet), resolved)
     upload_id = _store_upload(
         session, project_id, raw, plan[0].run.source_format, content_type, filename
     )

@@ -20,6 +20,7 @@ from app.trajectories.formats import (
 from app.trajectories.formats.base import Document, Importer, Trajectory
 from app.trajectories.formats.clean import clean_trajectory
 from app.trajectories.formats.decode import decode_document
+from app.trajectories.formats.parquet import decode_parquet
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,14 @@ def parse_document(doc: Document, fmt: str = "auto") -> list[Trajectory]:
     return [clean_trajectory(t) for t in trajectories]
 
 
-def parse_upload(raw: bytes, fmt: str = "auto", *, lines: bool | None = None) -> list[Trajectory]:
-    """Bytes of one file to canonical, cleaned trajectories. Raises `SrftError` subclasses."""
+def parse_upload(
+    raw: bytes, fmt: str = "auto", *, lines: bool | None = None, parquet: bool = False
+) -> list[Trajectory]:
+    """Bytes of one file to canonical, cleaned trajectories. Raises `SrftError` subclasses.
+
+    `parquet=True` reads the bytes as a Parquet file of dataset rows, which then go exactly
+    where the same rows as JSON Lines go (`lines` is for JSON bodies only)."""
     if fmt != "auto":
         get_importer(fmt)  # an unknown name is the caller's first mistake; say so first
-    return parse_document(decode_document(raw, lines=lines), fmt)
+    doc = decode_parquet(raw) if parquet else decode_document(raw, lines=lines)
+    return parse_document(doc, fmt)

@@ -34,17 +34,19 @@ class Record:
     """One top-level JSON value of an upload and where it sits in the file.
 
     A `.json` file is one record with `line=None`; a `.jsonl` file is one record per non-empty
-    line, numbered from 1.
+    line, numbered from 1; a Parquet file one record per row, numbered from 1 (`unit="row"`).
     """
 
     value: JsonValue
     line: int | None = None
+    unit: str = "line"
 
     def where(self, path: str = "") -> str:
         """A location string for an error: `line 3: history[2].cause`, or just the path."""
         if self.line is None:
             return path or "(document)"
-        return f"line {self.line}: {path}" if path else f"line {self.line}"
+        here = f"{self.unit} {self.line}"
+        return f"{here}: {path}" if path else here
 
 
 @dataclass(frozen=True)

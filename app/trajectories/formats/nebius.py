@@ -50,11 +50,13 @@ class _Importer:
 
 
 def _starts_with_turn(turns: Any) -> bool:
+    # Chat messages (`content`, as SWE-rebench's `trajectory` holds) are not nebius turns.
     return (
         isinstance(turns, list)
         and bool(turns)
         and isinstance(turns[0], dict)
         and "role" in turns[0]
+        and ("text" in turns[0] or "system_prompt" in turns[0])
     )
 
 

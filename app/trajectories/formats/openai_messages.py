@@ -9,9 +9,12 @@ Accepted, one run each:
   tools are in `kwargs.tools`;
 - SWE-Gym `OpenHands-Sampled-Trajectories` rows: `instance_id` carries a `_N` sample suffix,
   which is cut from the task id (the original stays in metadata); unused keys are null;
+- nebius/SWE-rebench-openhands-trajectories rows: the chat messages are in `trajectory`,
+  `trajectory_id` names the run and `resolved` is 0 or 1;
 - SWE-smith trajectory rows: the assistant writes its calls inline (`<function=bash>...`) and
   the observations are user messages. That text is kept verbatim (the steps code reads the
-  inline markup); turning it into `tool_calls` would change what the model wrote.
+  inline markup); turning it into `tool_calls` would change what the model wrote. The Hub's
+  Parquet rows hold `messages` as a JSON string of the list, which is read as that list.
 
 Messages come out as plain OpenAI chat messages and nothing else: `role`, `content` (a string
 or null; lists of content parts are flattened), assistant `tool_calls`, tool `tool_call_id` and
@@ -24,6 +27,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from app import json_input
+from app.json_input import JsonSyntaxError
 from app.trajectories.formats.base import Document, Message, Record, Trajectory, fail, text_of
 from app.trajectories.formats.common import (
     ROLES,
@@ -68,7 +73,7 @@ def _parse_run(run: Run, run_index: int) -> Trajectory:
     elif isinstance(run.value, dict):
         row = run.value
         _check_canonical_fields(row, run)
-        raw, base = row.get("messages"), run.at("messages")
+        raw, base = _row_messages(row, run)
     else:
         raise fail(
             "a run must be an object with 'messages' or a list of messages", run.record, run.prefix
@@ -89,6 +94,23 @@ def _parse_run(run: Run, run_index: int) -> Trajectory:
         task_id=_task_id(row, run),
         metadata=_metadata(row, run, run_index),
     )
+
+
+def _row_messages(row: dict[str, Any], run: Run) -> tuple[Any, str]:
+    """The row's chat messages and where they are: `messages`, which SWE-smith's Hub rows
+    (Parquet) hold as a JSON string of the list, or SWE-rebench's `trajectory`."""
+    key = "trajectory" if _variant(row) == "swe-rebench" else "messages"
+    value = row.get(key)
+    if not isinstance(value, str):
+        return value, run.at(key)
+    try:
+        return json_input.loads(value, allow_control_characters=True), run.at(key)
+    except JsonSyntaxError as exc:
+        raise fail(
+            f"'{key}' is a string that is not JSON: {exc.message} (at {exc.location} of it)",
+            run.record,
+            run.at(key),
+        ) from None
 
 
 def _check_canonical_fields(row: dict[str, Any], run: Run) -> None:
@@ -243,6 +265,8 @@ def _variant(row: dict[str, Any]) -> str | None:
     """Which known producer wrote the row, for metadata and its few special rules."""
     if "response" in row:
         return "openhands-llm-completions"
+    if "trajectory_id" in row and "trajectory" in row:
+        return "swe-rebench"
     if "traj_id" in row:
         return "swe-smith"
     if "run_id" in row and "test_result" in row:
@@ -266,6 +290,8 @@ def _resolved(row: dict[str, Any], run: Run) -> bool | None:
     if value is None:  # SWE-Gym also keeps the evaluation report
         report = mapping(mapping(row.get("test_result")).get("report")).get("resolved")
         return report if isinstance(report, bool) else None
+    if _variant(row) == "swe-rebench" and value in (0, 1):
+        return bool(value)  # an int64 column of 0 and 1 there
     if not isinstance(value, bool):
         raise fail("'resolved' must be true, false or null", run.record, run.at("resolved"))
     return value
@@ -307,12 +333,20 @@ def _metadata(row: dict[str, Any], run: Run, run_index: int) -> dict[str, Any]:
         if original != _task_id(row, run):
             put(metadata, "instance_id", original)
         put(metadata, "submission", mapping(row.get("test_result")).get("git_patch"))
+    if variant == "swe-rebench":
+        for key in ("trajectory_id", "repo", "exit_status"):
+            put(metadata, key, row.get(key))
+        put(metadata, "submission", row.get("model_patch"))
     # SWE-smith's `patch` column belongs to other rows of the dataset, so it is never read.
     metadata["run_index"] = run_index
     return metadata
 
 
 # ---------------------------------------------------------------- importer
+
+
+def _is_json_list_text(value: Any) -> bool:
+    return isinstance(value, str) and value.lstrip().startswith("[")
 
 
 class _Importer:
@@ -326,6 +360,13 @@ class _Importer:
             value = value[0]
             if _is_message(value):
                 return None
+        if isinstance(value, dict) and _is_json_list_text(value.get("messages")):
+            return None  # SWE-smith's Hub rows: checked when parsed
+        if isinstance(value, dict) and _variant(value) == "swe-rebench":
+            turns = value["trajectory"]
+            if isinstance(turns, list) and turns and _is_message(turns[0]):
+                return None
+            return "'trajectory' does not hold chat messages (objects with a 'role')"
         if isinstance(value, dict) and isinstance(value.get("messages"), list):
             messages = value["messages"]
             if not messages or _is_message(messages[0]):
