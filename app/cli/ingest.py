@@ -22,7 +22,6 @@ sent again, and the server's deduplication counts it as duplicates.
 from __future__ import annotations
 
 import codecs
-import contextlib
 import hashlib
 import json
 import os
@@ -42,6 +41,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from app.cli import app
 from app.cli.client import DEFAULT_URL, ApiKeyOption, UrlOption, _client, _describe_error
 from app.errors import InvalidParquetError, UnsupportedMediaTypeError
+from app.retry import retry_after_s
 from app.trajectories.formats import parquet as parquet_rows
 
 DOCUMENT_SUFFIXES = (".json", ".traj")
@@ -336,12 +336,11 @@ def _error_location(response: httpx.Response) -> str:
 
 
 def _retry_wait(response: httpx.Response | None, attempt: int) -> float:
-    """Exponential backoff, and never less than the server's `Retry-After`."""
-    wait_s: float = 0.5 * 2**attempt
-    if response is not None:
-        with contextlib.suppress(ValueError):
-            wait_s = max(wait_s, float(response.headers.get("retry-after", "")))
-    return min(wait_s, MAX_RETRY_WAIT_S)
+    """Exponential backoff up to MAX_RETRY_WAIT_S, and never less than the server's
+    `Retry-After` (`app.retry`)."""
+    wait_s: float = min(0.5 * 2**attempt, MAX_RETRY_WAIT_S)
+    asked = retry_after_s(response.headers) if response is not None else None
+    return max(wait_s, asked) if asked is not None else wait_s
 
 
 # ---------------------------------------------------------------- one run over the inputs

@@ -12,7 +12,6 @@ import functools
 import itertools
 import json
 import logging
-import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 
 import openai
 
+from app.retry import retry_after_s
 from app.status import ErrorKind
 
 log = logging.getLogger(__name__)
@@ -45,27 +45,6 @@ class CriticCallError(Exception):
         self.kind = kind
         self.retryable = retryable
         self.retry_after = retry_after
-
-
-def _retry_after(headers: Any) -> float | None:
-    """Seconds from a Retry-After (or retry-after-ms) header, when the server sent one."""
-    if headers is None:
-        return None
-    milliseconds = headers.get("retry-after-ms")
-    seconds = headers.get("retry-after")
-    try:
-        if milliseconds is not None:
-            wait = float(milliseconds) / 1000
-        elif seconds is not None:
-            wait = float(seconds)
-        else:
-            return None
-    except ValueError:
-        return None  # an HTTP date: rare from LLM endpoints; fall back to our backoff
-    if not math.isfinite(wait):
-        return None
-    # A server may say anything; no one call waits longer than this before trying again.
-    return min(max(0.0, wait), MAX_RETRY_AFTER_S)
 
 
 _dumps = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -130,8 +109,6 @@ class RequestEncoder:
 
 # Connections per SDK client (see `CriticClient`).
 CONNECTIONS_PER_CLIENT = 8
-# The longest wait a Retry-After header can ask for; longer (or infinite) asks are capped.
-MAX_RETRY_AFTER_S = 600.0
 
 
 class CriticClient:
@@ -215,7 +192,7 @@ class CriticClient:
                 ErrorKind.RATE_LIMITED,
                 f"429 from critic: {exc.message}",
                 retryable=True,
-                retry_after=_retry_after(exc.response.headers),
+                retry_after=retry_after_s(exc.response.headers),
             ) from exc
         except openai.APITimeoutError as exc:
             raise CriticCallError(
@@ -232,7 +209,7 @@ class CriticClient:
                 ErrorKind.SERVER_ERROR if status >= 500 else ErrorKind.REJECTED,
                 f"{status} from critic: {exc.message}",
                 retryable=retryable,
-                retry_after=_retry_after(exc.response.headers),
+                retry_after=retry_after_s(exc.response.headers),
             ) from exc
         try:
             response = json.loads(answer)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.critic.client import MAX_RETRY_AFTER_S, _retry_after
+from app.retry import MAX_RETRY_AFTER_S, retry_after_s
 
 
 @pytest.mark.parametrize(
@@ -23,4 +23,4 @@ from app.critic.client import MAX_RETRY_AFTER_S, _retry_after
     ],
 )
 def test_retry_after_is_finite_and_bounded(headers: dict[str, str], wait: float | None) -> None:
-    assert _retry_after(headers) == wait
+    assert retry_after_s(headers) == wait
