@@ -202,6 +202,13 @@ def export_command(
             "drop, or split at step boundaries."
         ),
     ] = "truncate",
+    strict: Annotated[
+        bool,
+        typer.Option(
+            help="Fail on a row whose task alone is longer than --max-seq-len (default: drop "
+            "it, counted and named in the manifest)."
+        ),
+    ] = False,
     mask_label: Annotated[
         list[str] | None, typer.Option("--mask-label", help="Label to mask (repeatable).")
     ] = None,
@@ -239,6 +246,7 @@ def export_command(
         "tokenizer": tokenizer,
         "max_seq_len": max_seq_len,
         "overflow": overflow,
+        "strict": strict,
         "seed": seed,
         "shard_max_rows": shard_max_rows,
     }

@@ -29,7 +29,7 @@ from app.exports import rows as row_builders
 from app.exports.formats import ExportFormat, MessageRows, TextRows, TokenRows
 from app.exports.manifest import MANIFEST
 from app.exports.rows import Source
-from app.exports.tokenize import Example, TokenizeConfig, Tokenized
+from app.exports.tokenize import PREFIX_TOO_LONG, Example, TokenizeConfig, Tokenized
 from app.exports.writers.jsonl import JsonlShards
 from app.exports.writers.shards import ShardInfo, ShardLimits
 from app.models import Export
@@ -46,6 +46,9 @@ log = logging.getLogger("srft.exports")
 # a live builder is never taken for a dead one.
 HEARTBEAT_S = 10.0
 MAX_LISTED = 20
+# Rows dropped because of what one trajectory is, not because the request asked for it.
+OUTLIER_REASONS = frozenset({PREFIX_TOO_LONG})
+MAX_LISTED_OUTLIERS = 10_000
 
 
 class ExportRefusedError(Exception):
@@ -88,8 +91,22 @@ class RowCounts:
     truncated: int = 0
     split_rows: int = 0  # rows that are a piece of a split conversation
 
+    # The trajectories of rows dropped as outliers (not by the request's own choice), by
+    # reason, so that a big export's few odd rows can be found; at most MAX_LISTED_OUTLIERS.
+    outliers: dict[str, list[str]] = field(default_factory=dict)
+
     def drop(self, reason: str, count: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + count
+
+    def absorb(self, result: Tokenized) -> None:
+        """Count what tokenizing one trajectory cut and dropped."""
+        self.truncated += result.truncated
+        for reason, count in result.dropped.items():
+            self.drop(reason, count)
+            if reason in OUTLIER_REASONS:
+                listed = self.outliers.setdefault(reason, [])
+                if len(listed) < MAX_LISTED_OUTLIERS:
+                    listed.append(result.key)
 
 
 def build_export(
@@ -358,7 +375,7 @@ def _write_messages(
     writer = JsonlShards(building, limits)
     try:
         if config.get("tokenizer"):
-            measure = TokenizeConfig(config["max_seq_len"], config["overflow"], messages=True)
+            measure = _tokenize_config(config, messages=True)
             pool, info = _tokenize_pool(settings, config, measure)
         if pool is None:
             results: Iterator[list[Tokenized]] = (
@@ -370,9 +387,7 @@ def _write_messages(
             _refuse_on_errors(batch_results, config["tokenizer"])
             invalid: list[dict[str, Any]] = []
             for result in batch_results:
-                rows.truncated += result.truncated
-                for reason, count in result.dropped.items():
-                    rows.drop(reason, count)
+                rows.absorb(result)
                 for part, piece in enumerate(result.pieces):
                     row = row_builders.message_row(piece)
                     found = finetune.problems(row) if profile is not None else []
@@ -475,7 +490,7 @@ def _write_tokenized(
             f"pip install 'srft[export]' ({error})",
         ) from error
 
-    tokenize_config = TokenizeConfig(config.get("max_seq_len"), config["overflow"])
+    tokenize_config = _tokenize_config(config)
     pool, info = _tokenize_pool(settings, config, tokenize_config)
     writer = ParquetShards(building, limits, soft=config["options"]["soft"])
     examples = ([kind.example(source, decision) for source, decision in batch] for batch in batches)
@@ -484,9 +499,7 @@ def _write_tokenized(
             _refuse_on_errors(results, config["tokenizer"])
             for result in results:
                 stats.add(result.stats)
-                rows.truncated += result.truncated
-                for reason, count in result.dropped.items():
-                    rows.drop(reason, count)
+                rows.absorb(result)
                 for row in result.rows:
                     writer.write(result.key, row)
                     rows.written += 1
@@ -497,6 +510,17 @@ def _write_tokenized(
         writer.abort()
         pool.close()
     return shards, info
+
+
+def _tokenize_config(config: dict[str, Any], *, messages: bool = False) -> TokenizeConfig:
+    """The request's length limits. An export queued before `strict` existed is strict:
+    a row whose task prefix is too long failed it then."""
+    return TokenizeConfig(
+        config.get("max_seq_len"),
+        config["overflow"],
+        messages=messages,
+        strict=config.get("strict", True),
+    )
 
 
 def _refuse_on_errors(results: Sequence[Any], tokenizer: str) -> None:
@@ -585,6 +609,7 @@ def _manifest(
             "rows": {
                 "written": rows.written,
                 "dropped": dict(sorted(rows.dropped.items())),
+                "dropped_trajectories": dict(sorted(rows.outliers.items())),
                 "truncated": rows.truncated,
                 "split_rows": rows.split_rows,
             },

@@ -68,6 +68,12 @@ class ExportCreate(RequestModel):
         description="Rows over max_seq_len: cut (rows of messages: at the last step boundary "
         "that fits), drop, or split at step boundaries repeating the task.",
     )
+    strict: bool = Field(
+        default=False,
+        description="Fail the export on a row whose task prefix alone is longer than "
+        "max_seq_len. Off: such rows are dropped, counted in the manifest's "
+        "counts.rows.dropped.prefix_too_long and listed in counts.rows.dropped_trajectories.",
+    )
     seed: int | None = Field(
         default=0,
         ge=MIN_INT64,

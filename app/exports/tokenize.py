@@ -64,6 +64,10 @@ class Tokenized:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
 
+# A row that cannot fit max_seq_len however it is cut: its task prefix alone is longer.
+PREFIX_TOO_LONG = "prefix_too_long"
+
+
 @dataclass(frozen=True)
 class TokenizeConfig:
     max_seq_len: int | None = None
@@ -72,6 +76,9 @@ class TokenizeConfig:
     # tokens: rows of `openai_jsonl`. No message can be cut, so `truncate` keeps the steps
     # that fit (the first piece of a split) and a step too long alone is dropped.
     messages: bool = False
+    # A row whose task prefix alone is longer than max_seq_len fails the export (True), or is
+    # dropped and counted as PREFIX_TOO_LONG (False).
+    strict: bool = True
 
 
 class NotFastTokenizerError(ValueError):
@@ -286,12 +293,14 @@ def tokenize_examples(
         elif enc.prefix_tokens > limit:
             if config.overflow == "drop":
                 result.drop("too_long")
+            elif not config.strict:
+                result.drop(PREFIX_TOO_LONG)
             else:
                 result.error = (
                     f"the task prefix is {enc.prefix_tokens} tokens, longer than max_seq_len "
-                    f"{limit}: raise max_seq_len, or use overflow=drop to skip such rows"
+                    f"{limit}: raise max_seq_len, or leave strict off to drop such rows"
                 )
-                result.error_code = "prefix_too_long"
+                result.error_code = PREFIX_TOO_LONG
         elif config.overflow == "drop":
             result.drop("too_long")
         elif config.overflow == "truncate" and not config.messages:

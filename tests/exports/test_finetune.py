@@ -7,6 +7,7 @@ cut at step boundaries to fit (what Axolotl needs at a `sequence_len`)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -634,3 +635,47 @@ def test_the_trainer_reads_the_raw_variant_as_the_exporter_tokenizes(
     from_fitted = load_rows(corpus.path(fitted), tokenizer=tokenizer, max_seq_len=10**6)
     trained = sorted(int((r.labels != -100).sum()) for r in from_fitted)
     assert trained == sorted(int((r.labels != -100).sum()) for r in from_parquet)
+
+
+def test_rows_whose_task_prefix_cannot_fit_are_dropped_and_listed_unless_strict(
+    corpus: Corpus, tokenizers: dict[str, Path]
+) -> None:
+    """On 80k runs one task longer than max_seq_len is certain: it is dropped, counted and
+    named in the manifest, and the export completes; `strict` fails it as before."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizers["chatml"]))
+
+    def prefix_tokens(detail: dict[str, Any]) -> int:
+        task = _task(detail)
+        text = tokenizer.apply_chat_template(
+            task, tools=detail.get("tools"), tokenize=False, add_generation_prompt=True
+        )
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    lengths = sorted((prefix_tokens(d), tid) for tid, d in corpus.trajectories.items())
+    # A limit in the widest gap between two runs' prefixes: some fit, some cannot.
+    gap, limit = max(
+        (b[0] - a[0], (a[0] + b[0]) // 2) for a, b in itertools.pairwise(lengths) if a[0] >= 16
+    )
+    assert gap > 40
+    too_long = {tid for n, tid in lengths if n > limit}
+    assert too_long
+    assert len(too_long) < len(lengths)
+    body = {
+        "job_ids": [corpus.job_id],
+        "policy": "sft",
+        "format": "openai_jsonl_raw",
+        "tokenizer": str(tokenizers["chatml"]),
+        "max_seq_len": limit,
+        "overflow": "split",
+    }
+    export = corpus.export(body)
+    assert export["status"] == "completed", export["error"]
+    rows = export["manifest"]["counts"]["rows"]
+    assert rows["dropped"]["prefix_too_long"] == len(too_long)
+    assert set(rows["dropped_trajectories"]["prefix_too_long"]) == too_long
+
+    strict = corpus.export(body | {"strict": True})
+    assert strict["status"] == "failed"
+    assert strict["error"]["code"] == "prefix_too_long"

@@ -291,9 +291,14 @@ def test_split_rows_repeat_the_task_and_fit(corpus: Corpus, tokenizers: dict[str
     ("body", "code"),
     [
         ({"tokenizer": "chatml_drops_past_thoughts"}, "template_not_prefix_stable"),
-        ({"tokenizer": "chatml", "max_seq_len": 16}, "prefix_too_long"),
-        ({"tokenizer": "chatml", "max_seq_len": 16, "overflow": "split"}, "prefix_too_long"),
+        ({"tokenizer": "chatml", "max_seq_len": 16, "strict": True}, "prefix_too_long"),
+        (
+            {"tokenizer": "chatml", "max_seq_len": 16, "overflow": "split", "strict": True},
+            "prefix_too_long",
+        ),
         ({"tokenizer": "chatml", "max_seq_len": 16, "overflow": "drop"}, "no_rows"),
+        # Not strict: every row's task is longer than 16 tokens, so every row is dropped.
+        ({"tokenizer": "chatml", "max_seq_len": 16}, "no_rows"),
     ],
 )
 def test_exports_that_cannot_be_right_fail_with_a_reason_and_no_files(
