@@ -36,11 +36,11 @@ from app.trajectories.formats.base import Document, Record
 MEDIA_TYPE = "application/vnd.apache.parquet"
 # Rows converted at a time: small, since one agent run can hold megabytes of text.
 BATCH_ROWS = 64
-# A Parquet body may decode to this many times its size (at least MIN_DECODED_BYTES): text
-# compresses four to six times in these datasets, and a small body must not expand to
-# gigabytes in the server's memory.
-MAX_EXPANSION = 16
-MIN_DECODED_BYTES = 64 * 1024 * 1024
+# What a Parquet body may decode to: the Arrow size of the default upload limit's worth of
+# JSON, so a compressed body costs the server no more memory than the largest JSON body does
+# (text compresses four to six times in these datasets, and a small body must not expand to
+# gigabytes). Larger files go through `srft ingest`, which sends them in batches.
+MAX_DECODED_BYTES = 64 * 1024 * 1024
 
 RowOrError = dict[str, Any] | InvalidParquetError
 
@@ -116,9 +116,8 @@ def _row_groups_from(metadata: Any, start: int) -> tuple[list[int], int]:
 def decode_parquet(raw: bytes) -> Document:
     """A Parquet body as the document its rows make as JSON Lines, one record per row."""
     pyarrow, _ = _pyarrow()
-    limit = max(MIN_DECODED_BYTES, MAX_EXPANSION * len(raw))
     records: list[Record] = []
-    for number, row in iter_rows(pyarrow.BufferReader(raw), max_decoded_bytes=limit):
+    for number, row in iter_rows(pyarrow.BufferReader(raw), max_decoded_bytes=MAX_DECODED_BYTES):
         if isinstance(row, InvalidParquetError):
             raise row
         records.append(Record(row, line=number, unit="row"))

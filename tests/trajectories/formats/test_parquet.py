@@ -150,7 +150,7 @@ def test_unreadable_and_empty_parquet_are_refused() -> None:
 
 
 def test_a_body_that_decodes_too_large_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(parquet, "MIN_DECODED_BYTES", 1000)
+    monkeypatch.setattr(parquet, "MAX_DECODED_BYTES", 1000)
     body = _parquet(pa.table({"text": ["x" * 100_000]}), compression="zstd")
     with pytest.raises(InvalidParquetError, match="decodes to more than"):
         decode_parquet(body)
