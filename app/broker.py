@@ -14,6 +14,8 @@ from app.config import get_settings
 LABEL_UNIT = "srft.jobs.label_unit"
 SWEEP = "srft.jobs.sweep"
 BUILD_EXPORT = "srft.exports.build"
+BUILD_EXPORT_PART = "srft.exports.build_part"
+FINISH_EXPORT = "srft.exports.finish"
 # Labeling and export tasks go to Celery's default queue; sweeps to their own, so that a
 # sweep never waits behind a backlog of labeling work. `srft worker` consumes both.
 WORK_QUEUE = "celery"

@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     tokenizer_dirs: str = ""
     export_processes: int = 0
     export_batch_size: int = 32
+    # An export is built in parts of this many trajectories, each a task any worker may run
+    # (app/exports/parts.py); an export no larger is one part, built in one task as before.
+    # The part size never changes a byte of the export.
+    export_part_trajectories: int = Field(default=2000, ge=1)
 
     # The review UI's sign-in: a server-side session (the cookie holds only its random id) that
     # expires after this long and that sign-out revokes. `cookie_secure`: mark the cookie

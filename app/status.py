@@ -40,6 +40,16 @@ class ExportStatus(StrEnum):
     FAILED = "failed"
 
 
+class ExportPartStatus(StrEnum):
+    """A part of an export (a range of its trajectories), a work item of its own
+    (`export_parts.status`)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
 class IngestStatus(StrEnum):
     """What an upload did with one trajectory: stored it, or found it already stored."""
 
@@ -59,6 +69,8 @@ VERDICT_FINISHED = frozenset({VerdictStatus.DONE, VerdictStatus.FAILED})
 EXPORT_OPEN = frozenset({ExportStatus.QUEUED, ExportStatus.RUNNING})
 # Exports that will not change again.
 EXPORT_FINISHED = frozenset({ExportStatus.COMPLETED, ExportStatus.FAILED})
+# Parts of an export not built yet.
+EXPORT_PART_OPEN = frozenset({ExportPartStatus.PENDING, ExportPartStatus.RUNNING})
 
 
 class JobMode(StrEnum):

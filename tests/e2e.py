@@ -135,10 +135,12 @@ class Workers:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     beat: subprocess.Popen[bytes] | None = None
 
-    def _spawn(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, args: list[str], name: str, program: list[str] = SRFT
+    ) -> subprocess.Popen[bytes]:
         log = (self.workdir / f"{name}.log").open("ab")
         return subprocess.Popen(
-            [*SRFT, *args],
+            [*program, *args],
             cwd=self.workdir,
             env=self.env,
             stdout=log,
@@ -146,10 +148,12 @@ class Workers:
             start_new_session=True,
         )
 
-    def start_worker(self) -> subprocess.Popen[bytes]:
+    def start_worker(self, program: list[str] = SRFT) -> subprocess.Popen[bytes]:
+        """`srft worker` (or `program`, a command line that takes the same arguments)."""
         process = self._spawn(
             ["worker", "--concurrency", "2", "--loglevel", "INFO"],
             f"worker-{len(self.processes)}",
+            program,
         )
         self.processes.append(process)
         return process

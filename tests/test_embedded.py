@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -65,7 +66,8 @@ class Served:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
-    server = Served(tmp_path)
+    # Exports in parts of 2 trajectories: the embedded worker's threads build them on SQLite.
+    server = Served(tmp_path, SRFT_EXPORT_PART_TRAJECTORIES="2")
     server.start()
     yield server
     server.stop()
@@ -186,6 +188,9 @@ def test_embedded_service_end_to_end(served: Served) -> None:
     assert len(rows) == 6
     export_id = re.search(r"export ([0-9a-f-]{36})", exported.stdout)
     assert export_id is not None
+    with sqlite3.connect(served.workdir / "var" / "srft.sqlite3") as database:
+        parts = database.execute("SELECT status FROM export_parts").fetchall()
+    assert parts == [("done",)] * 3  # 6 trajectories in parts of 2, one shard as before
     pulled = subprocess.run(
         [*SRFT, "pull", export_id.group(1), str(dataset)],
         env=cli_env,

@@ -22,6 +22,7 @@ TABLES = {
     "jobs",
     "verdicts",
     "exports",
+    "export_parts",
     "human_labels",
     "ui_sessions",
 }

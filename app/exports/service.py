@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -16,6 +16,7 @@ from app.errors import ConflictError, NotFoundError, SrftError
 from app.exports import formats as export_formats
 from app.exports import schemas
 from app.exports.formats import TokenizerUse
+from app.exports.parts import PartSpan
 from app.exports.rows import Source
 from app.exports.tokenize import (
     INVALID_REVISION,
@@ -27,9 +28,9 @@ from app.exports.tokenize import (
 from app.jobs import service as job_service
 from app.jobs import workqueue
 from app.jobs.schemas import Selection
-from app.models import Export, Job, Step, Trajectory, utcnow
+from app.models import Export, ExportPart, Job, Step, Trajectory, utcnow
 from app.review import service as review_service
-from app.status import EXPORT_OPEN, JOB_FINISHED, ExportStatus
+from app.status import EXPORT_OPEN, EXPORT_PART_OPEN, JOB_FINISHED, ExportPartStatus, ExportStatus
 
 
 class InvalidExportError(SrftError):
@@ -268,15 +269,33 @@ def fail(
             claim_token=None,
         )
     )
-    return bool(getattr(result, "rowcount", 0))
+    failed = bool(getattr(result, "rowcount", 0))
+    if failed:
+        # Parts still building learn it at their next heartbeat, and stop.
+        session.execute(
+            update(ExportPart)
+            .where(ExportPart.export_id == export_id, ExportPart.status.in_(EXPORT_PART_OPEN))
+            .values(status=ExportPartStatus.FAILED, claim_token=None, finished_at=utcnow())
+        )
+    return failed
+
+
+def _has_parts(*statuses: str) -> Any:
+    query = select(ExportPart.id).where(ExportPart.export_id == Export.id)
+    if statuses:
+        query = query.where(ExportPart.status.in_(statuses))
+    return exists(query)
 
 
 def sweep(session: Session, stale_after_s: float) -> list[uuid.UUID]:
-    """Exports whose worker died (heartbeat stopped) or whose queue message was lost.
+    """Exports whose worker died (heartbeat stopped) or whose queue message was lost, and
+    which are not (or no longer) building in parts: those not planned yet, and those whose
+    parts are all done but whose final task was lost.
 
     They are put back to `queued`, claim cleared, marked enqueued now, in the statement that
     finds them: the next sweep leaves them alone for another timeout, and a builder that was
-    only slow loses its claim at its next heartbeat.
+    only slow loses its claim at its next heartbeat. An export with a part still open waits
+    for its parts, which are swept by themselves (`sweep_parts`).
     """
     now = utcnow()
     lost = workqueue.lost_work(
@@ -285,11 +304,302 @@ def sweep(session: Session, stale_after_s: float) -> list[uuid.UUID]:
     return list(
         session.scalars(
             update(Export)
-            .where(lost)
+            .where(lost, ~_has_parts(*EXPORT_PART_OPEN))
             .values(status=ExportStatus.QUEUED, claim_token=None, enqueued_at=now)
             .returning(Export.id)
             .execution_options(synchronize_session=False)
         )
+    )
+
+
+def sweep_parts(session: Session, stale_after_s: float) -> list[uuid.UUID]:
+    """Parts of open exports whose worker died or whose queue message was lost: back to
+    `pending`, claim cleared, marked enqueued now (handed on once, as `sweep` does)."""
+    now = utcnow()
+    lost = workqueue.lost_work(
+        ExportPart,
+        ExportPartStatus.PENDING,
+        ExportPartStatus.RUNNING,
+        now - timedelta(seconds=stale_after_s),
+    )
+    open_exports = select(Export.id).where(Export.status.in_(EXPORT_OPEN))
+    return list(
+        session.scalars(
+            update(ExportPart)
+            .where(lost, ExportPart.export_id.in_(open_exports.scalar_subquery()))
+            .values(
+                status=ExportPartStatus.PENDING,
+                claim_token=None,
+                claimed_at=None,
+                enqueued_at=now,
+            )
+            .returning(ExportPart.id)
+            .execution_options(synchronize_session=False)
+        )
+    )
+
+
+# ---------------------------------------------------------------------- parts
+
+
+def is_planned(session: Session, export_id: uuid.UUID) -> bool:
+    """Whether the export has been cut into parts."""
+    found = session.scalar(select(ExportPart.id).where(ExportPart.export_id == export_id).limit(1))
+    return found is not None
+
+
+def create_parts(
+    session: Session, export_id: uuid.UUID, token: str, spans: Sequence[PartSpan]
+) -> list[uuid.UUID] | None:
+    """Store the export's parts; None if the export is no longer claimed under `token`.
+
+    One part is claimed at once under `token`, for the planning task to build itself. Several
+    are left `pending` (marked enqueued now) and the export's claim is released: from now on
+    the parts are the work items, and the final task claims the export again."""
+    now = utcnow()
+    total = sum(span.count for span in spans)
+    single = len(spans) == 1
+    values: dict[str, Any] = {"total_trajectories": total, "done_trajectories": 0}
+    if not single:
+        values |= {"claim_token": None, "claimed_at": now}
+    if not _update_claimed(session, export_id, token, **values):
+        return None
+    parts = [
+        ExportPart(
+            export_id=export_id,
+            index=span.index,
+            start=span.start,
+            count=span.count,
+            first_id=span.first_id,
+            last_id=span.last_id,
+            status=ExportPartStatus.RUNNING if single else ExportPartStatus.PENDING,
+            done_trajectories=0,
+            claim_token=token if single else None,
+            claimed_at=now if single else None,
+            enqueued_at=now,
+        )
+        for span in spans
+    ]
+    session.add_all(parts)
+    session.flush()
+    return [part.id for part in parts]
+
+
+def parts_of(session: Session, export_id: uuid.UUID) -> list[ExportPart]:
+    """The export's parts, in order."""
+    return list(
+        session.scalars(
+            select(ExportPart).where(ExportPart.export_id == export_id).order_by(ExportPart.index)
+        )
+    )
+
+
+def parts_claimed_by(session: Session, export_id: uuid.UUID, token: str) -> list[uuid.UUID]:
+    """Parts of the export still running under `token` (an earlier try of the same task)."""
+    return list(
+        session.scalars(
+            select(ExportPart.id)
+            .where(
+                ExportPart.export_id == export_id,
+                ExportPart.claim_token == token,
+                ExportPart.status == ExportPartStatus.RUNNING,
+            )
+            .order_by(ExportPart.index)
+        )
+    )
+
+
+def claim_part(
+    session: Session, part_id: uuid.UUID, stale_after_s: float, *, token: str
+) -> tuple[ExportPart, Export] | None:
+    """Take a part of an open export for building under `token`, as `claim` takes an export
+    (a part still running under `token` itself is taken back at once); None if it is done,
+    its export is finished, or another worker is on it."""
+    now = utcnow()
+    stale = now - timedelta(seconds=stale_after_s)
+    open_exports = select(Export.id).where(Export.status.in_(EXPORT_OPEN))
+    result = session.execute(
+        update(ExportPart)
+        .where(
+            ExportPart.id == part_id,
+            ExportPart.export_id.in_(open_exports.scalar_subquery()),
+            or_(
+                ExportPart.status == ExportPartStatus.PENDING,
+                and_(
+                    ExportPart.status == ExportPartStatus.RUNNING,
+                    or_(ExportPart.claimed_at < stale, ExportPart.claim_token == token),
+                ),
+            ),
+        )
+        .values(
+            status=ExportPartStatus.RUNNING,
+            claim_token=token,
+            claimed_at=now,
+            done_trajectories=0,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if not getattr(result, "rowcount", 0):
+        return None
+    part = session.get(ExportPart, part_id, populate_existing=True)
+    export = session.get(Export, part.export_id) if part is not None else None
+    if part is None or export is None:
+        return None
+    return part, export
+
+
+def _sum_progress(session: Session, export_id: uuid.UUID) -> None:
+    """The export's progress: its parts' done trajectories, added up (one row per part)."""
+    done = (
+        select(func.coalesce(func.sum(ExportPart.done_trajectories), 0))
+        .where(ExportPart.export_id == export_id)
+        .scalar_subquery()
+    )
+    session.execute(
+        update(Export)
+        .where(Export.id == export_id, Export.status.in_(EXPORT_OPEN))
+        .values(done_trajectories=done)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def part_heartbeat(
+    session: Session, part_id: uuid.UUID, export_id: uuid.UUID, token: str, *, done: int
+) -> bool:
+    """Record a part's progress (and its export's) and keep its claim alive; False if the
+    claim was taken over or the export failed."""
+    result = session.execute(
+        update(ExportPart)
+        .where(
+            ExportPart.id == part_id,
+            ExportPart.claim_token == token,
+            ExportPart.status == ExportPartStatus.RUNNING,
+        )
+        .values(claimed_at=utcnow(), done_trajectories=done)
+        .execution_options(synchronize_session=False)
+    )
+    if not getattr(result, "rowcount", 0):
+        return False
+    _sum_progress(session, export_id)
+    return True
+
+
+def complete_part(
+    session: Session, part_id: uuid.UUID, export_id: uuid.UUID, token: str, output: str
+) -> tuple[bool, bool]:
+    """Mark a part built (its files in `output`). Returns (recorded, last): `last` when no
+    part of the export is left open, so the final task is due; the export's claim is then
+    released and its heartbeat set, so that the sweeper hands the final task on only if it
+    is lost. Part completions of one export are serialised on its row, so exactly one of them
+    sees that it was the last."""
+    session.execute(select(Export.id).where(Export.id == export_id).with_for_update())
+    now = utcnow()
+    result = session.execute(
+        update(ExportPart)
+        .where(
+            ExportPart.id == part_id,
+            ExportPart.claim_token == token,
+            ExportPart.status == ExportPartStatus.RUNNING,
+        )
+        .values(
+            status=ExportPartStatus.DONE,
+            output=output,
+            done_trajectories=ExportPart.count,
+            claim_token=None,
+            finished_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if not getattr(result, "rowcount", 0):
+        return False, False
+    _sum_progress(session, export_id)
+    still_open = session.scalar(
+        select(ExportPart.id)
+        .where(ExportPart.export_id == export_id, ExportPart.status.in_(EXPORT_PART_OPEN))
+        .limit(1)
+    )
+    if still_open is not None:
+        return True, False
+    session.execute(
+        update(Export)
+        .where(Export.id == export_id, Export.status.in_(EXPORT_OPEN))
+        .values(claim_token=None, claimed_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return True, True
+
+
+def fail_part(
+    session: Session,
+    part_id: uuid.UUID,
+    token: str,
+    *,
+    code: str,
+    message: str,
+    details: dict[str, Any] | None = None,
+) -> bool:
+    """Fail the part's export for a reason the part found, if the part is still ours (a part
+    that lost its claim, or whose export already failed, records nothing)."""
+    part = session.scalar(
+        select(ExportPart).where(
+            ExportPart.id == part_id,
+            ExportPart.claim_token == token,
+            ExportPart.status == ExportPartStatus.RUNNING,
+        )
+    )
+    if part is None:
+        return False
+    return fail(session, part.export_id, None, code=code, message=message, details=details)
+
+
+def claim_final(
+    session: Session, export_id: uuid.UUID, stale_after_s: float, *, token: str
+) -> bool:
+    """Take a planned export for its final task under `token`: one whose claim the last part
+    released, one the sweeper queued again, a stale one, or one still ours."""
+    now = utcnow()
+    stale = now - timedelta(seconds=stale_after_s)
+    result = session.execute(
+        update(Export)
+        .where(
+            Export.id == export_id,
+            or_(
+                Export.status == ExportStatus.QUEUED,
+                and_(
+                    Export.status == ExportStatus.RUNNING,
+                    or_(
+                        Export.claim_token.is_(None),
+                        Export.claimed_at < stale,
+                        Export.claim_token == token,
+                    ),
+                ),
+            ),
+        )
+        .values(status=ExportStatus.RUNNING, claim_token=token, claimed_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def release(session: Session, export_id: uuid.UUID, token: str) -> None:
+    """Give up the final task's claim: its parts are not all built (they will queue it)."""
+    _update_claimed(session, export_id, token, claim_token=None)
+
+
+def reopen_parts(session: Session, part_ids: Sequence[uuid.UUID]) -> None:
+    """Parts whose files the final task found missing or wrong: to be built again."""
+    session.execute(
+        update(ExportPart)
+        .where(ExportPart.id.in_(list(part_ids)))
+        .values(
+            status=ExportPartStatus.PENDING,
+            output=None,
+            claim_token=None,
+            claimed_at=None,
+            done_trajectories=0,
+            enqueued_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False)
     )
 
 
@@ -377,24 +687,54 @@ def trajectory_ids(
     project_id: uuid.UUID,
     job_ids: Sequence[str],
     selection: dict[str, Any] | None,
+    *,
+    first: uuid.UUID | None = None,
+    last: uuid.UUID | None = None,
+    after: uuid.UUID | None = None,
+    limit: int | None = None,
 ) -> list[uuid.UUID]:
-    """The trajectories an export covers, in id order.
+    """The trajectories an export covers, in id order; with `first`/`last` (inclusive),
+    `after` (exclusive) and `limit`, one page of them (keyset), so that a part reads its
+    range a batch at a time.
 
     An explicit selection is applied as given. Otherwise: what each job selected, of any
     resolution (a job with scope=unresolved still selected the resolved runs that srft trains
     in full), among the trajectories that existed when the job was created; the union.
     """
     query = select(Trajectory.id).where(Trajectory.project_id == project_id).order_by(Trajectory.id)
+    if first is not None:
+        query = query.where(Trajectory.id >= first)
+    if last is not None:
+        query = query.where(Trajectory.id <= last)
+    if after is not None:
+        query = query.where(Trajectory.id > after)
+    if limit is not None:
+        query = query.limit(limit)
+
+    def within(chosen: Selection) -> Selection:
+        # Explicit ids outside the page are not asked for at all.
+        if chosen.trajectory_ids is None:
+            return chosen
+        kept = [
+            i
+            for i in chosen.trajectory_ids
+            if (first is None or i >= first)
+            and (last is None or i <= last)
+            and (after is None or i > after)
+        ]
+        return chosen.model_copy(update={"trajectory_ids": kept})
+
     if selection is not None:
-        return job_service.selected(session, query, Selection.model_validate(selection))
-    found: set[uuid.UUID] = set()
+        found = job_service.selected(session, query, within(Selection.model_validate(selection)))
+        return sorted(found)[:limit]
+    union: set[uuid.UUID] = set()
     wanted = [uuid.UUID(str(i)) for i in job_ids]
     for job in session.scalars(select(Job).where(Job.id.in_(wanted))):
         existing = query.where(Trajectory.created_at <= job.created_at)
-        found.update(
-            job_service.selected(session, existing, Selection.model_validate(job.selection))
+        union.update(
+            job_service.selected(session, existing, within(Selection.model_validate(job.selection)))
         )
-    return sorted(found)
+    return sorted(union)[:limit]
 
 
 def load_sources(

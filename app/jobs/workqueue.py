@@ -29,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from app.critic.judge import StepOutcome
-from app.models import Export, Job, Trajectory, Verdict, utcnow
+from app.models import Export, ExportPart, Job, Trajectory, Verdict, utcnow
 from app.status import (
     JOB_FINISHED,
     JOB_OPEN,
@@ -333,11 +333,14 @@ def lock_sweep(session: Session) -> bool:
 
 
 def lost_work(
-    queue: type[Verdict] | type[Export], waiting: str, running: str, stale: datetime
+    queue: type[Verdict] | type[Export] | type[ExportPart],
+    waiting: str,
+    running: str,
+    stale: datetime,
 ) -> ColumnElement[bool]:
-    """Rows of a work queue (verdicts, exports) whose work was lost: `running` under a claim
-    not renewed since `stale` (a dead or stuck worker), or `waiting` and not enqueued since
-    `stale` (a lost broker message)."""
+    """Rows of a work queue (verdicts, exports, export parts) whose work was lost: `running`
+    under a claim not renewed since `stale` (a dead or stuck worker), or `waiting` and not
+    enqueued since `stale` (a lost broker message)."""
     return or_(
         and_(queue.status == running, queue.claimed_at < stale),
         and_(

@@ -1,7 +1,7 @@
 """All ORM models on one metadata, so Alembic sees every table."""
 
 from app.models.base import Base, new_id, utcnow
-from app.models.export import Export
+from app.models.export import Export, ExportPart
 from app.models.job import Job, Verdict
 from app.models.project import ApiKey, Project
 from app.models.review import HumanLabel
@@ -12,6 +12,7 @@ __all__ = [
     "ApiKey",
     "Base",
     "Export",
+    "ExportPart",
     "HumanLabel",
     "Job",
     "Project",

@@ -104,7 +104,8 @@ class WorkerRuntime:
                 )
                 workqueue.close_finished_jobs(session)
                 exports = export_service.sweep(session, self.settings.stale_after_s)
-                self._requeue_after_commit(session, units, exports)
+                parts = export_service.sweep_parts(session, self.settings.stale_after_s)
+                self._requeue_after_commit(session, units, exports, parts)
         except Exception as error:
             if not is_database_unavailable(error):
                 raise
@@ -114,22 +115,32 @@ class WorkerRuntime:
             log.warning("sweeper re-enqueued %d units of lost or stalled work", len(units))
         if exports:
             log.warning("sweeper re-enqueued %d lost or stalled exports", len(exports))
-        return len(units) + len(exports)
+        if parts:
+            log.warning("sweeper re-enqueued %d lost or stalled export parts", len(parts))
+        return len(units) + len(exports) + len(parts)
 
     def resume(self) -> int:
         """Enqueue every open item (at start-up, when the broker may have lost messages)."""
         with self.database.transaction() as session:
             units = workqueue.resume_all(session, self.settings.step_chunk_size)
             exports = export_service.sweep(session, stale_after_s=0)
-            self._requeue_after_commit(session, units, exports)
-        return len(units) + len(exports)
+            parts = export_service.sweep_parts(session, stale_after_s=0)
+            self._requeue_after_commit(session, units, exports, parts)
+        return len(units) + len(exports) + len(parts)
 
     def _requeue_after_commit(
-        self, session: Session, units: list[Unit], exports: list[uuid.UUID]
+        self,
+        session: Session,
+        units: list[Unit],
+        exports: list[uuid.UUID],
+        parts: list[uuid.UUID],
     ) -> None:
+        """Exports go to `srft.exports.build`, which plans one not planned yet and finishes
+        one whose parts are all done (its final task was lost)."""
         job_queue.enqueue_after_commit(session, self.settings.broker_url, units)
         for export_id in exports:
             export_queue.enqueue_build_after_commit(session, self.settings.broker_url, export_id)
+        export_queue.enqueue_parts_after_commit(session, self.settings.broker_url, parts)
 
     def build_export(
         self,
@@ -138,6 +149,26 @@ class WorkerRuntime:
         failure: dict[str, Any] | None = None,
     ) -> str | None:
         return export_builder.build_export(
+            self.database, self.settings, export_id, token=token, failure=failure
+        )
+
+    def build_export_part(
+        self,
+        part_id: uuid.UUID,
+        token: str | None = None,
+        failure: dict[str, Any] | None = None,
+    ) -> str | None:
+        return export_builder.build_part(
+            self.database, self.settings, part_id, token=token, failure=failure
+        )
+
+    def finish_export(
+        self,
+        export_id: uuid.UUID,
+        token: str | None = None,
+        failure: dict[str, Any] | None = None,
+    ) -> str | None:
+        return export_builder.finish_export(
             self.database, self.settings, export_id, token=token, failure=failure
         )
 

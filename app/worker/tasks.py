@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from celery import shared_task
 from celery.signals import worker_process_init, worker_ready
 
-from app.broker import BUILD_EXPORT, LABEL_UNIT, SWEEP
+from app.broker import BUILD_EXPORT, BUILD_EXPORT_PART, FINISH_EXPORT, LABEL_UNIT, SWEEP
 from app.db import is_database_unavailable, outage_delay, outage_reason, outage_tries
 from app.exports.builder import BuildInterruptedError
 from app.jobs.workqueue import Unit
@@ -99,14 +100,62 @@ def build_export(
     claim_token: str | None = None,
     failure: dict[str, Any] | None = None,
 ) -> str | None:
-    """Build one export's shards and manifest, and publish them (or record `failure`)."""
+    """Plan one export's parts (building it whole if it is one), or finish a planned one
+    whose parts are done (or record `failure`)."""
+    return _export_step(self, get_runtime().build_export, export_id, claim_token, failure)
+
+
+@shared_task(
+    bind=True,
+    name=BUILD_EXPORT_PART,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    time_limit=7 * 86400,
+)
+def build_export_part(
+    self: Any,
+    part_id: str,
+    claim_token: str | None = None,
+    failure: dict[str, Any] | None = None,
+) -> str | None:
+    """Build one part of an export (or record `failure`); the last part queues the final
+    task."""
+    return _export_step(self, get_runtime().build_export_part, part_id, claim_token, failure)
+
+
+@shared_task(
+    bind=True,
+    name=FINISH_EXPORT,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    time_limit=7 * 86400,
+)
+def finish_export(
+    self: Any,
+    export_id: str,
+    claim_token: str | None = None,
+    failure: dict[str, Any] | None = None,
+) -> str | None:
+    """The final task of an export built in parts: shards, manifest, publish."""
+    return _export_step(self, get_runtime().finish_export, export_id, claim_token, failure)
+
+
+def _export_step(
+    task: Any,
+    step: Callable[[uuid.UUID, str, dict[str, Any] | None], str | None],
+    item_id: str,
+    claim_token: str | None,
+    failure: dict[str, Any] | None,
+) -> str | None:
+    """Run one step of an export under a claim token kept by the task's retries, which try
+    again soon when the database is unavailable (recording a failure it could not)."""
     token = claim_token or str(uuid.uuid4())
     try:
-        return get_runtime().build_export(uuid.UUID(export_id), token, failure)
+        return step(uuid.UUID(item_id), token, failure)
     except BuildInterruptedError as interrupted:
         cause = interrupted.__cause__ or interrupted
         raise _retry_after_outage(
-            self, cause, claim_token=token, failure=interrupted.failure
+            task, cause, claim_token=token, failure=interrupted.failure
         ) from interrupted
 
 

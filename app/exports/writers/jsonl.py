@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from app.exports.parts import PartFile
 from app.exports.writers.shards import JSONL, OpenShard, ShardInfo, ShardLimits, publish_shards
+
+RUN = "rows.jsonl"
 
 
 def dump_line(row: dict[str, Any]) -> bytes:
@@ -30,7 +34,10 @@ class JsonlShards:
         self._bytes = 0
 
     def write(self, row: dict[str, Any]) -> None:
-        line = dump_line(row)
+        self.write_line(dump_line(row))
+
+    def write_line(self, line: bytes) -> None:
+        """A row already serialised by `dump_line` (a part's row, replayed)."""
         shard = self._shard
         if shard is not None and (
             shard.rows >= self.limits.max_rows or self._bytes + len(line) > self.limits.max_bytes
@@ -69,3 +76,37 @@ class JsonlShards:
     def abort(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+class JsonlRun:
+    """A part's rows, as the very lines its shards will hold (app/exports/parts.py)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / RUN
+        self._file: IO[bytes] | None = self.path.open("wb")
+        self._digest = hashlib.sha256()
+        self._rows = 0
+
+    def write(self, row: dict[str, Any]) -> None:
+        line = dump_line(row)
+        assert self._file is not None
+        self._file.write(line)
+        self._digest.update(line)
+        self._rows += 1
+
+    def close(self) -> PartFile:
+        self.abort()
+        return PartFile(
+            self.path.name, self.path.stat().st_size, self._digest.hexdigest(), self._rows
+        )
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_run(path: Path) -> Iterator[bytes]:
+    """The lines of a part's rows, in order."""
+    with path.open("rb") as handle:
+        yield from handle

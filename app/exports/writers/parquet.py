@@ -10,6 +10,7 @@ the rows: the same rows give the same file.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from app.exports.writers.shards import PARQUET, OpenShard, ShardInfo, ShardLimits, publish_shards
+from app.exports.parts import PartFile
+from app.exports.writers.shards import (
+    PARQUET,
+    OpenShard,
+    ShardInfo,
+    ShardLimits,
+    file_sha256,
+    publish_shards,
+)
 from app.recipe.render import IGNORE_INDEX, TokenRow
 
+RUN = "rows.arrow"
 ROW_GROUP_ROWS = 256
 # Row groups of ~2M tokens: small enough to keep the writer's buffer (Python lists) modest,
 # large enough for fast column reads.
@@ -149,3 +159,90 @@ class ParquetShards:
     def abort(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+# A part's rows as the shard writer takes them, weights in full precision (the writer makes
+# them float32 itself), so that replaying them writes the same bytes.
+RUN_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("part", pa.int32(), nullable=False),
+        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("weights", pa.list_(pa.float64()), nullable=False),
+    ]
+)
+
+
+class TokenRun:
+    """A part's tokenized rows, in an Arrow file of record batches (app/exports/parts.py)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / RUN
+        options = pa.ipc.IpcWriteOptions(compression="zstd")
+        self._writer: pa.ipc.RecordBatchFileWriter | None = pa.ipc.new_file(
+            str(self.path), RUN_SCHEMA, options=options
+        )
+        self._pending: list[tuple[str, TokenRow]] = []
+        self._pending_tokens = 0
+        self._rows = 0
+
+    def write(self, key: str, row: TokenRow) -> None:
+        self._pending.append((key, row))
+        self._pending_tokens += len(row.input_ids)
+        if len(self._pending) >= ROW_GROUP_ROWS or self._pending_tokens >= ROW_GROUP_TOKENS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending or self._writer is None:
+            return
+        batch = pa.record_batch(
+            [
+                pa.array([key for key, _ in self._pending], pa.string()),
+                pa.array([row.part for _, row in self._pending], pa.int32()),
+                pa.array([row.input_ids for _, row in self._pending], pa.list_(pa.int32())),
+                pa.array([row.weights for _, row in self._pending], pa.list_(pa.float64())),
+            ],
+            schema=RUN_SCHEMA,
+        )
+        self._writer.write_batch(batch)
+        self._rows += len(self._pending)
+        self._pending = []
+        self._pending_tokens = 0
+
+    def close(self) -> PartFile:
+        self._flush()
+        self.abort()
+        return PartFile(
+            self.path.name, self.path.stat().st_size, file_sha256(self.path), self._rows
+        )
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def read_run(path: Path) -> Iterator[tuple[str, TokenRow]]:
+    """A part's tokenized rows, in order, a record batch at a time."""
+    with pa.memory_map(str(path)) as source:
+        reader = pa.ipc.open_file(source)
+        for number in range(reader.num_record_batches):
+            batch = reader.get_batch(number)
+            keys = batch.column(0).to_pylist()
+            parts = batch.column(1).to_numpy()
+            ids, weights = batch.column(2), batch.column(3)
+            id_values = ids.values.to_numpy()
+            id_offsets = ids.offsets.to_numpy()
+            weight_values = weights.values.to_numpy()
+            weight_offsets = weights.offsets.to_numpy()
+            for row in range(batch.num_rows):
+                yield (
+                    keys[row],
+                    TokenRow(
+                        input_ids=id_values[id_offsets[row] : id_offsets[row + 1]].tolist(),
+                        weights=weight_values[
+                            weight_offsets[row] : weight_offsets[row + 1]
+                        ].tolist(),
+                        part=int(parts[row]),
+                    ),
+                )
