@@ -47,6 +47,8 @@ from app.recipe.render import SpanStats, template_hash
 from app.status import ExportPartStatus, ExportStatus
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from app.exports.pool import TokenizePool
 
 log = logging.getLogger("srft.exports")
@@ -99,7 +101,7 @@ def export_building(settings: Settings, export_id: uuid.UUID) -> Path:
     return building_root(settings) / str(export_id)
 
 
-def part_folder(settings: Settings, export_id: uuid.UUID, index: int, name: str) -> Path:
+def part_folder(settings: Settings, export_id: uuid.UUID, name: str) -> Path:
     return export_building(settings, export_id) / "parts" / name
 
 
@@ -338,7 +340,7 @@ class _Heartbeat:
             if not self._record(session, done, total):
                 raise ClaimLostError()
 
-    def _record(self, session: Any, done: int, total: int) -> bool:
+    def _record(self, session: Session, done: int, total: int) -> bool:
         raise NotImplementedError
 
 
@@ -350,7 +352,7 @@ class _ExportHeartbeat(_Heartbeat):
         self.export_id = export_id
         self.token = token
 
-    def _record(self, session: Any, done: int, total: int) -> bool:
+    def _record(self, session: Session, done: int, total: int) -> bool:
         return service.heartbeat(session, self.export_id, self.token, done=done, total=total)
 
 
@@ -363,7 +365,7 @@ class _PartHeartbeat(_Heartbeat):
         self.export_id = part.export_id
         self.token = token
 
-    def _record(self, session: Any, done: int, total: int) -> bool:
+    def _record(self, session: Session, done: int, total: int) -> bool:
         return service.part_heartbeat(session, self.part_id, self.export_id, self.token, done=done)
 
 
@@ -406,7 +408,7 @@ def build_part(
         return None
     part, export = claimed
     output = part_output(part.index, token)
-    folder = part_folder(settings, export.id, part.index, output)
+    folder = part_folder(settings, export.id, output)
     shutil.rmtree(folder, ignore_errors=True)  # this task's own earlier try
     try:
         result = _build_part(database, settings, export, part, token, folder)
@@ -666,7 +668,7 @@ def _check_parts(
     built: list[_BuiltPart] = []
     broken: list[ExportPart] = []
     for part in parts:
-        folder = part_folder(settings, export.id, part.index, part.output or "")
+        folder = part_folder(settings, export.id, part.output or "")
         try:
             if not part.output:
                 raise ValueError("no folder recorded")

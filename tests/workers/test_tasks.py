@@ -41,9 +41,22 @@ class FlakyRuntime:
     def label_unit(self, unit: Any, token: str) -> None:
         self._call(unit, token)
 
-    def build_export(self, export_id: uuid.UUID, token: str, failure: Any) -> str:
-        self._call(export_id, token, failure)
+    def _export_call(self, *args: Any) -> str:
+        # The builder reports an outage as BuildInterruptedError, its cause the outage.
+        try:
+            self._call(*args)
+        except OperationalError as error:
+            raise BuildInterruptedError() from error
         return "completed"
+
+    def build_export(self, export_id: uuid.UUID, token: str, failure: Any) -> str:
+        return self._export_call(export_id, token, failure)
+
+    def build_export_part(self, part_id: uuid.UUID, token: str, failure: Any) -> str:
+        return self._export_call(part_id, token, failure)
+
+    def finish_export(self, export_id: uuid.UUID, token: str, failure: Any) -> str:
+        return self._export_call(export_id, token, failure)
 
 
 @pytest.fixture
@@ -106,3 +119,16 @@ def test_an_export_that_could_not_record_its_failure_records_it_on_retry(
     (_, token, none), (_, again, recorded) = runtime.calls
     assert (none, recorded) == (None, failure)
     assert token == again
+
+
+@pytest.mark.parametrize("runtime", [{"down": 2}], indirect=True)
+@pytest.mark.parametrize("task", ["build_export", "build_export_part", "finish_export"])
+def test_every_export_task_retries_an_outage_under_its_own_claim_token(
+    runtime: FlakyRuntime, task: str
+) -> None:
+    item = str(uuid.uuid4())
+    result = getattr(tasks, task).apply(args=[item])
+    assert result.successful(), result.result
+    assert result.result == "completed"
+    assert [str(i) for i, _, _ in runtime.calls] == [item] * 3
+    assert len({token for _, token, _ in runtime.calls}) == 1
