@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Response, status
 
 from app.deps import ProjectDep, SessionDep, SettingsDep
 from app.jobs import queue, schemas, workqueue
@@ -67,3 +67,10 @@ def retry_job(
     units = job_service.retry_failed(session, job, settings.step_chunk_size)
     queue.enqueue_after_commit(session, settings.broker_url, units)
     return job_service.describe(session, job)
+
+
+@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_job(job_id: uuid.UUID, session: SessionDep, project_id: ProjectDep) -> Response:
+    """Delete a finished job and its verdicts (exports already built keep their files)."""
+    job_service.delete_job(session, job_service.get_job(session, project_id, job_id))
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -30,9 +30,9 @@ from app.critic.prompt import prompt_hash
 from app.errors import ConflictError, NotFoundError, SrftError
 from app.jobs import schemas
 from app.jobs.workqueue import Unit, fill_from_cache, units_of
-from app.models import Job, Trajectory, Verdict, utcnow
+from app.models import Export, Job, Trajectory, Verdict, utcnow
 from app.pagination import decode_cursor, encode_cursor
-from app.status import JOB_FINISHED, VERDICT_OPEN, JobStatus, VerdictStatus
+from app.status import EXPORT_OPEN, JOB_FINISHED, JOB_OPEN, VERDICT_OPEN, JobStatus, VerdictStatus
 
 ID_CHUNK = 1000
 RowT = TypeVar("RowT")
@@ -420,3 +420,41 @@ def retry_failed(session: Session, job: Job, chunk_size: int) -> list[Unit]:
     job.error = None
     session.flush()
     return units_of(job, [(r.trajectory_id, r.step_index) for r in failed], chunk_size)
+
+
+# ---------------------------------------------------------------------- deletion
+
+
+def delete_job(session: Session, job: Job) -> None:
+    """Delete a finished job and its verdicts: one DELETE of the job's row, which the
+    database cascades to the verdicts (a million of them take seconds, not a million
+    statements). Refused while the job runs, or while an export not built yet uses it;
+    finished exports keep their files and manifest, which do not need the job."""
+    # Locked first: an export created at the same moment (it reads its jobs FOR SHARE) either
+    # waits for this deletion and finds no job, or is committed and seen below.
+    status = session.scalar(select(Job.status).where(Job.id == job.id).with_for_update())
+    if status is None:  # another request deleted it meanwhile
+        raise NotFoundError(f"job {job.id} not found", location="path.job_id")
+    if status in JOB_OPEN:
+        raise ConflictError(
+            f"job {job.id} is {status}: cancel it first (POST /v1/jobs/{job.id}/cancel)",
+            location="path.job_id",
+            code="job_not_finished",
+        )
+    exports = session.execute(
+        select(Export.id, Export.status, Export.job_ids)
+        .where(Export.project_id == job.project_id, Export.status.in_(EXPORT_OPEN))
+        .order_by(Export.id)
+    ).all()
+    using = [e for e in exports if str(job.id) in e.job_ids]
+    if using:
+        shown = ", ".join(f"export {e.id} ({e.status})" for e in using[:20])
+        raise ConflictError(
+            f"{shown} {'uses' if len(using) == 1 else 'use'} this job: delete the job once "
+            f"{'it has' if len(using) == 1 else 'they have'} finished",
+            location="path.job_id",
+            code="job_in_use",
+            details={"exports": [str(e.id) for e in using]},
+        )
+    session.delete(job)
+    session.flush()
