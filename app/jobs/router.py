@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 
 from app.deps import ProjectDep, SessionDep, SettingsDep
-from app.jobs import queue, schemas, workqueue
+from app.jobs import queue, schemas
 from app.jobs import service as job_service
 from app.pagination import MAX_STEP_PAGE
 from app.schemas import COMMON_ERRORS, error_responses
@@ -22,10 +22,12 @@ router = APIRouter(
 def create_job(
     body: schemas.JobCreate, session: SessionDep, project_id: ProjectDep, settings: SettingsDep
 ) -> schemas.JobOut:
-    """Start labeling the selected trajectories with the critic."""
+    """Start labeling the selected trajectories with the critic.
+
+    Answers at once, whatever the size: a worker writes the job's rows in batches after, and
+    `preparation` says how far it got (its first batches are labeled meanwhile)."""
     job = job_service.create_job(session, project_id, body, settings)
-    units = workqueue.pending_units(session, job, settings.step_chunk_size)
-    queue.enqueue_after_commit(session, settings.broker_url, units)
+    queue.enqueue_prepare_after_commit(session, settings.broker_url, job.id)
     return job_service.describe(session, job)
 
 

@@ -49,6 +49,15 @@ class Counts(BaseModel):
     cached: int
 
 
+class Preparation(BaseModel):
+    """How far a worker has got writing the job's verdict rows (done in batches after the
+    request; steps not written yet count as pending)."""
+
+    complete: bool
+    trajectories: int
+    steps: int
+
+
 class JobCounts(BaseModel):
     trajectories: Counts
     steps: Counts
@@ -76,6 +85,7 @@ class JobOut(BaseModel):
     scope: str
     cache: bool
     selection: dict[str, object]
+    preparation: Preparation
     counts: JobCounts
     labels: dict[str, int] = Field(description="How many steps got each label so far.")
     usage: Usage
