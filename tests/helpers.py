@@ -46,6 +46,7 @@ def outcome(
     *,
     reason: str | None = None,
     votes: list[str] | None = None,
+    agreement: float | None = None,
     error: str | None = None,
     error_kind: ErrorKind | None = None,
     prompt_tokens: int = 0,
@@ -54,13 +55,14 @@ def outcome(
     latency_ms: float = 0.0,
 ) -> StepOutcome:
     """A critic's outcome for one step: a label, or (label None) a failure with `error`."""
-    agreement = None if label is None else (votes.count(label) / len(votes) if votes else 1.0)
+    if agreement is None and label is not None and votes:
+        agreement = votes.count(label) / len(votes)
     return StepOutcome(
         index=step,
         label=label,
         reason=reason if label is None or reason else f"critic says {label}",
         agreement=agreement,
-        vote_labels=votes or ([] if label is None else [label]),
+        vote_labels=votes or [],
         usage=Usage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,

@@ -37,4 +37,10 @@ def enqueue(broker_url: str, units: Iterable[Unit]) -> int:
 
 def enqueue_prepare_after_commit(session: Session, broker_url: str, job_id: uuid.UUID) -> None:
     """Queue the task that writes the job's verdict rows, once the job's row has committed."""
-    after_commit(session, lambda: celery_for(broker_url).send_task(PREPARE_JOB, args=[str(job_id)]))
+    after_commit(session, lambda: send_prepare(broker_url, job_id))
+
+
+def send_prepare(broker_url: str, job_id: uuid.UUID) -> None:
+    """Queue the job's preparation now (`enqueue_prepare_after_commit` is the one to call in a
+    unit of work)."""
+    celery_for(broker_url).send_task(PREPARE_JOB, args=[str(job_id)])

@@ -96,6 +96,11 @@ class JobOut(BaseModel):
     eta_s: float | None
 
 
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None
+
+
 class VerdictOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 

@@ -390,6 +390,19 @@ def get_job(session: Session, project_id: uuid.UUID, job_id: uuid.UUID) -> Job:
     return job
 
 
+def list_jobs(
+    session: Session, project_id: uuid.UUID, *, limit: int, before: uuid.UUID | None
+) -> tuple[list[Job], uuid.UUID | None]:
+    """A page of the project's jobs, newest first (ids are time-ordered), and the id the next
+    page starts before (or None)."""
+    query = select(Job).where(Job.project_id == project_id)
+    if before is not None:
+        query = query.where(Job.id < before)
+    items = list(session.scalars(query.order_by(Job.id.desc()).limit(limit + 1)))
+    next_before = items[limit - 1].id if len(items) > limit else None
+    return items[:limit], next_before
+
+
 def describe(session: Session, job: Job) -> schemas.JobOut:
     """The job with its progress counts, label histogram, token usage and ETA: read from its
     running totals (`app.jobs.tallies`), a few rows whatever the job's size."""

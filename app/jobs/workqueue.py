@@ -423,15 +423,19 @@ def finish_if_done(session: Session, job_id: uuid.UUID) -> JobStatus | None:
     )
     if remaining is not None:
         return None
-    done = tallies.read(session, job_id)[tallies.STEPS_DONE]
-    status = JobStatus.COMPLETED if done else JobStatus.FAILED
+    done = session.scalar(
+        select(Verdict.id)
+        .where(Verdict.job_id == job_id, Verdict.status == VerdictStatus.DONE)
+        .limit(1)
+    )
+    status = JobStatus.COMPLETED if done is not None else JobStatus.FAILED
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status.in_(JOB_OPEN))
         .values(
             status=status,
             finished_at=utcnow(),
-            error=None if done else "every step failed; see the verdicts' errors",
+            error=None if done is not None else "every step failed; see the verdicts' errors",
         )
         .execution_options(synchronize_session=False)
     )

@@ -33,7 +33,8 @@ AutoId = BigInteger().with_variant(Integer(), "sqlite")
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index(None, "project_id", "created_at"),)
+    # Pages of a project's jobs run newest first by (time-ordered) id.
+    __table_args__ = (Index(None, "project_id", "created_at"), Index(None, "project_id", "id"))
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
     project_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
@@ -53,8 +54,8 @@ class Job(Base):
     # Preparation: a worker writes the verdict rows in batches of trajectories, in id order,
     # after the request that created the job (`app.jobs.service.prepare_batch`). The cursor is
     # the last trajectory prepared; `prepared_at` is set once every row exists.
-    prepared_trajectories: Mapped[int] = mapped_column(Integer, default=0)
-    prepared_steps: Mapped[int] = mapped_column(Integer, default=0)
+    prepared_trajectories: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    prepared_steps: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     prepare_cursor: Mapped[uuid.UUID | None] = mapped_column(default=None)
     prepared_at: Mapped[datetime | None] = mapped_column(default=None)
     error: Mapped[str | None] = mapped_column(Text)

@@ -20,7 +20,6 @@ from urllib.parse import parse_qs
 import jinja2
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.auth import service as auth_service
@@ -28,7 +27,6 @@ from app.critic.prompt import task_text
 from app.deps import SessionDep, SettingsDep
 from app.errors import InvalidCursorError, NotFoundError, SrftError, UnauthorizedError
 from app.jobs import service as job_service
-from app.models import Job
 from app.recipe.masking import DEFAULT_MASK_LABELS, POLICIES, Policy, PolicyOptions, decide
 from app.review import browser, schemas
 from app.review import service as review_service
@@ -232,12 +230,7 @@ def jobs_page(session: SessionDep, caller: UiCallerDep) -> Response:
     """The project's jobs, newest first, with progress, labels and usage."""
     if caller is None:
         return _prompt()
-    jobs = session.scalars(
-        select(Job)
-        .where(Job.project_id == caller.project_id)
-        .order_by(Job.created_at.desc(), Job.id.desc())
-        .limit(MAX_JOBS)
-    ).all()
+    jobs, _ = job_service.list_jobs(session, caller.project_id, limit=MAX_JOBS, before=None)
     described = [job_service.describe(session, job) for job in jobs]
     refresh = any(job.status in JOB_OPEN for job in described)
     return _page(

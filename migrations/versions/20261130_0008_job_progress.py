@@ -12,7 +12,8 @@ Hand-checked.
   critic latency). Both are filled here from the verdicts already stored, with the rules the
   code counts by (`app.jobs.workqueue.count_finished`, frozen here: migrations do not follow
   the code), in slot 0.
-- Indexes that serve the trajectory list's filters in its order (newest first by id).
+- Indexes that serve the trajectory list's filters in its order (newest first by id), and
+  the job and export lists in theirs.
 The downgrade drops what this adds; the verdicts they were counted from are still there.
 """
 
@@ -63,15 +64,12 @@ tallies = sa.table(
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("jobs") as batch:
-        batch.add_column(
-            sa.Column("prepared_trajectories", sa.Integer(), nullable=False, server_default="0")
-        )
-        batch.add_column(
-            sa.Column("prepared_steps", sa.Integer(), nullable=False, server_default="0")
-        )
-        batch.add_column(sa.Column("prepare_cursor", sa.Uuid(), nullable=True))
-        batch.add_column(sa.Column("prepared_at", sa.DateTime(timezone=True), nullable=True))
+    # Plain ALTER TABLE, never a batch copy: on SQLite, copying `jobs` would drop the old table,
+    # and its verdicts with it (ON DELETE CASCADE). The defaults stay on the columns.
+    for name in ("prepared_trajectories", "prepared_steps"):
+        op.add_column("jobs", sa.Column(name, sa.Integer(), nullable=False, server_default="0"))
+    op.add_column("jobs", sa.Column("prepare_cursor", sa.Uuid(), nullable=True))
+    op.add_column("jobs", sa.Column("prepared_at", sa.DateTime(timezone=True), nullable=True))
     jobs = sa.table(
         "jobs",
         sa.column("total_trajectories", sa.Integer()),
@@ -88,10 +86,6 @@ def upgrade() -> None:
             prepared_at=jobs.c.created_at,
         )
     )
-    with op.batch_alter_table("jobs") as batch:
-        batch.alter_column("prepared_trajectories", server_default=None)
-        batch.alter_column("prepared_steps", server_default=None)
-
     op.create_table(
         "job_trajectories",
         sa.Column("job_id", sa.Uuid(), nullable=False),
@@ -135,6 +129,8 @@ def upgrade() -> None:
         ["project_id", "task_id", "id"],
     ):
         op.create_index(f"ix_trajectories_{'_'.join(columns)}", "trajectories", columns)
+    op.create_index("ix_jobs_project_id_id", "jobs", ["project_id", "id"])
+    op.create_index("ix_exports_project_id_id", "exports", ["project_id", "id"])
 
 
 def _count_stored_verdicts() -> None:
@@ -210,6 +206,8 @@ def _count_stored_verdicts() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index("ix_exports_project_id_id", table_name="exports")
+    op.drop_index("ix_jobs_project_id_id", table_name="jobs")
     for columns in (
         ["project_id", "task_id", "id"],
         ["project_id", "source_format", "id"],
@@ -221,8 +219,6 @@ def downgrade() -> None:
     op.drop_table("job_tallies")
     op.drop_index("ix_job_trajectories_trajectory_id", table_name="job_trajectories")
     op.drop_table("job_trajectories")
-    with op.batch_alter_table("jobs") as batch:
-        batch.drop_column("prepared_at")
-        batch.drop_column("prepare_cursor")
-        batch.drop_column("prepared_steps")
-        batch.drop_column("prepared_trajectories")
+    # ALTER TABLE DROP COLUMN (SQLite 3.35+), not a batch copy, for the reason above.
+    for name in ("prepared_at", "prepare_cursor", "prepared_steps", "prepared_trajectories"):
+        op.execute(f"ALTER TABLE jobs DROP COLUMN {name}")

@@ -287,3 +287,27 @@ def test_verdicts_are_paged(
         if cursor is None:
             break
     assert len(seen) == len(set(seen)) == 9
+
+
+def test_jobs_are_listed_newest_first_a_page_at_a_time(
+    client: TestClient, caller: Caller, other_caller: Caller, session: Session, stored: list[str]
+) -> None:
+    created = [_start(client, caller, session, {"selection": {}})["id"] for _ in range(5)]
+    _finish_all(session, created[0], label="mistake")
+    seen: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 2} | ({"cursor": cursor} if cursor else {})
+        page = client.get("/v1/jobs", params=params, headers=caller.headers).json()
+        assert len(page["items"]) <= 2
+        seen += page["items"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert [job["id"] for job in seen] == created[::-1]
+    assert seen[-1]["labels"] == {"mistake": 6}
+    assert seen[-1]["counts"]["steps"]["done"] == 6
+    assert client.get("/v1/jobs", headers=other_caller.headers).json()["items"] == []
+    bad = client.get("/v1/jobs", params={"cursor": "nonsense"}, headers=caller.headers)
+    assert bad.status_code == 422
+    assert bad.json()["error"]["code"] == "invalid_cursor"
