@@ -28,7 +28,7 @@ from app.exports.tokenize import (
 from app.jobs import service as job_service
 from app.jobs import workqueue
 from app.jobs.schemas import Selection
-from app.models import Export, Job, Step, Trajectory, Verdict, utcnow
+from app.models import Export, Job, JobTrajectory, Step, Trajectory, utcnow
 from app.review import service as review_service
 from app.status import EXPORT_OPEN, JOB_FINISHED, JOB_OPEN, ExportStatus
 
@@ -318,12 +318,17 @@ def delete_export(session: Session, export: Export) -> None:
 
 def check_trajectory_unused(session: Session, trajectory: Trajectory) -> None:
     """Refuse (409 `trajectory_in_use`) to let a trajectory go while a job still labels it
-    or an export not yet built would read it."""
+    (or may: one whose rows are still being written) or an export not yet built would read
+    it."""
+    in_job = select(JobTrajectory.job_id).where(JobTrajectory.trajectory_id == trajectory.id)
     jobs = session.execute(
         select(Job.id, Job.status)
         .where(
             Job.status.in_(JOB_OPEN),
-            Job.id.in_(select(Verdict.job_id).where(Verdict.trajectory_id == trajectory.id)),
+            or_(
+                Job.id.in_(in_job),
+                and_(Job.project_id == trajectory.project_id, Job.prepared_at.is_(None)),
+            ),
         )
         .order_by(Job.id)
     ).all()

@@ -23,17 +23,18 @@ import pytest
 from sqlalchemy import func, select, update
 
 from app.auth import service as auth_service
+from app.critic.judge import StepOutcome
 from app.errors import ConflictError
 from app.exports import service as export_service
 from app.exports.builder import build_export, building_root, export_path
 from app.exports.pull import pull_export, verify_directory
 from app.exports.schemas import ExportCreate
 from app.jobs import service as job_service
-from app.jobs import workqueue
 from app.models import Export, HumanLabel, Job, Step, Verdict
-from app.status import ExportStatus, VerdictStatus
+from app.status import ExportStatus
 from tests.builders import make_trajectory
 from tests.e2e import Api
+from tests.helpers import outcome, prepare_job, record
 
 
 def _delete(api: Api, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
@@ -54,12 +55,16 @@ def _labeled_job(api: Api, ids: list[str], scope: str = "all") -> str:
     """A job over `ids`, every step of it labelled here as a worker would, then finished."""
     job = api.start_job({"selection": {"trajectory_ids": ids}, "scope": scope, "cache": False})
     with api.database.transaction() as session:
-        session.execute(
-            update(Verdict)
-            .where(Verdict.job_id == uuid.UUID(job["id"]))
-            .values(status=VerdictStatus.DONE, label="good", reason="test")
-        )
-        workqueue.finish_if_done(session, uuid.UUID(job["id"]))
+        prepare_job(session, job["id"])
+        rows = session.execute(
+            select(Verdict.trajectory_id, Verdict.step_index).where(
+                Verdict.job_id == uuid.UUID(job["id"])
+            )
+        ).all()
+        outcomes: dict[uuid.UUID, list[StepOutcome]] = {}
+        for trajectory_id, step in rows:
+            outcomes.setdefault(trajectory_id, []).append(outcome(step, "good", reason="test"))
+        record(session, job["id"], outcomes)
     assert api.get(f"/v1/jobs/{job['id']}").json()["status"] == "completed"
     return str(job["id"])
 
@@ -167,6 +172,8 @@ def test_an_export_being_built_cannot_be_deleted(api: Api, status: ExportStatus)
 def test_a_job_still_labeling_cannot_be_deleted_until_cancelled(api: Api) -> None:
     ids = _runs(api, "labeling", False, None)
     job = api.start_job({"selection": {"trajectory_ids": ids}, "cache": False})["id"]
+    with api.database.transaction() as session:
+        prepare_job(session, job)
     verdicts = _count(api, Verdict, Verdict.job_id == uuid.UUID(job))
     assert verdicts == 2 + 3
     error = _refused(_delete(api, f"/v1/jobs/{job}"), "job_not_finished")
@@ -284,6 +291,11 @@ def test_deleting_a_trajectory_takes_its_steps_verdicts_and_human_labels(api: Ap
 def test_a_trajectory_an_open_job_labels_cannot_be_deleted(api: Api) -> None:
     labeled, free = _runs(api, "job-open", False, False)
     job = api.start_job({"selection": {"trajectory_ids": [labeled]}, "cache": False})["id"]
+    # While the job's rows are being written, any run of the project may still join it.
+    preparing = _refused(_delete(api, f"/v1/trajectories/{free}"), "trajectory_in_use")
+    assert preparing["details"] == {"jobs": [job], "exports": []}
+    with api.database.transaction() as session:
+        prepare_job(session, job)
     error = _refused(_delete(api, f"/v1/trajectories/{labeled}"), "trajectory_in_use")
     assert f"job {job} (queued) uses this trajectory" in error["message"]
     assert error["details"] == {"jobs": [job], "exports": []}
