@@ -257,8 +257,8 @@ def _insert_progress(
             "job_id": job.id,
             "trajectory_id": t.id,
             "steps": t.num_steps,
-            "done": cached[t.id],
-            "failed": 0,
+            VerdictStatus.DONE: cached[t.id],
+            VerdictStatus.FAILED: 0,
             "cached": cached[t.id],
         }
         for t in chosen

@@ -74,6 +74,9 @@ class Finished:
     latency_ms: float | None = None
 
 
+DONE, FAILED = VerdictStatus.DONE, VerdictStatus.FAILED
+
+
 def count_finished(session: Session, finished: Iterable[Finished], *, sign: int = 1) -> None:
     """Add verdicts this transaction finished to their jobs' totals (`app.jobs.tallies`) and
     to their trajectories' progress; `sign=-1` takes failed ones that are reopened back out.
@@ -89,7 +92,7 @@ def count_finished(session: Session, finished: Iterable[Finished], *, sign: int 
         step = deltas[item.job_id]
         moved = per_trajectory[(item.job_id, item.trajectory_id)]
         if item.status == VerdictStatus.DONE:
-            moved["done"] += sign
+            moved[DONE] += sign
             step[tallies.STEPS_DONE] += sign
             if item.label is not None:
                 step[tallies.label(item.label)] += sign
@@ -99,7 +102,7 @@ def count_finished(session: Session, finished: Iterable[Finished], *, sign: int 
             else:
                 tallies.latency(step, item.latency_ms)
         else:
-            moved["failed"] += sign
+            moved[FAILED] += sign
             step[tallies.STEPS_FAILED] += sign
             step[tallies.error(item.error_kind)] += sign
         step[tallies.PROMPT_TOKENS] += item.prompt_tokens
@@ -112,8 +115,8 @@ def count_finished(session: Session, finished: Iterable[Finished], *, sign: int 
             update(table)
             .where(table.c.job_id == job_id, table.c.trajectory_id == trajectory_id)
             .values(
-                done=table.c.done + moved["done"],
-                failed=table.c.failed + moved["failed"],
+                done=table.c.done + moved[DONE],
+                failed=table.c.failed + moved[FAILED],
                 cached=table.c.cached + moved["cached"],
             )
             .returning(table.c.steps, table.c.done, table.c.failed, table.c.cached)
@@ -121,7 +124,7 @@ def count_finished(session: Session, finished: Iterable[Finished], *, sign: int 
         if after is None:
             continue
         finished_now = after.done + after.failed == after.steps
-        finished_before = (after.done - moved["done"]) + (after.failed - moved["failed"]) == (
+        finished_before = (after.done - moved[DONE]) + (after.failed - moved[FAILED]) == (
             after.steps
         )
         if finished_now == finished_before:
@@ -150,8 +153,8 @@ class _Progress:
 def _before(after: Any, moved: Counter[str]) -> _Progress:
     return _Progress(
         after.steps,
-        after.done - moved["done"],
-        after.failed - moved["failed"],
+        after.done - moved[DONE],
+        after.failed - moved[FAILED],
         after.cached - moved["cached"],
     )
 
