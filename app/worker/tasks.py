@@ -79,7 +79,10 @@ def label_unit(
         raise _retry_after_outage(self, error, claim_token=token) from error
 
 
-@shared_task(bind=True, name=PREPARE_JOB, acks_late=True, reject_on_worker_lost=True)
+# A million steps take minutes; a dead preparer is detected by its job not moving instead.
+@shared_task(
+    bind=True, name=PREPARE_JOB, acks_late=True, reject_on_worker_lost=True, time_limit=7 * 86400
+)
 def prepare_job(self: Any, job_id: str) -> None:
     """Write a new job's verdict rows, a batch of trajectories per transaction, queueing
     each batch's units as it commits. A task that dies resumes from the job's cursor (the
