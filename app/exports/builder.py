@@ -9,7 +9,6 @@ not grow with the size of the export.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import shutil
@@ -27,7 +26,7 @@ from app.exports import finetune, service
 from app.exports import formats as export_formats
 from app.exports import rows as row_builders
 from app.exports.formats import ExportFormat, MessageRows, TextRows, TokenRows
-from app.exports.manifest import MANIFEST
+from app.exports.manifest import MANIFEST, manifest_bytes
 from app.exports.rows import Source
 from app.exports.tokenize import PREFIX_TOO_LONG, Example, TokenizeConfig, Tokenized
 from app.exports.writers.jsonl import JsonlShards
@@ -200,12 +199,28 @@ def _record_failure(
     return ExportStatus.FAILED
 
 
+def remove_export_files(settings: Settings, project_id: uuid.UUID, export_id: uuid.UUID) -> None:
+    """An export's published folder and any building folder left by an attempt at it; what
+    is already gone is skipped, and a file that cannot be removed is logged, not raised
+    (the export's row is gone: nothing would retry)."""
+    _remove_tree(export_path(settings, project_id, export_id))
+    _remove_stale_building(settings, export_id)
+
+
+def _remove_tree(path: Path) -> None:
+    def failed(_function: object, name: str, info: tuple[type, BaseException, object]) -> None:
+        if not isinstance(info[1], FileNotFoundError):
+            log.warning("could not remove %s: %s", name, info[1])
+
+    shutil.rmtree(path, onerror=failed)
+
+
 def _remove_stale_building(settings: Settings, export_id: uuid.UUID) -> None:
     """Folders left by earlier, dead attempts at this export."""
     root = building_root(settings)
     if root.exists():
         for stale in root.glob(f"{export_id}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            _remove_tree(stale)
 
 
 class _Heartbeat:
@@ -307,10 +322,6 @@ def _build(
     (building / MANIFEST).write_bytes(manifest_bytes(manifest))
     heartbeat.beat(len(ids), len(ids), force=True)
     return manifest
-
-
-def manifest_bytes(manifest: dict[str, Any]) -> bytes:
-    return json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n"
 
 
 def _format_of(export: Export) -> ExportFormat:

@@ -2,7 +2,7 @@
 
 from app.models.base import Base, new_id, utcnow
 from app.models.export import Export
-from app.models.job import Job, Verdict
+from app.models.job import Job, JobTally, JobTrajectory, Verdict
 from app.models.project import ApiKey, Project
 from app.models.review import HumanLabel
 from app.models.session import UiSession
@@ -14,6 +14,8 @@ __all__ = [
     "Export",
     "HumanLabel",
     "Job",
+    "JobTally",
+    "JobTrajectory",
     "Project",
     "Step",
     "Trajectory",

@@ -21,6 +21,7 @@ from app.recipe.steps import split_steps
 from tests.builders import make_trajectory
 from tests.e2e import CRITIC_KEY, Api, RulesCritic, Workers
 from tests.helpers import all_trajectory_files
+from tests.jobs.recount import assert_totals_match_rows
 from tests.servers import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -64,6 +65,7 @@ def _assert_one_verdict_per_step(
     rows = _stored(database_url, job["id"])
     keys = [(t, s) for t, s, _, _ in rows]
     assert len(keys) == len(set(keys)) == job["counts"]["steps"]["total"]
+    assert_totals_match_rows(database_url, job)
     statuses = Counter(status for _, _, status, _ in rows)
     if all_done:
         assert statuses == {"done": len(rows)}, statuses
