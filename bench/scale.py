@@ -55,6 +55,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -82,6 +83,7 @@ from app.auth import service as auth_service
 from app.critic.labels import DEFAULT_LABELS
 from app.critic.prompt import prompt_hash
 from app.jobs import service as job_service
+from app.jobs import tallies
 from app.models import Job, Step, Trajectory, Verdict, new_id, utcnow
 from app.pagination import encode_cursor
 from app.recipe.steps import split_steps
@@ -425,6 +427,9 @@ def build_store(label: str, url: str, size: int, steps: int, seed: int) -> Store
                 selection={},
                 total_trajectories=size,
                 total_steps=size * steps,
+                prepared_trajectories=size,
+                prepared_steps=size * steps,
+                prepared_at=created,
                 created_at=created,
                 started_at=created,
                 finished_at=created + timedelta(hours=1),
@@ -434,14 +439,27 @@ def build_store(label: str, url: str, size: int, steps: int, seed: int) -> Store
     rng = random.Random(seed + 1)
     names, weights = list(LABEL_WEIGHTS), list(LABEL_WEIGHTS.values())
     ids: list[uuid.UUID] = []
+    # The job's running totals, counted as its verdict writes would have kept them.
+    totals: Counter[str] = Counter({tallies.TRAJECTORIES_DONE: size})
     # Stored a day before the job: an export covers what existed when its job was created.
     generated = trajectory_rows(size, steps, seed, project_id, created - timedelta(days=1))
     with psycopg.connect(libpq_url(url)) as connection:
         for start in range(0, size, COPY_CHUNK):
             chunk = [next(generated) for _ in range(min(COPY_CHUNK, size - start))]
             verdicts: list[dict[str, Any]] = []
+            progress: list[dict[str, Any]] = []
             for trajectory, step_rows in chunk:
                 ids.append(trajectory["id"])
+                progress.append(
+                    {
+                        "job_id": job_id,
+                        "trajectory_id": trajectory["id"],
+                        "steps": len(step_rows),
+                        "done": len(step_rows),
+                        "failed": 0,
+                        "cached": 0,
+                    }
+                )
                 for step in step_rows:
                     label = rng.choices(names, weights)[0]
                     finished = created + timedelta(seconds=rng.uniform(1, 3600))
@@ -478,11 +496,23 @@ def build_store(label: str, url: str, size: int, steps: int, seed: int) -> Store
                             "finished_at": finished,
                         }
                     )
+                    row = verdicts[-1]
+                    totals[tallies.STEPS_DONE] += 1
+                    totals[tallies.label(label)] += 1
+                    totals[tallies.PROMPT_TOKENS] += row["prompt_tokens"]
+                    totals[tallies.COMPLETION_TOKENS] += row["completion_tokens"]
+                    totals[tallies.CACHED_TOKENS] += row["cached_tokens"]
+                    tallies.latency(totals, row["latency_ms"])
             with connection.cursor() as cursor:
                 copy_rows(cursor, "trajectories", [t for t, _ in chunk])
                 copy_rows(cursor, "steps", [s for _, rows in chunk for s in rows])
                 copy_rows(cursor, "verdicts", verdicts)
+                copy_rows(cursor, "job_trajectories", progress)
             connection.commit()
+    with Session(engine) as session:
+        tallies.add(session, {job_id: totals})
+        session.commit()
+    with psycopg.connect(libpq_url(url)) as connection:
         connection.autocommit = True
         connection.execute("VACUUM ANALYZE")
         verdict_ids = connection.execute(
