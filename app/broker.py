@@ -12,6 +12,7 @@ from kombu.connection import Connection
 from app.config import get_settings
 
 LABEL_UNIT = "srft.jobs.label_unit"
+PREPARE_JOB = "srft.jobs.prepare"
 SWEEP = "srft.jobs.sweep"
 BUILD_EXPORT = "srft.exports.build"
 BUILD_EXPORT_PART = "srft.exports.build_part"

@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     # task reached 90% of the endpoint's limit, 16 only 81%), small enough to spread a long
     # run over several workers.
     step_chunk_size: int = 50
+    # A new job's verdict rows are written by a worker, this many trajectories per
+    # transaction (about 25,000 rows at 50 steps a run): its first tasks start after the first
+    # batch, and a request never waits for a million rows.
+    job_prepare_batch: int = 500
     # The sweeper re-enqueues work claimed longer ago than this (a dead or stuck worker), and
     # pending work not picked up within it (a lost broker message).
     stale_after_s: float = 900.0

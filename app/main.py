@@ -19,6 +19,7 @@ from app.config import Settings, get_settings
 from app.db import Database
 from app.errors import InvalidJsonError, InvalidRequestError, SrftError
 from app.exports.router import router as exports_router
+from app.exports.router import trajectories_router as trajectory_deletion_router
 from app.jobs.router import router as jobs_router
 from app.metrics import router as metrics_router
 from app.middleware import RequestGuard, error_response
@@ -117,6 +118,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     app.include_router(uploads_router)
     app.include_router(jobs_router)
     app.include_router(exports_router)
+    app.include_router(trajectory_deletion_router)
     app.include_router(review_router)
     app.include_router(review_ui_router)
     app.include_router(evaluation_router)

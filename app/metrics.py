@@ -1,4 +1,6 @@
-"""Prometheus metrics, computed from the database at scrape time across all projects.
+"""Prometheus metrics, computed from the database at scrape time across all projects: jobs and
+exports by status, and the verdicts' numbers from the jobs' running totals (`app.jobs.tallies`),
+so a scrape costs the same however many verdicts are stored.
 
 Text exposition format 0.0.4, written by hand (a dozen lines do not need a client library).
 No API key: operators scrape it, and it exposes counts only, never ids or text. Every
@@ -11,15 +13,16 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
 from fastapi import APIRouter, Response
-from sqlalchemy import case, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app.deps import SessionDep
-from app.models import Export, Job, Verdict
+from app.jobs import tallies
+from app.jobs.tallies import LATENCY_BUCKETS_S
+from app.models import Export, Job
 from app.status import (
     EXPORT_OPEN,
-    VERDICT_FINISHED,
-    VERDICT_OPEN,
+    JOB_OPEN,
     ErrorKind,
     ExportStatus,
     JobStatus,
@@ -29,7 +32,6 @@ from app.status import (
 router = APIRouter(tags=["health"])
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # The label of failed verdicts with no known error kind (none stored, or one this version
 # does not know).
 OTHER_ERROR = "other"
@@ -66,63 +68,48 @@ def _by_status(
     return [("", {"status": s}, found.get(s, 0)) for s in statuses]
 
 
-def _latency_histogram(session: Session) -> list[Sample]:
+def _latency_histogram(totals: Counter[str]) -> list[Sample]:
     """Critic seconds per done, uncached verdict, in LATENCY_BUCKETS_S."""
-    timed = (
-        Verdict.status == VerdictStatus.DONE,
-        Verdict.cached.is_(False),
-        Verdict.latency_ms.is_not(None),
-    )
-    bucket_columns = [
-        func.coalesce(func.sum(case((Verdict.latency_ms <= bound * 1000, 1), else_=0)), 0)
-        for bound in LATENCY_BUCKETS_S
-    ]
-    row = session.execute(
-        select(func.count(), func.coalesce(func.sum(Verdict.latency_ms), 0), *bucket_columns).where(
-            *timed
-        )
-    ).one()
-    count, total_ms, buckets = int(row[0]), float(row[1]), [int(v) for v in row[2:]]
+    count = totals[tallies.LATENCY_COUNT]
     histogram: list[Sample] = [
-        ("_bucket", {"le": repr(bound)}, n)
-        for bound, n in zip(LATENCY_BUCKETS_S, buckets, strict=True)
+        ("_bucket", {"le": repr(bound)}, totals[tallies.latency_bucket(bound)])
+        for bound in LATENCY_BUCKETS_S
     ]
     histogram += [
         ("_bucket", {"le": "+Inf"}, count),
-        ("_sum", {}, total_ms / 1000),
+        ("_sum", {}, totals[tallies.LATENCY_SUM_US] / 1e6),
         ("_count", {}, count),
     ]
     return histogram
 
 
-def _errors_by_kind(session: Session) -> list[Sample]:
+def _errors_by_kind(totals: Counter[str]) -> list[Sample]:
     """Failed verdicts by their stored error kind; none stored or unknown: `other`."""
     known_kinds: list[str] = [*ErrorKind, OTHER_ERROR]
     errors: Counter[str] = Counter()
-    failed = session.execute(
-        select(Verdict.error_kind, func.count())
-        .where(Verdict.status == VerdictStatus.FAILED)
-        .group_by(Verdict.error_kind)
-    )
-    for stored, n in failed:
-        # None: failed before kinds were stored, with text no known pattern matched.
-        errors[stored if stored is not None and stored in known_kinds else OTHER_ERROR] += n
+    for stored, n in tallies.family(totals, tallies.ERROR).items():
+        # "": failed before kinds were stored, with text no known pattern matched.
+        errors[stored if stored in known_kinds else OTHER_ERROR] += n
     return [("", {"kind": k}, errors.get(k, 0)) for k in known_kinds]
 
 
-def _tokens(session: Session) -> list[Sample]:
+def _tokens(totals: Counter[str]) -> list[Sample]:
     """Critic tokens of every verdict: prompt, completion, cached."""
-    tokens = session.execute(
-        select(
-            func.coalesce(func.sum(Verdict.prompt_tokens), 0),
-            func.coalesce(func.sum(Verdict.completion_tokens), 0),
-            func.coalesce(func.sum(Verdict.cached_tokens), 0),
-        )
-    ).one()
     return [
-        ("", {"type": t}, int(v))
-        for t, v in zip(("prompt", "completion", "cached"), tokens, strict=True)
+        ("", {"type": "prompt"}, totals[tallies.PROMPT_TOKENS]),
+        ("", {"type": "completion"}, totals[tallies.COMPLETION_TOKENS]),
+        ("", {"type": "cached"}, totals[tallies.CACHED_TOKENS]),
     ]
+
+
+def _open_steps(session: Session) -> int:
+    """Steps of open jobs not finished yet (written or still to be)."""
+    open_jobs = select(Job.id).where(Job.status.in_(JOB_OPEN))
+    total = session.scalar(
+        select(func.coalesce(func.sum(Job.total_steps), 0)).where(Job.status.in_(JOB_OPEN))
+    )
+    finished = tallies.read_all(session, open_jobs)
+    return int(total or 0) - finished[tallies.STEPS_DONE] - finished[tallies.STEPS_FAILED]
 
 
 def render(session: Session) -> str:
@@ -141,16 +128,16 @@ def render(session: Session) -> str:
         _by_status(session, Export.status, tuple(ExportStatus)),
     )
 
-    verdicts = {
-        str(s): int(n)
-        for s, n in session.execute(select(Verdict.status, func.count()).group_by(Verdict.status))
-    }
+    totals = tallies.read_all(session)
     lines += _family(
         "srft_verdicts_total",
         "counter",
         "Finished step verdicts by outcome; verdicts per second is rate() of it. "
         "(A retried job's failed verdicts leave this count when queued again.)",
-        [("", {"status": s}, verdicts.get(s, 0)) for s in VerdictStatus if s in VERDICT_FINISHED],
+        [
+            ("", {"status": VerdictStatus.DONE}, totals[tallies.STEPS_DONE]),
+            ("", {"status": VerdictStatus.FAILED}, totals[tallies.STEPS_FAILED]),
+        ],
     )
 
     exports_open = session.scalar(select(func.count()).where(Export.status.in_(EXPORT_OPEN)))
@@ -159,7 +146,7 @@ def render(session: Session) -> str:
         "gauge",
         "Work not finished yet: pending or running verdicts, queued or running exports.",
         [
-            ("", {"kind": "verdicts"}, sum(verdicts.get(s, 0) for s in VERDICT_OPEN)),
+            ("", {"kind": "verdicts"}, _open_steps(session)),
             ("", {"kind": "exports"}, int(exports_open or 0)),
         ],
     )
@@ -169,14 +156,14 @@ def render(session: Session) -> str:
         "histogram",
         "Critic time per done verdict (all attempts and votes), steps served from the "
         "cache excluded.",
-        _latency_histogram(session),
+        _latency_histogram(totals),
     )
 
     lines += _family(
         "srft_critic_errors_total",
         "counter",
         "Failed step verdicts by the kind of their last error.",
-        _errors_by_kind(session),
+        _errors_by_kind(totals),
     )
 
     lines += _family(
@@ -184,7 +171,7 @@ def render(session: Session) -> str:
         "counter",
         "Critic tokens used by all verdicts (cached: prompt tokens the endpoint served from "
         "its prompt cache).",
-        _tokens(session),
+        _tokens(totals),
     )
     return "\n".join(lines) + "\n"
 

@@ -28,6 +28,8 @@ MAX_INT = 2**63 - 1
 MAX_STEP_PAGE = 1000
 MAX_TRAJECTORY_PAGE = 100
 MAX_EXPORT_PAGE = 200
+# A job with its counts, histogram and usage (a few reads of its running totals).
+MAX_JOB_PAGE = 100
 
 CursorValue = int | uuid.UUID
 

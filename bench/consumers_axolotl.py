@@ -75,7 +75,7 @@ from app.models import Export, Trajectory, Verdict
 from app.recipe.steps import split_steps
 from app.trajectories.service import ingest
 from bench.common import PostgresServer, machine_facts, run_cleaning_up
-from tests.helpers import all_trajectory_files
+from tests.helpers import all_trajectory_files, prepare_job
 from tests.servers import postgres_server
 
 RESOLUTIONS: tuple[bool | None, ...] = (True, False, None)
@@ -146,6 +146,7 @@ def export_shared_runs(workdir: Path, tokenizer_dir: Path, sequence_len: int) ->
                 )
             body = JobCreate(selection=Selection(), scope="unresolved", cache=False)
             job_id = job_service.create_job(session, project_id, body, settings).id
+            prepare_job(session, job_id)
         _label_by_rules(database, job_id)
         exports: dict[str, Path] = {}
         requests = {

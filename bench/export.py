@@ -94,6 +94,7 @@ from bench.common import (
     run_cleaning_up,
     write_report,
 )
+from tests.helpers import prepare_job
 from tests.servers import postgres_server
 
 UPLOAD_BATCH = 50  # trajectories per ingested upload (NDJSON)
@@ -303,6 +304,7 @@ def set_up(database: Database, lines: list[bytes], options: Options) -> Setup:
     body = JobCreate(selection=Selection(), scope="unresolved", cache=False)
     with database.transaction() as session:
         job_id = job_service.create_job(session, project_id, body, settings).id
+        prepare_job(session, job_id)
     labels = label_job(database, job_id, options.seed)
     with database.transaction() as session:
         status = workqueue.finish_if_done(session, job_id)

@@ -20,9 +20,8 @@ from app.config import Settings
 from app.db import Database
 from app.jobs import queue as job_queue
 from app.jobs import service as job_service
-from app.jobs import workqueue
 from app.main import create_app
-from app.models import Job, Trajectory, Verdict
+from app.models import Job, Trajectory
 from tests.builders import make_trajectory
 from tests.servers import PostgresServer
 
@@ -76,19 +75,13 @@ def test_a_route_that_fails_after_writing_stores_nothing_and_queues_nothing(
     database_url: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    sent: list[list[workqueue.Unit]] = []
-    monkeypatch.setattr(job_queue, "enqueue", lambda _url, units: sent.append(list(units)))
-    jobs_before, verdicts_before = _count(database_url, Job), _count(database_url, Verdict)
+    sent: list[uuid.UUID] = []
+    monkeypatch.setattr(job_queue, "send_prepare", lambda _url, job_id: sent.append(job_id))
+    jobs_before = _count(database_url, Job)
 
     def broken_describe(session: Session, job: Job) -> Any:
-        # By now the job and a pending verdict per step are written (flushed) and the tasks
-        # are registered to be queued.
-        assert (
-            session.scalar(
-                select(func.count()).select_from(Verdict).where(Verdict.job_id == job.id)
-            )
-            == 3
-        )
+        # By now the job is written (flushed) and its preparation registered to be queued.
+        assert session.scalar(select(func.count()).select_from(Job).where(Job.id == job.id)) == 1
         raise RuntimeError("the handler fails after writing")
 
     monkeypatch.setattr(job_service, "describe", broken_describe)
@@ -96,7 +89,6 @@ def test_a_route_that_fails_after_writing_stores_nothing_and_queues_nothing(
     assert response.status_code == 500
     assert response.json()["error"]["code"] == "internal_error"
     assert _count(database_url, Job) == jobs_before
-    assert _count(database_url, Verdict) == verdicts_before
     assert sent == []
 
 
@@ -107,17 +99,15 @@ def test_tasks_are_queued_only_after_the_rows_they_name_are_committed(
 ) -> None:
     seen: list[int] = []
 
-    def spy(_url: str, units: Any) -> int:
-        units = list(units)
-        # Another connection already sees the verdict rows the tasks will claim.
-        seen.append(_count(database_url, Verdict))
-        return len(units)
+    def spy(_url: str, job_id: uuid.UUID) -> None:
+        # Another connection already sees the job the task will prepare.
+        seen.append(_count(database_url, Job))
 
-    monkeypatch.setattr(job_queue, "enqueue", spy)
-    before = _count(database_url, Verdict)
+    monkeypatch.setattr(job_queue, "send_prepare", spy)
+    before = _count(database_url, Job)
     response = _start_job(service)
     assert response.status_code == 202, response.text
-    assert seen == [before + 3]
+    assert seen == [before + 1]
 
 
 def test_a_commit_that_fails_is_an_error_response_not_a_2xx(

@@ -201,6 +201,30 @@ def test_embedded_service_end_to_end(served: Served) -> None:
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr
     assert "0 bytes downloaded, 0 resumed, 1 already there" in pulled.stdout
 
+    # `srft exports` shows the export's size on disk; `srft delete` frees it, the job first
+    # (the finished export keeps its files), then the export with its folder.
+    size = sum(p.stat().st_size for p in dataset.rglob("*") if p.is_file())
+    listed = subprocess.run(
+        [*SRFT, "exports"], env=cli_env, capture_output=True, text=True, timeout=60
+    )
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert f"{export_id.group(1)}  completed  openai_jsonl" in listed.stdout
+    assert f"1 export, {size / 1024:.1f} KiB of files" in listed.stdout
+    folder = served.workdir / "var" / "exports"
+    assert len(list(folder.rglob("manifest.json"))) == 1
+    for what, item_id in (("job", job_id.group(1)), ("export", export_id.group(1))):
+        deleted = subprocess.run(
+            [*SRFT, "delete", what, item_id], env=cli_env, capture_output=True, text=True
+        )
+        assert deleted.returncode == 0, deleted.stdout + deleted.stderr
+        assert f"deleted {what} {item_id}" in deleted.stdout
+    assert list(folder.rglob("manifest.json")) == []
+    again = subprocess.run(
+        [*SRFT, "delete", "export", export_id.group(1)], env=cli_env, capture_output=True, text=True
+    )
+    assert again.returncode == 1
+    assert "HTTP 404 not_found" in again.stderr
+
     # A bad file makes the command fail and names the file and the error.
     bad = served.workdir / "bad.json"
     bad.write_text('{"messages": [')

@@ -61,7 +61,7 @@ def _wait(client: httpx.Client, path: str, done: tuple[str, ...]) -> dict[str, A
         time.sleep(0.3)
 
 
-def _seed(served: Served) -> dict[str, list[Any]]:
+def _seed(served: Served) -> dict[str, Any]:
     """Real rows for every id a path can name."""
     with httpx.Client(base_url=served.url, headers=AUTH, timeout=60) as client:
         trajectories: list[str] = []
@@ -84,28 +84,47 @@ def _seed(served: Served) -> dict[str, list[Any]]:
                 json={"label": "mistake", "note": "seed"},
             )
             assert labelled.status_code == 200, labelled.text
-        export = client.post("/v1/exports", json={"job_ids": [job_id]})
-        assert export.status_code == 202, export.text
-        finished = _wait(client, f"/v1/exports/{export.json()['id']}", ("completed", "failed"))
-        assert finished["status"] == "completed", finished
-        files = ["manifest.json", *(shard["path"] for shard in finished["manifest"]["shards"])]
+        exports = []
+        for _ in range(2):
+            export = client.post("/v1/exports", json={"job_ids": [job_id]})
+            assert export.status_code == 202, export.text
+            finished = _wait(client, f"/v1/exports/{export.json()['id']}", ("completed", "failed"))
+            assert finished["status"] == "completed", finished
+            exports.append(finished)
+        shards = exports[0]["manifest"]["shards"]
+        files = ["manifest.json", *(shard["path"] for shard in shards)]
+        spare = client.post("/v1/jobs", json={"selection": {"trajectory_ids": trajectories[4:5]}})
+        assert spare.status_code == 202, spare.text
+        assert _wait(client, f"/v1/jobs/{spare.json()['id']}", ("completed",))
     return {
         "trajectory_id": trajectories[:3],
         "upload_id": uploads,
         "job_id": [job_id],
-        "export_id": [finished["id"]],
+        "export_id": [exports[0]["id"]],
         "step_index": [0, 1, 2],
         "path": files,
+        # What the DELETE routes may remove, so that the rows above stay for the others.
+        "delete": {
+            "/v1/trajectories/{trajectory_id}": trajectories[-1:],
+            "/v1/jobs/{job_id}": [spare.json()["id"]],
+            "/v1/exports/{export_id}": [exports[1]["id"]],
+        },
     }
 
 
-def _pinned_schema(served: Served, ids: dict[str, list[Any]], target: Path) -> None:
+def _pinned_schema(served: Served, ids: dict[str, Any], target: Path) -> None:
     schema = httpx.get(f"{served.url}/openapi.json").json()
-    for operation in (op for item in schema["paths"].values() for op in item.values()):
-        for parameter in operation.get("parameters", []):
-            if parameter["in"] == "path" and parameter["name"] in ids:
-                parameter["schema"] = {**parameter["schema"], "enum": ids[parameter["name"]]}
-                parameter["schema"].pop("format", None)
+    for path, item in schema["paths"].items():
+        for method, operation in item.items():
+            pinned = ids
+            if method == "delete" and path in ids["delete"]:
+                name = path.rsplit("{", 1)[1].rstrip("}")
+                pinned = ids | {name: ids["delete"][path]}
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] == "path" and parameter["name"] in pinned:
+                    values = pinned[parameter["name"]]
+                    parameter["schema"] = {**parameter["schema"], "enum": values}
+                    parameter["schema"].pop("format", None)
     target.write_text(json.dumps(schema))
 
 

@@ -4,17 +4,16 @@ value is checked as the change from a scrape taken before the test's own rows.""
 from __future__ import annotations
 
 import re
-import uuid
-from typing import Any
+from typing import Any, cast
 
 from fastapi.testclient import TestClient
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from app.models import Export, Verdict
+from app.models import Export
 from app.status import ErrorKind
 from tests.builders import make_trajectory
 from tests.conftest import Caller
+from tests.helpers import outcome, prepare_job, record
 
 SAMPLE = re.compile(r"^([a-z_]+)(?:\{(.*)\})? (\S+)$")
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -30,8 +29,7 @@ STEPS: dict[int, tuple[str, dict[str, Any]]] = {
         "done",
         {"latency_ms": 7000.0, "prompt_tokens": 300, "completion_tokens": 40, "cached_tokens": 10},
     ),
-    # Served from the cache: counted as done, but its latency is not the critic's.
-    3: ("done", {"latency_ms": 100.0, "cached": True}),
+    3: ("pending", {}),
     4: (
         "failed",
         {
@@ -90,12 +88,13 @@ def test_metrics_count_jobs_verdicts_latency_errors_tokens_and_exports(
     )
     tid = upload.json()["trajectories"][0]["id"]
     job = client.post("/v1/jobs", json={"selection": {}}, headers=caller.headers).json()
-    for step, (status, values) in STEPS.items():
-        session.execute(
-            update(Verdict)
-            .where(Verdict.job_id == uuid.UUID(job["id"]), Verdict.step_index == step)
-            .values(status=status, label="good" if status == "done" else None, **values)
-        )
+    prepare_job(session, job["id"])
+    outcomes = [
+        outcome(step, "good" if status == "done" else None, **values)
+        for step, (status, values) in STEPS.items()
+        if status != "pending"
+    ]
+    record(session, job["id"], {tid: outcomes})
     session.add(
         Export(
             project_id=caller.project_id,
@@ -113,12 +112,12 @@ def test_metrics_count_jobs_verdicts_latency_errors_tokens_and_exports(
         key = (name, frozenset(labels.items()))
         return after[key] - before.get(key, 0.0)
 
-    assert delta("srft_jobs", status="queued") == 1
+    assert delta("srft_jobs", status="running") == 1  # claimed by the outcomes written
     assert delta("srft_jobs", status="completed") == 0
     assert delta("srft_exports", status="queued") == 1
-    assert delta("srft_verdicts_total", status="done") == 4
+    assert delta("srft_verdicts_total", status="done") == 3
     assert delta("srft_verdicts_total", status="failed") == 4
-    assert delta("srft_queue_depth", kind="verdicts") == 1
+    assert delta("srft_queue_depth", kind="verdicts") == 2
     assert delta("srft_queue_depth", kind="exports") == 1
     assert delta("srft_critic_tokens_total", type="prompt") == 650
     assert delta("srft_critic_tokens_total", type="completion") == 90
@@ -136,7 +135,7 @@ def test_metrics_count_jobs_verdicts_latency_errors_tokens_and_exports(
         "other": 0,
     }
 
-    # 50 ms, 300 ms and 7 s (the cached step is left out).
+    # 50 ms, 300 ms and 7 s.
     bounds = ["0.1", "0.25", "0.5", "1.0", "2.5", "5.0", "10.0", "30.0", "60.0", "+Inf"]
     buckets = [delta("srft_critic_latency_seconds_bucket", le=b) for b in bounds]
     assert buckets == [1, 1, 2, 2, 2, 2, 3, 3, 3, 3]
@@ -158,8 +157,12 @@ def test_failed_verdicts_are_counted_by_their_stored_kind_not_their_text(
     client: TestClient, caller: Caller, session: Session
 ) -> None:
     before, _ = _scrape(client)
-    client.post("/v1/trajectories", json=make_trajectory(4, resolved=False), headers=caller.headers)
+    upload = client.post(
+        "/v1/trajectories", json=make_trajectory(4, resolved=False), headers=caller.headers
+    )
+    tid = upload.json()["trajectories"][0]["id"]
     job = client.post("/v1/jobs", json={"selection": {}}, headers=caller.headers).json()
+    prepare_job(session, job["id"])
     rate_limited_text = "429 from critic: slow down (after 6 attempts)"
     # step: (error, stored kind); the text of each would say rate_limited.
     failures: dict[int, tuple[str, str | None]] = {
@@ -168,13 +171,11 @@ def test_failed_verdicts_are_counted_by_their_stored_kind_not_their_text(
         2: (rate_limited_text, None),  # no kind stored
         3: (rate_limited_text, "gremlins"),  # a kind this version does not know
     }
-    for step, (error, kind) in failures.items():
-        session.execute(
-            update(Verdict)
-            .where(Verdict.job_id == uuid.UUID(job["id"]), Verdict.step_index == step)
-            .values(status="failed", error=error, error_kind=kind)
-        )
-    session.flush()
+    outcomes = [
+        outcome(step, error=error, error_kind=cast(ErrorKind, kind))
+        for step, (error, kind) in failures.items()
+    ]
+    record(session, job["id"], {tid: outcomes})
     after, _ = _scrape(client)
 
     def errors(kind: str) -> float:

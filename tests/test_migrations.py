@@ -6,12 +6,17 @@ import uuid
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, insert, inspect, select, text
+from sqlalchemy.orm import Session
 
 from app.db import create_db_engine, downgrade_database, upgrade_database
-from app.models import Base, Job, Project, Trajectory, Verdict
+from app.jobs import service as job_service
+from app.jobs import tallies
+from app.models import Base, Job, Project, Trajectory, Verdict, utcnow
+from tests.jobs.recount import recount
 
 TABLES = {
     "projects",
@@ -21,6 +26,8 @@ TABLES = {
     "steps",
     "jobs",
     "verdicts",
+    "job_trajectories",
+    "job_tallies",
     "exports",
     "export_parts",
     "human_labels",
@@ -113,7 +120,9 @@ def _check_error_kind_backfill(url: str) -> None:
                 )
             )
             connection.execute(
-                insert(Job).values(
+                _jobs_0006()
+                .insert()
+                .values(
                     id=job_id,
                     project_id=project_id,
                     status="completed",
@@ -128,6 +137,8 @@ def _check_error_kind_backfill(url: str) -> None:
                     selection={},
                     total_trajectories=1,
                     total_steps=len(OLD_ERRORS) + 1,
+                    created_at=utcnow(),
+                    updated_at=utcnow(),
                 )
             )
             rows = [("failed", error) for error in OLD_ERRORS]
@@ -170,3 +181,139 @@ def test_sqlite_upgrade_classifies_old_failed_verdicts(tmp_path: Path) -> None:
 
 def test_postgres_upgrade_classifies_old_failed_verdicts(scratch_postgres_url: str) -> None:
     _check_error_kind_backfill(scratch_postgres_url)
+
+
+def _check_totals_backfill(url: str) -> None:
+    """Jobs stored before 0008 get running totals and progress rows equal to a recount of
+    their verdicts, and are marked prepared."""
+    upgrade_database(url, "0006")
+    project_id, job_id = uuid.uuid4(), uuid.uuid4()
+    trajectories = [uuid.uuid4() for _ in range(3)]
+    jobs = _jobs_0006()
+    # (trajectory, status, cached, label, error kind, latency ms, prompt tokens)
+    rows: list[tuple[int, str, bool, str | None, str | None, float | None, int]] = [
+        (0, "done", False, "good", None, 80.0, 100),
+        (0, "done", False, "mistake", None, 3000.0, 200),
+        (1, "done", True, "good", None, None, 0),
+        (1, "done", True, "good", None, None, 0),
+        (2, "failed", False, None, "rate_limited", None, 50),
+        (2, "failed", False, None, None, None, 0),
+        (2, "pending", False, None, None, None, 0),
+    ]
+    engine = create_db_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(insert(Project).values(id=project_id, name="migrated"))
+            for n, trajectory_id in enumerate(trajectories):
+                connection.execute(
+                    insert(Trajectory).values(
+                        id=trajectory_id,
+                        project_id=project_id,
+                        content_hash=f"{n:064d}",
+                        source_format="openai_messages",
+                        messages=[],
+                        meta={},
+                        num_steps=3,
+                    )
+                )
+            connection.execute(
+                jobs.insert().values(
+                    id=job_id,
+                    project_id=project_id,
+                    status="running",
+                    mode="step",
+                    critic_model="critic",
+                    votes=1,
+                    temperature=0.0,
+                    labels=[["good", "fine"]],
+                    prompt_hash="0" * 64,
+                    scope="all",
+                    use_cache=True,
+                    selection={},
+                    total_trajectories=3,
+                    total_steps=len(rows),
+                    created_at=utcnow(),
+                    updated_at=utcnow(),
+                )
+            )
+            steps: dict[int, int] = {}
+            values = []
+            for trajectory, status, cached, label, kind, latency, prompt in rows:
+                step = steps[trajectory] = steps.get(trajectory, -1) + 1
+                values.append(
+                    {
+                        "project_id": project_id,
+                        "job_id": job_id,
+                        "trajectory_id": trajectories[trajectory],
+                        "step_index": step,
+                        "status": status,
+                        "cache_key": f"{trajectory}{step:063d}",
+                        "cached": cached,
+                        "label": label,
+                        "critic_model": "critic",
+                        "prompt_hash": "0" * 64,
+                        "error_kind": kind,
+                        "latency_ms": latency,
+                        "prompt_tokens": prompt,
+                        "completion_tokens": 5 if prompt else 0,
+                        "cached_tokens": 0,
+                        "attempts": 1,
+                    }
+                )
+            connection.execute(insert(Verdict), values)
+        upgrade_database(url)
+        with Session(engine) as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            shown = job_service.describe(session, job).model_dump(mode="json")
+            totals = tallies.read(session, job_id)
+        assert shown["preparation"] == {"complete": True, "trajectories": 3, "steps": len(rows)}
+        again = recount(url, str(job_id))
+        assert {key: shown[key] for key in again} == again
+        assert again["counts"]["trajectories"] == {
+            "total": 3,
+            "done": 2,
+            "failed": 0,
+            "pending": 1,
+            "cached": 1,
+        }
+        assert tallies.family(totals, tallies.ERROR) == {"rate_limited": 1, "": 1}
+        assert totals[tallies.LATENCY_COUNT] == 2
+        assert totals[tallies.LATENCY_SUM_US] == 3_080_000
+        assert totals[tallies.latency_bucket(0.1)] == 1
+        assert totals[tallies.latency_bucket(5.0)] == 2
+    finally:
+        engine.dispose()
+
+
+# The columns of `jobs` at 0006 (the model has more since).
+JOB_COLUMNS_0006 = (
+    "id",
+    "project_id",
+    "status",
+    "mode",
+    "critic_model",
+    "votes",
+    "temperature",
+    "labels",
+    "prompt_hash",
+    "scope",
+    "use_cache",
+    "selection",
+    "total_trajectories",
+    "total_steps",
+    "created_at",
+    "updated_at",
+)
+
+
+def _jobs_0006() -> sa.TableClause:
+    return sa.table("jobs", *[sa.column(c, Job.__table__.c[c].type) for c in JOB_COLUMNS_0006])
+
+
+def test_sqlite_upgrade_counts_the_totals_of_stored_jobs(tmp_path: Path) -> None:
+    _check_totals_backfill(f"sqlite:///{tmp_path / 'm.sqlite3'}")
+
+
+def test_postgres_upgrade_counts_the_totals_of_stored_jobs(scratch_postgres_url: str) -> None:
+    _check_totals_backfill(scratch_postgres_url)

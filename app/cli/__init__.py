@@ -1,7 +1,7 @@
 """The `srft` command line. Server-side commands (serve, worker, beat, db, keys, the rules
 critic) are `app.cli.server`; commands that talk to a running service over HTTP (label,
-export, pull, evaluate) are `app.cli.client`, and `srft ingest` (streaming, batching,
-resuming) is `app.cli.ingest`; `srft train` is `app.cli.train`."""
+export, exports, pull, evaluate, delete) are `app.cli.client`, and `srft ingest` (streaming,
+batching, resuming) is `app.cli.ingest`; `srft train` is `app.cli.train`."""
 
 from __future__ import annotations
 
@@ -16,9 +16,13 @@ app = typer.Typer(
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 db_app = typer.Typer(help="Manage the database schema.", no_args_is_help=True)
 critic_app = typer.Typer(help="The critic endpoint.", no_args_is_help=True)
+delete_app = typer.Typer(
+    help="Delete an export (and its files), a job or a trajectory.", no_args_is_help=True
+)
 app.add_typer(keys_app, name="keys")
 app.add_typer(critic_app, name="critic")
 app.add_typer(db_app, name="db")
+app.add_typer(delete_app, name="delete")
 
 # The commands register themselves on the apps above, in the order `srft --help` lists them.
 # isort: off

@@ -20,7 +20,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from app.cli import app
+from app.cli import app, delete_app
 from app.exports import formats as export_formats
 from app.exports.pull import PullError, pull_export
 from app.status import (
@@ -283,10 +283,97 @@ def _print_export(export: dict[str, Any]) -> None:
     tokens = counts["tokens"]["total"]
     typer.echo(
         f"completed: {rows['written']} rows in {len(export['manifest']['shards'])} shards"
+        + f" ({human_bytes(export['size_bytes'])})"
         + (f", {tokens} tokens ({counts['tokens']['trained']} trained)" if tokens else "")
         + f"; steps trained {steps['steps_trained']}, masked {steps['steps_masked']}"
         + (f"; rows dropped {rows['dropped']}" if rows["dropped"] else "")
     )
+
+
+def human_bytes(size: int) -> str:
+    """`size` bytes in binary units, as `ls -h` shows them: 512 B, 3.4 KiB, 12.0 GiB."""
+    if size < 1024:
+        return f"{size} B"
+    value = size / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+@app.command("exports")
+def list_exports(
+    limit: Annotated[int, typer.Option(help="Show at most this many, newest first.")] = 50,
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = "",
+) -> None:
+    """List the project's exports, newest first: status, format, size on disk, creation."""
+    shown: list[dict[str, Any]] = []
+    cursor: str | None = None
+    with _client(url, api_key, timeout=60) as client:
+        while len(shown) < limit:
+            params = {"limit": str(min(100, limit - len(shown)))}
+            response = client.get(
+                "/v1/exports", params=params | ({"cursor": cursor} if cursor else {})
+            )
+            if response.status_code != 200:
+                typer.echo(f"could not list the exports: {_describe_error(response)}", err=True)
+                raise typer.Exit(1)
+            page = response.json()
+            shown += page["items"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+    for export in shown:
+        size = export["size_bytes"]
+        typer.echo(
+            f"{export['id']}  {export['status']:<9}  {export['format']:<17}  "
+            f"{human_bytes(size) if size is not None else '-':>10}  {export['created_at']}"
+        )
+    total = sum(export["size_bytes"] or 0 for export in shown)
+    more = " (more: raise --limit)" if cursor else ""
+    plural = "" if len(shown) == 1 else "s"
+    typer.echo(f"{len(shown)} export{plural}{more}, {human_bytes(total)} of files")
+
+
+def _delete(path: str, what: str, url: str, api_key: str) -> None:
+    with _client(url, api_key, timeout=300) as client:
+        response = client.delete(path)
+    if response.status_code != 204:
+        typer.echo(f"could not delete the {what}: {_describe_error(response)}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"deleted {what} {path.rsplit('/', 1)[-1]}")
+
+
+@delete_app.command("export")
+def delete_export(
+    export_id: Annotated[str, typer.Argument(help="The export to delete.")],
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = "",
+) -> None:
+    """Delete a finished export and its files (refused while it is being built)."""
+    _delete(f"/v1/exports/{export_id}", "export", url, api_key)
+
+
+@delete_app.command("job")
+def delete_job(
+    job_id: Annotated[str, typer.Argument(help="The labeling job to delete.")],
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = "",
+) -> None:
+    """Delete a finished job and its verdicts (finished exports of it keep their files)."""
+    _delete(f"/v1/jobs/{job_id}", "job", url, api_key)
+
+
+@delete_app.command("trajectory")
+def delete_trajectory(
+    trajectory_id: Annotated[str, typer.Argument(help="The trajectory to delete.")],
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = "",
+) -> None:
+    """Delete a trajectory, its verdicts and human labels (refused while work needs it)."""
+    _delete(f"/v1/trajectories/{trajectory_id}", "trajectory", url, api_key)
 
 
 def _pull(client: httpx.Client, export_id: str, directory: Path) -> None:

@@ -34,7 +34,7 @@ from app.exports import formats as export_formats
 from app.exports import queue as export_queue
 from app.exports import rows as row_builders
 from app.exports.formats import ExportFormat, MessageRows, TextRows, TokenRows
-from app.exports.manifest import MANIFEST
+from app.exports.manifest import MANIFEST, manifest_bytes
 from app.exports.parts import RESULT, PartFile, PartResult, PartSpan, RowCounts, add_up, plan_parts
 from app.exports.rows import Source
 from app.exports.tokenize import Example, TokenizeConfig, Tokenized
@@ -304,13 +304,29 @@ def _record_failure(
     return ExportStatus.FAILED
 
 
+def remove_export_files(settings: Settings, project_id: uuid.UUID, export_id: uuid.UUID) -> None:
+    """An export's published folder and any building folder left by an attempt at it; what
+    is already gone is skipped, and a file that cannot be removed is logged, not raised
+    (the export's row is gone: nothing would retry)."""
+    _remove_tree(export_path(settings, project_id, export_id))
+    _remove_stale_building(settings, export_id)
+
+
+def _remove_tree(path: Path) -> None:
+    def failed(_function: object, name: str, info: tuple[type, BaseException, object]) -> None:
+        if not isinstance(info[1], FileNotFoundError):
+            log.warning("could not remove %s: %s", name, info[1])
+
+    shutil.rmtree(path, onerror=failed)
+
+
 def _remove_stale_building(settings: Settings, export_id: uuid.UUID) -> None:
     """Folders left by earlier, dead attempts at this export (before it was planned)."""
     root = building_root(settings)
     if root.exists():
-        shutil.rmtree(export_building(settings, export_id), ignore_errors=True)
+        _remove_tree(export_building(settings, export_id))
         for stale in root.glob(f"{export_id}-*"):  # the layout of one-task builds
-            shutil.rmtree(stale, ignore_errors=True)
+            _remove_tree(stale)
 
 
 def _remove_part(folder: Path) -> None:
@@ -788,10 +804,6 @@ def _replay(
         return lines.close()
     finally:
         lines.abort()
-
-
-def manifest_bytes(manifest: dict[str, Any]) -> bytes:
-    return json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n"
 
 
 def _format_of(export: Export) -> ExportFormat:

@@ -7,4 +7,13 @@ which check files against it, need its name without importing the builder (and a
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 MANIFEST = "manifest.json"
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """The manifest file's exact bytes: what the builder writes, and what an export's size
+    counts without reading the file (the same dict always gives the same bytes)."""
+    return json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n"

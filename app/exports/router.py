@@ -1,26 +1,35 @@
-"""Export routes: start an export, poll it, download its files or all of it as a tar."""
+"""Export routes: start an export, poll it, download its files or all of it as a tar, delete
+it. Deleting a trajectory is here too: only the exports know which trajectories they read."""
 
 from __future__ import annotations
 
 import uuid
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response, status
 
+from app.db import after_commit
 from app.deps import ProjectDep, SessionDep, SettingsDep
 from app.errors import ConflictError
 from app.exports import queue, schemas
 from app.exports import service as export_service
-from app.exports.builder import export_path
+from app.exports.builder import export_path, remove_export_files
 from app.exports.files import archive_response, file_response, media_type_for, resolve_export_file
 from app.exports.manifest import MANIFEST
 from app.models import Export
 from app.pagination import MAX_EXPORT_PAGE, decode_cursor, encode_cursor
 from app.schemas import COMMON_ERRORS, error_responses
 from app.status import ExportStatus
+from app.trajectories import service as trajectory_service
 
 router = APIRouter(
     prefix="/v1/exports", tags=["exports"], responses=COMMON_ERRORS | error_responses(404, 409)
+)
+trajectories_router = APIRouter(
+    prefix="/v1/trajectories",
+    tags=["trajectories"],
+    responses=COMMON_ERRORS | error_responses(404, 409),
 )
 
 
@@ -58,6 +67,31 @@ def get_export(
 ) -> schemas.ExportOut:
     """An export's status, progress and, once completed, its manifest."""
     return export_service.describe(export_service.get_export(session, project_id, export_id))
+
+
+@router.delete("/{export_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_export(
+    export_id: uuid.UUID, session: SessionDep, project_id: ProjectDep, settings: SettingsDep
+) -> Response:
+    """Delete a finished export and its files (refused while it is being built)."""
+    export = export_service.get_export(session, project_id, export_id)
+    remove_files = partial(remove_export_files, settings, export.project_id, export.id)
+    export_service.delete_export(session, export)
+    # Files go only once the row's deletion is committed: a rolled-back request keeps them.
+    after_commit(session, remove_files)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@trajectories_router.delete("/{trajectory_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_trajectory(
+    trajectory_id: uuid.UUID, session: SessionDep, project_id: ProjectDep
+) -> Response:
+    """Delete a trajectory with its steps, verdicts and human labels (refused while a job
+    labels it or an export not yet built would read it)."""
+    trajectory = trajectory_service.get_trajectory(session, project_id, trajectory_id)
+    export_service.check_trajectory_unused(session, trajectory)
+    trajectory_service.delete_trajectory(session, trajectory)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 def _completed(session: SessionDep, project_id: uuid.UUID, export_id: uuid.UUID) -> Export:

@@ -108,6 +108,10 @@ class ExportOut(BaseModel):
     config: dict[str, Any]
     progress: Progress
     manifest: dict[str, Any] | None
+    size_bytes: int | None = Field(
+        description="Bytes of its files (shards and manifest.json) once completed; null before, "
+        "and for a failed export, which has no files."
+    )
     error: ExportError | None
     created_at: datetime
     started_at: datetime | None

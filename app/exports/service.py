@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -16,6 +16,7 @@ from app.errors import ConflictError, NotFoundError, SrftError
 from app.exports import formats as export_formats
 from app.exports import schemas
 from app.exports.formats import TokenizerUse
+from app.exports.manifest import manifest_bytes
 from app.exports.parts import PartSpan
 from app.exports.rows import Source
 from app.exports.tokenize import (
@@ -28,9 +29,16 @@ from app.exports.tokenize import (
 from app.jobs import service as job_service
 from app.jobs import workqueue
 from app.jobs.schemas import Selection
-from app.models import Export, ExportPart, Job, Step, Trajectory, utcnow
+from app.models import Export, ExportPart, Job, JobTrajectory, Step, Trajectory, utcnow
 from app.review import service as review_service
-from app.status import EXPORT_OPEN, EXPORT_PART_OPEN, JOB_FINISHED, ExportPartStatus, ExportStatus
+from app.status import (
+    EXPORT_OPEN,
+    EXPORT_PART_OPEN,
+    JOB_FINISHED,
+    JOB_OPEN,
+    ExportPartStatus,
+    ExportStatus,
+)
 
 
 class InvalidExportError(SrftError):
@@ -73,10 +81,14 @@ def _jobs(session: Session, project_id: uuid.UUID, ids: Sequence[uuid.UUID]) -> 
         raise InvalidExportError(
             "job_ids lists a job twice", location="job_ids", code="duplicate_jobs"
         )
+    # FOR SHARE: a job being deleted (`jobs.service.delete_job` locks its row first) is
+    # either gone here or sees this export once it is committed, never neither.
     found = {
         job.id: job
         for job in session.scalars(
-            select(Job).where(Job.project_id == project_id, Job.id.in_(list(ids)))
+            select(Job)
+            .where(Job.project_id == project_id, Job.id.in_(list(ids)))
+            .with_for_update(read=True)
         )
     }
     unknown = [str(i) for i in ids if i not in found]
@@ -603,6 +615,69 @@ def reopen_parts(session: Session, part_ids: Sequence[uuid.UUID]) -> None:
     )
 
 
+# ---------------------------------------------------------------------- deletion
+
+
+def delete_export(session: Session, export: Export) -> None:
+    """Delete a finished export's row (rows that reference it cascade); its files are the
+    caller's to remove once this is committed. One still being built is refused: nothing
+    cancels a build, and a worker may be writing its files."""
+    if export.status in EXPORT_OPEN:
+        raise ConflictError(
+            f"export {export.id} is {export.status}: wait until it has finished (GET "
+            f"/v1/exports/{export.id}), then delete it",
+            location="path.export_id",
+            code="export_not_finished",
+        )
+    session.execute(delete(Export).where(Export.id == export.id))
+    session.flush()
+
+
+def check_trajectory_unused(session: Session, trajectory: Trajectory) -> None:
+    """Refuse (409 `trajectory_in_use`) to let a trajectory go while a job still labels it
+    (or may: one whose rows are still being written) or an export not yet built would read
+    it."""
+    in_job = select(JobTrajectory.job_id).where(JobTrajectory.trajectory_id == trajectory.id)
+    jobs = session.execute(
+        select(Job.id, Job.status)
+        .where(
+            Job.status.in_(JOB_OPEN),
+            or_(
+                Job.id.in_(in_job),
+                and_(Job.project_id == trajectory.project_id, Job.prepared_at.is_(None)),
+            ),
+        )
+        .order_by(Job.id)
+    ).all()
+    open_exports = session.scalars(
+        select(Export)
+        .where(Export.project_id == trajectory.project_id, Export.status.in_(EXPORT_OPEN))
+        .order_by(Export.id)
+    )
+    exports = [
+        export
+        for export in open_exports
+        if trajectory_ids(
+            session,
+            export.project_id,
+            export.job_ids,
+            export.config.get("selection"),
+            among=[trajectory.id],
+        )
+    ]
+    if not jobs and not exports:
+        return
+    users = [f"job {j.id} ({j.status})" for j in jobs]
+    users += [f"export {e.id} ({e.status})" for e in exports]
+    raise ConflictError(
+        f"{', '.join(users[:20])} {'uses' if len(users) == 1 else 'use'} this trajectory: "
+        "cancel the jobs or wait until they and the exports have finished, then delete it",
+        location="path.trajectory_id",
+        code="trajectory_in_use",
+        details={"jobs": [str(j.id) for j in jobs], "exports": [str(e.id) for e in exports]},
+    )
+
+
 # ---------------------------------------------------------------------- reading
 
 
@@ -631,11 +706,20 @@ def describe(export: Export) -> schemas.ExportOut:
             trajectories_done=export.done_trajectories,
         ),
         manifest=export.manifest,
+        size_bytes=size_bytes(export.manifest),
         error=error,
         created_at=export.created_at,
         started_at=export.started_at,
         finished_at=export.finished_at,
     )
+
+
+def size_bytes(manifest: dict[str, Any] | None) -> int | None:
+    """Bytes on disk of a completed export (its shards and manifest.json), from the stored
+    manifest alone; None without one (not built yet, or failed: no files)."""
+    if manifest is None:
+        return None
+    return sum(int(shard["bytes"]) for shard in manifest["shards"]) + len(manifest_bytes(manifest))
 
 
 def list_exports(
@@ -692,10 +776,11 @@ def trajectory_ids(
     last: uuid.UUID | None = None,
     after: uuid.UUID | None = None,
     limit: int | None = None,
+    among: Sequence[uuid.UUID] | None = None,
 ) -> list[uuid.UUID]:
     """The trajectories an export covers, in id order; with `first`/`last` (inclusive),
     `after` (exclusive) and `limit`, one page of them (keyset), so that a part reads its
-    range a batch at a time.
+    range a batch at a time; `among`: only those of these ids.
 
     An explicit selection is applied as given. Otherwise: what each job selected, of any
     resolution (a job with scope=unresolved still selected the resolved runs that srft trains
@@ -724,6 +809,8 @@ def trajectory_ids(
         ]
         return chosen.model_copy(update={"trajectory_ids": kept})
 
+    if among is not None:
+        query = query.where(Trajectory.id.in_(list(among)))
     if selection is not None:
         found = job_service.selected(session, query, within(Selection.model_validate(selection)))
         return sorted(found)[:limit]

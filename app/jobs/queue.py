@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Sequence
 
 from sqlalchemy.orm import Session
 
-from app.broker import LABEL_UNIT, celery_for
+from app.broker import LABEL_UNIT, PREPARE_JOB, celery_for
 from app.db import after_commit
 from app.jobs.workqueue import Unit
 
@@ -32,3 +33,14 @@ def enqueue(broker_url: str, units: Iterable[Unit]) -> int:
             )
             count += 1
     return count
+
+
+def enqueue_prepare_after_commit(session: Session, broker_url: str, job_id: uuid.UUID) -> None:
+    """Queue the task that writes the job's verdict rows, once the job's row has committed."""
+    after_commit(session, lambda: send_prepare(broker_url, job_id))
+
+
+def send_prepare(broker_url: str, job_id: uuid.UUID) -> None:
+    """Queue the job's preparation now (`enqueue_prepare_after_commit` is the one to call in a
+    unit of work)."""
+    celery_for(broker_url).send_task(PREPARE_JOB, args=[str(job_id)])

@@ -5,12 +5,12 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Response, status
 
 from app.deps import ProjectDep, SessionDep, SettingsDep
-from app.jobs import queue, schemas, workqueue
+from app.jobs import queue, schemas
 from app.jobs import service as job_service
-from app.pagination import MAX_STEP_PAGE
+from app.pagination import MAX_JOB_PAGE, MAX_STEP_PAGE, decode_cursor, encode_cursor
 from app.schemas import COMMON_ERRORS, error_responses
 
 router = APIRouter(
@@ -22,11 +22,30 @@ router = APIRouter(
 def create_job(
     body: schemas.JobCreate, session: SessionDep, project_id: ProjectDep, settings: SettingsDep
 ) -> schemas.JobOut:
-    """Start labeling the selected trajectories with the critic."""
+    """Start labeling the selected trajectories with the critic.
+
+    Answers at once, whatever the size: a worker writes the job's rows in batches after, and
+    `preparation` says how far it got (its first batches are labeled meanwhile)."""
     job = job_service.create_job(session, project_id, body, settings)
-    units = workqueue.pending_units(session, job, settings.step_chunk_size)
-    queue.enqueue_after_commit(session, settings.broker_url, units)
+    queue.enqueue_prepare_after_commit(session, settings.broker_url, job.id)
     return job_service.describe(session, job)
+
+
+@router.get("", response_model=schemas.JobPage)
+def list_jobs(
+    session: SessionDep,
+    project_id: ProjectDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_JOB_PAGE)] = 50,
+    cursor: Annotated[str | None, Query(description="next_cursor of the last page")] = None,
+) -> schemas.JobPage:
+    """The project's jobs, newest first, each with its progress (read from its running
+    totals: a page costs the same whatever the jobs' sizes)."""
+    before = decode_cursor(cursor, uuid.UUID)[0] if cursor is not None else None
+    items, next_before = job_service.list_jobs(session, project_id, limit=limit, before=before)
+    return schemas.JobPage(
+        items=[job_service.describe(session, job) for job in items],
+        next_cursor=encode_cursor(next_before) if next_before else None,
+    )
 
 
 @router.get("/{job_id}", response_model=schemas.JobOut)
@@ -67,3 +86,10 @@ def retry_job(
     units = job_service.retry_failed(session, job, settings.step_chunk_size)
     queue.enqueue_after_commit(session, settings.broker_url, units)
     return job_service.describe(session, job)
+
+
+@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_job(job_id: uuid.UUID, session: SessionDep, project_id: ProjectDep) -> Response:
+    """Delete a finished job and its verdicts (exports already built keep their files)."""
+    job_service.delete_job(session, job_service.get_job(session, project_id, job_id))
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

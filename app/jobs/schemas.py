@@ -49,6 +49,15 @@ class Counts(BaseModel):
     cached: int
 
 
+class Preparation(BaseModel):
+    """How far a worker has got writing the job's verdict rows (done in batches after the
+    request; steps not written yet count as pending)."""
+
+    complete: bool
+    trajectories: int
+    steps: int
+
+
 class JobCounts(BaseModel):
     trajectories: Counts
     steps: Counts
@@ -76,6 +85,7 @@ class JobOut(BaseModel):
     scope: str
     cache: bool
     selection: dict[str, object]
+    preparation: Preparation
     counts: JobCounts
     labels: dict[str, int] = Field(description="How many steps got each label so far.")
     usage: Usage
@@ -84,6 +94,11 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     eta_s: float | None
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None
 
 
 class VerdictOut(BaseModel):

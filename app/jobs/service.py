@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from bisect import bisect_right
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -28,11 +31,18 @@ from app.config import Settings
 from app.critic.labels import DEFAULT_LABELS, LabelSet
 from app.critic.prompt import prompt_hash
 from app.errors import ConflictError, NotFoundError, SrftError
-from app.jobs import schemas
-from app.jobs.workqueue import Unit, fill_from_cache, units_of
-from app.models import Job, Trajectory, Verdict, utcnow
+from app.jobs import schemas, tallies
+from app.jobs.workqueue import (
+    Finished,
+    Unit,
+    count_finished,
+    fill_from_cache,
+    finish_if_done,
+    units_of,
+)
+from app.models import Export, Job, JobTrajectory, Trajectory, Verdict, utcnow
 from app.pagination import decode_cursor, encode_cursor
-from app.status import JOB_FINISHED, VERDICT_OPEN, JobStatus, VerdictStatus
+from app.status import EXPORT_OPEN, JOB_FINISHED, JOB_OPEN, JobStatus, VerdictStatus
 
 ID_CHUNK = 1000
 RowT = TypeVar("RowT")
@@ -68,12 +78,9 @@ def job_labels(job: Job) -> LabelSet:
 def create_job(
     session: Session, project_id: uuid.UUID, body: schemas.JobCreate, settings: Settings
 ) -> Job:
-    """Validate, select the trajectories, and write the job with one verdict row per step.
-
-    Steps whose identical work is already done (same critic model, prompt, mode, votes,
-    temperature, trajectory content and step) are filled from that verdict and count as
-    cached, unless the job says `"cache": false`.
-    """
+    """Validate the request and write the job, with its totals; its verdict rows are written
+    after, in batches, by `prepare_batch` on a worker, so that creating a job of a million
+    steps costs about as much as one of ten."""
     critic = body.critic
     labels = DEFAULT_LABELS if critic.labels is None else LabelSet.from_request(critic.labels)
     if critic.votes > 1 and critic.temperature == 0:
@@ -82,49 +89,193 @@ def create_job(
             "repeat the same answer",
             location="critic.temperature",
         )
-    model = critic.model or settings.critic_model
-    prompt = prompt_hash(critic.mode, labels)
-    chosen = _select(session, project_id, body.selection, body.scope)
-
+    check_selection(session, project_id, body.selection)
+    trajectories, steps = _totals(session, project_id, body.selection, body.scope)
+    if not trajectories:
+        raise InvalidJobError(
+            "the selection matches no trajectory"
+            + (
+                " that is unresolved (scope=unresolved; use scope=all to include resolved runs)"
+                if body.scope == "unresolved"
+                else ""
+            ),
+            location="selection",
+            code="empty_selection",
+        )
     job = Job(
         project_id=project_id,
         status=JobStatus.QUEUED,
         mode=critic.mode,
-        critic_model=model,
+        critic_model=critic.model or settings.critic_model,
         votes=critic.votes,
         temperature=critic.temperature,
         labels=[list(pair) for pair in labels.labels],
-        prompt_hash=prompt,
+        prompt_hash=prompt_hash(critic.mode, labels),
         scope=body.scope,
         use_cache=body.cache,
         selection=body.selection.model_dump(mode="json", exclude_none=True),
-        total_trajectories=len(chosen),
-        total_steps=sum(t.num_steps for t in chosen),
+        total_trajectories=trajectories,
+        total_steps=steps,
+        prepared_trajectories=0,
+        prepared_steps=0,
     )
     session.add(job)
     session.flush()
+    return job
 
+
+def _candidates(project_id: uuid.UUID, scope: str) -> list[ColumnElement[bool]]:
+    """The trajectories of a project a job of this scope labels: those with steps, and under
+    `unresolved` (as in the paper: resolved runs are trained in full, so only the rest need a
+    critic) those not known to be resolved."""
+    criteria = [Trajectory.project_id == project_id, Trajectory.num_steps > 0]
+    if scope == "unresolved":
+        criteria.append(or_(Trajectory.resolved.is_(None), Trajectory.resolved.is_(False)))
+    return criteria
+
+
+def _totals(
+    session: Session, project_id: uuid.UUID, selection: schemas.Selection, scope: str
+) -> tuple[int, int]:
+    """How many trajectories and steps a job would label: one aggregate (a chunk of explicit
+    ids at a time), no rows brought over."""
+    query = select(func.count(), func.coalesce(func.sum(Trajectory.num_steps), 0)).where(
+        *_candidates(project_id, scope), *_criteria(selection)
+    )
+    chunks: Iterable[list[uuid.UUID] | None] = (
+        [None] if selection.trajectory_ids is None else id_chunks(selection.trajectory_ids)
+    )
+    trajectories = steps = 0
+    for chunk in chunks:
+        chunk_query = query if chunk is None else query.where(Trajectory.id.in_(chunk))
+        count, total = session.execute(chunk_query).one()
+        trajectories, steps = trajectories + int(count), steps + int(total)
+    return trajectories, steps
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One batch of a job's preparation: the units to enqueue, and whether more remain."""
+
+    units: list[Unit]
+    more: bool
+
+
+def prepare_batch(
+    session: Session, job_id: uuid.UUID, batch: int, chunk_size: int
+) -> Prepared | None:
+    """Write the verdict rows of the job's next `batch` trajectories (in id order, after its
+    cursor), with their progress rows and what the cache already answers, and move the cursor;
+    None when there is nothing to prepare (done, cancelled or deleted).
+
+    The job's row is locked first, so two preparers of one job (a re-queued task and the one
+    it replaced) take turns, and the second finds the cursor moved. Steps whose identical work
+    is already done (same critic model, prompt, mode, votes, temperature, trajectory content
+    and step) are filled from that verdict and count as cached, unless the job says
+    `"cache": false`.
+    """
+    job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
+    if job is None or job.prepared_at is not None or job.status in JOB_FINISHED:
+        return None
+    chosen, cursor, more = _next_batch(session, job, batch)
+    now = utcnow()
     rows: list[dict[str, Any]] = []
     for trajectory in chosen:
         for step in range(trajectory.num_steps):
             key = cache_key(
-                model=model,
-                prompt=prompt,
-                mode=critic.mode,
-                votes=critic.votes,
-                temperature=critic.temperature,
+                model=job.critic_model,
+                prompt=job.prompt_hash,
+                mode=job.mode,
+                votes=job.votes,
+                temperature=job.temperature,
                 content=trajectory.content_hash,
                 step=step,
             )
-            rows.append(_pending_row(job, project_id, trajectory.id, step, key))
-    if body.cache:
-        fill_from_cache(session, project_id, rows, exclude_job=job.id)
+            rows.append(_pending_row(job, trajectory.id, step, key, now))
+    if job.use_cache:
+        fill_from_cache(session, job.project_id, rows, exclude_job=job.id)
     _insert_verdicts(session, rows)
-    if all(row["status"] == VerdictStatus.DONE for row in rows):
-        job.status = JobStatus.COMPLETED
-        job.started_at = job.finished_at = utcnow()
+    _insert_progress(session, job, chosen, rows)
+    pending = [
+        (r["trajectory_id"], r["step_index"]) for r in rows if r["status"] != VerdictStatus.DONE
+    ]
+    job.prepared_trajectories += len(chosen)
+    job.prepared_steps += len(rows)
+    job.updated_at = now
+    job.prepare_cursor = cursor
+    if not more:
+        # What the rows are: a trajectory deleted or changed since the request is not in them.
+        job.prepared_at = now
+        job.total_trajectories = job.prepared_trajectories
+        job.total_steps = job.prepared_steps
     session.flush()
-    return job
+    if not more:
+        finish_if_done(session, job.id)
+    return Prepared(units_of(job, pending, chunk_size), more)
+
+
+def _next_batch(
+    session: Session, job: Job, batch: int
+) -> tuple[list[Trajectory], uuid.UUID | None, bool]:
+    """The job's next `batch` trajectories after its cursor, the cursor after them, and
+    whether more may follow."""
+    selection = schemas.Selection.model_validate(job.selection)
+    # Only what a job needs of each trajectory: not its messages (often 100 KB or more each).
+    query = (
+        select(Trajectory)
+        .options(load_only(Trajectory.id, Trajectory.num_steps, Trajectory.content_hash))
+        .where(*_candidates(job.project_id, job.scope), *_criteria(selection))
+        .order_by(Trajectory.id)
+    )
+    if selection.trajectory_ids is None:
+        if job.prepare_cursor is not None:
+            query = query.where(Trajectory.id > job.prepare_cursor)
+        chosen = list(session.scalars(query.limit(batch)))
+        return chosen, chosen[-1].id if chosen else job.prepare_cursor, len(chosen) == batch
+    # Explicit ids: the next `batch` of them, sorted, after the cursor; the cursor passes the
+    # whole chunk, matched or not.
+    wanted = sorted(set(selection.trajectory_ids))
+    start = 0 if job.prepare_cursor is None else bisect_right(wanted, job.prepare_cursor)
+    ids = wanted[start : start + batch]
+    if not ids:
+        return [], job.prepare_cursor, False
+    chosen = list(session.scalars(query.where(Trajectory.id.in_(ids))))
+    return chosen, ids[-1], start + batch < len(wanted)
+
+
+def _insert_progress(
+    session: Session, job: Job, chosen: Sequence[Trajectory], rows: list[dict[str, Any]]
+) -> None:
+    """The batch's progress rows, and the totals of the steps the cache answered."""
+    cached: Counter[uuid.UUID] = Counter(
+        row["trajectory_id"] for row in rows if row["status"] == VerdictStatus.DONE
+    )
+    table = JobTrajectory.__table__
+    assert isinstance(table, Table)
+    progress = [
+        {
+            "job_id": job.id,
+            "trajectory_id": t.id,
+            "steps": t.num_steps,
+            VerdictStatus.DONE: cached[t.id],
+            VerdictStatus.FAILED: 0,
+            "cached": cached[t.id],
+        }
+        for t in chosen
+    ]
+    for start in range(0, len(progress), 5000):
+        session.connection().execute(insert(table), progress[start : start + 5000])
+    deltas: Counter[str] = Counter()
+    for row in rows:
+        if row["status"] == VerdictStatus.DONE:
+            deltas[tallies.STEPS_DONE] += 1
+            deltas[tallies.STEPS_CACHED] += 1
+            deltas[tallies.label(row["label"])] += 1
+    for t in chosen:
+        if cached[t.id] == t.num_steps:
+            deltas[tallies.TRAJECTORIES_DONE] += 1
+            deltas[tallies.TRAJECTORIES_CACHED] += 1
+    tallies.add(session, {job.id: deltas})
 
 
 def _insert_verdicts(session: Session, rows: list[dict[str, Any]]) -> None:
@@ -142,10 +293,10 @@ def _insert_verdicts(session: Session, rows: list[dict[str, Any]]) -> None:
 
 
 def _pending_row(
-    job: Job, project_id: uuid.UUID, trajectory_id: uuid.UUID, step: int, key: str
+    job: Job, trajectory_id: uuid.UUID, step: int, key: str, now: datetime
 ) -> dict[str, Any]:
     return {
-        "project_id": project_id,
+        "project_id": job.project_id,
         "job_id": job.id,
         "trajectory_id": trajectory_id,
         "step_index": step,
@@ -158,37 +309,9 @@ def _pending_row(
         "completion_tokens": 0,
         "cached_tokens": 0,
         "attempts": 0,
+        # Enqueued by the batch's commit: the sweeper leaves them alone for a timeout.
+        "enqueued_at": now,
     }
-
-
-def _select(
-    session: Session, project_id: uuid.UUID, selection: schemas.Selection, scope: str
-) -> list[Trajectory]:
-    check_selection(session, project_id, selection)
-    # Only what a job needs of each trajectory: not its messages (often 100 KB or more each).
-    query = (
-        select(Trajectory)
-        .options(load_only(Trajectory.id, Trajectory.num_steps, Trajectory.content_hash))
-        .where(Trajectory.project_id == project_id)
-        .order_by(Trajectory.id)
-    )
-    if scope == "unresolved":
-        # As in the paper: resolved runs are trained in full, so only the rest need a critic.
-        # Unknown resolution counts as unresolved.
-        query = query.where(or_(Trajectory.resolved.is_(None), Trajectory.resolved.is_(False)))
-    chosen = selected(session, query, selection)
-    if not chosen:
-        raise InvalidJobError(
-            "the selection matches no trajectory"
-            + (
-                " that is unresolved (scope=unresolved; use scope=all to include resolved runs)"
-                if scope == "unresolved"
-                else ""
-            ),
-            location="selection",
-            code="empty_selection",
-        )
-    return chosen
 
 
 # ---------------------------------------------------------------------- selections
@@ -267,54 +390,35 @@ def get_job(session: Session, project_id: uuid.UUID, job_id: uuid.UUID) -> Job:
     return job
 
 
+def list_jobs(
+    session: Session, project_id: uuid.UUID, *, limit: int, before: uuid.UUID | None
+) -> tuple[list[Job], uuid.UUID | None]:
+    """A page of the project's jobs, newest first (ids are time-ordered), and the id the next
+    page starts before (or None)."""
+    query = select(Job).where(Job.project_id == project_id)
+    if before is not None:
+        query = query.where(Job.id < before)
+    items = list(session.scalars(query.order_by(Job.id.desc()).limit(limit + 1)))
+    next_before = items[limit - 1].id if len(items) > limit else None
+    return items[:limit], next_before
+
+
 def describe(session: Session, job: Job) -> schemas.JobOut:
-    """The job with its progress counts, label histogram, token usage and ETA."""
-    groups = session.execute(
-        select(
-            Verdict.trajectory_id,
-            Verdict.status,
-            Verdict.cached,
-            func.count(),
-            func.sum(Verdict.prompt_tokens),
-            func.sum(Verdict.completion_tokens),
-            func.sum(Verdict.cached_tokens),
-        )
-        .where(Verdict.job_id == job.id)
-        .group_by(Verdict.trajectory_id, Verdict.status, Verdict.cached)
-    ).all()
-    steps = _no_counts()
-    per_trajectory: dict[uuid.UUID, dict[str, int]] = defaultdict(_no_counts)
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
-    for trajectory_id, status, cached, count, prompt, completion, cached_tokens in groups:
-        # Counts say `pending` for every open item, running or not.
-        bucket = VerdictStatus.PENDING if status in VERDICT_OPEN else status
-        for target in (steps, per_trajectory[trajectory_id]):
-            target["total"] += count
-            target[bucket] += count
-            if cached:
-                target["cached"] += count
-        usage["prompt_tokens"] += int(prompt or 0)
-        usage["completion_tokens"] += int(completion or 0)
-        usage["cached_tokens"] += int(cached_tokens or 0)
-    trajectories = _no_counts() | {"total": len(per_trajectory)}
-    for counts in per_trajectory.values():
-        if counts[VerdictStatus.PENDING]:
-            trajectories[VerdictStatus.PENDING] += 1
-        elif counts[VerdictStatus.FAILED]:
-            trajectories[VerdictStatus.FAILED] += 1
-        else:
-            trajectories[VerdictStatus.DONE] += 1
-            if counts["cached"] == counts["total"]:
-                trajectories["cached"] += 1
-    histogram = {
-        str(row[0]): int(row[1])
-        for row in session.execute(
-            select(Verdict.label, func.count())
-            .where(Verdict.job_id == job.id, Verdict.status == VerdictStatus.DONE)
-            .group_by(Verdict.label)
-            .order_by(Verdict.label)
-        ).all()
-    }
+    """The job with its progress counts, label histogram, token usage and ETA: read from its
+    running totals (`app.jobs.tallies`), a few rows whatever the job's size."""
+    totals = tallies.read(session, job.id)
+    steps = _counts(
+        job.total_steps,
+        totals[tallies.STEPS_DONE],
+        totals[tallies.STEPS_FAILED],
+        totals[tallies.STEPS_CACHED],
+    )
+    trajectories = _counts(
+        job.total_trajectories,
+        totals[tallies.TRAJECTORIES_DONE],
+        totals[tallies.TRAJECTORIES_FAILED],
+        totals[tallies.TRAJECTORIES_CACHED],
+    )
     return schemas.JobOut(
         id=job.id,
         status=job.status,
@@ -329,11 +433,18 @@ def describe(session: Session, job: Job) -> schemas.JobOut:
         scope=job.scope,
         cache=job.use_cache,
         selection=job.selection,
-        counts=schemas.JobCounts(
-            trajectories=schemas.Counts(**trajectories), steps=schemas.Counts(**steps)
+        preparation=schemas.Preparation(
+            complete=job.prepared_at is not None,
+            trajectories=job.prepared_trajectories,
+            steps=job.prepared_steps,
         ),
-        labels=histogram,
-        usage=schemas.Usage(**usage),
+        counts=schemas.JobCounts(trajectories=trajectories, steps=steps),
+        labels=dict(sorted(tallies.family(totals, tallies.LABEL).items())),
+        usage=schemas.Usage(
+            prompt_tokens=totals[tallies.PROMPT_TOKENS],
+            completion_tokens=totals[tallies.COMPLETION_TOKENS],
+            cached_tokens=totals[tallies.CACHED_TOKENS],
+        ),
         error=job.error,
         created_at=job.created_at,
         started_at=job.started_at,
@@ -342,29 +453,25 @@ def describe(session: Session, job: Job) -> schemas.JobOut:
     )
 
 
-def _no_counts() -> dict[str, int]:
-    """Zero counts, keyed as `schemas.Counts`: every step, each finished outcome, the open
-    ones (`pending`), and those served from the cache."""
-    return {
-        "total": 0,
-        VerdictStatus.DONE: 0,
-        VerdictStatus.FAILED: 0,
-        VerdictStatus.PENDING: 0,
-        "cached": 0,
-    }
+def _counts(total: int, done: int, failed: int, cached: int) -> schemas.Counts:
+    """Counts, keyed as `schemas.Counts`: every item, each finished outcome, the open ones
+    (`pending`, running or not, and not yet written), and those served from the cache."""
+    return schemas.Counts(
+        total=total, done=done, failed=failed, pending=total - done - failed, cached=cached
+    )
 
 
-def _eta(job: Job, steps: dict[str, int]) -> float | None:
+def _eta(job: Job, steps: schemas.Counts) -> float | None:
     if job.status in JOB_FINISHED:
         return 0.0
-    worked = steps[VerdictStatus.DONE] + steps[VerdictStatus.FAILED] - steps["cached"]
-    if job.started_at is None or worked <= 0 or not steps[VerdictStatus.PENDING]:
+    worked = steps.done + steps.failed - steps.cached
+    if job.started_at is None or worked <= 0 or not steps.pending:
         return None
     started = (
         job.started_at if job.started_at.tzinfo else job.started_at.replace(tzinfo=utcnow().tzinfo)
     )
     elapsed = (utcnow() - started).total_seconds()
-    return round(elapsed / worked * steps[VerdictStatus.PENDING], 1)
+    return round(elapsed / worked * steps.pending, 1)
 
 
 def list_verdicts(
@@ -396,9 +503,9 @@ def retry_failed(session: Session, job: Job, chunk_size: int) -> list[Unit]:
     if job.status == JobStatus.CANCELLED:
         raise ConflictError("a cancelled job cannot be retried", location="path.job_id")
     failed = session.execute(
-        select(Verdict.trajectory_id, Verdict.step_index).where(
-            Verdict.job_id == job.id, Verdict.status == VerdictStatus.FAILED
-        )
+        select(Verdict.trajectory_id, Verdict.step_index, Verdict.error_kind)
+        .where(Verdict.job_id == job.id, Verdict.status == VerdictStatus.FAILED)
+        .with_for_update()
     ).all()
     if not failed:
         raise ConflictError(f"job {job.id} has no failed items to retry", location="path.job_id")
@@ -415,8 +522,55 @@ def retry_failed(session: Session, job: Job, chunk_size: int) -> list[Unit]:
             enqueued_at=now,
         )
     )
+    # Their totals leave the job's (and reopen their trajectories), as their rows reopen.
+    count_finished(
+        session,
+        (
+            Finished(job.id, r.trajectory_id, VerdictStatus.FAILED, error_kind=r.error_kind)
+            for r in failed
+        ),
+        sign=-1,
+    )
     job.status = JobStatus.RUNNING if job.started_at else JobStatus.QUEUED
     job.finished_at = None
     job.error = None
     session.flush()
     return units_of(job, [(r.trajectory_id, r.step_index) for r in failed], chunk_size)
+
+
+# ---------------------------------------------------------------------- deletion
+
+
+def delete_job(session: Session, job: Job) -> None:
+    """Delete a finished job and its verdicts: one DELETE of the job's row, which the
+    database cascades to the verdicts (a million of them take seconds, not a million
+    statements). Refused while the job runs, or while an export not built yet uses it;
+    finished exports keep their files and manifest, which do not need the job."""
+    # Locked first: an export created at the same moment (it reads its jobs FOR SHARE) either
+    # waits for this deletion and finds no job, or is committed and seen below.
+    status = session.scalar(select(Job.status).where(Job.id == job.id).with_for_update())
+    if status is None:  # another request deleted it meanwhile
+        raise NotFoundError(f"job {job.id} not found", location="path.job_id")
+    if status in JOB_OPEN:
+        raise ConflictError(
+            f"job {job.id} is {status}: cancel it first (POST /v1/jobs/{job.id}/cancel)",
+            location="path.job_id",
+            code="job_not_finished",
+        )
+    exports = session.execute(
+        select(Export.id, Export.status, Export.job_ids)
+        .where(Export.project_id == job.project_id, Export.status.in_(EXPORT_OPEN))
+        .order_by(Export.id)
+    ).all()
+    using = [e for e in exports if str(job.id) in e.job_ids]
+    if using:
+        shown = ", ".join(f"export {e.id} ({e.status})" for e in using[:20])
+        raise ConflictError(
+            f"{shown} {'uses' if len(using) == 1 else 'use'} this job: delete the job once "
+            f"{'it has' if len(using) == 1 else 'they have'} finished",
+            location="path.job_id",
+            code="job_in_use",
+            details={"exports": [str(e.id) for e in using]},
+        )
+    session.delete(job)
+    session.flush()

@@ -10,7 +10,7 @@ Services flush; the task that calls them commits (`app.jobs.labeling`, `app.work
 from __future__ import annotations
 
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -29,7 +29,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from app.critic.judge import StepOutcome
-from app.models import Export, ExportPart, Job, Trajectory, Verdict, utcnow
+from app.jobs import tallies
+from app.models import Export, ExportPart, Job, JobTrajectory, Trajectory, Verdict, utcnow
 from app.status import (
     JOB_FINISHED,
     JOB_OPEN,
@@ -55,6 +56,107 @@ class Claim:
     trajectory: Trajectory
     token: str
     step_indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A verdict that a write has just finished (or, `reopened`, put back in the queue)."""
+
+    job_id: uuid.UUID
+    trajectory_id: uuid.UUID
+    status: str
+    cached: bool = False
+    label: str | None = None
+    error_kind: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    latency_ms: float | None = None
+
+
+DONE, FAILED = VerdictStatus.DONE, VerdictStatus.FAILED
+
+
+def count_finished(session: Session, finished: Iterable[Finished], *, sign: int = 1) -> None:
+    """Add verdicts this transaction finished to their jobs' totals (`app.jobs.tallies`) and
+    to their trajectories' progress; `sign=-1` takes failed ones that are reopened back out.
+
+    Each trajectory's progress row is updated and read back in one statement: its lock orders
+    the writers of one trajectory, so exactly one of them sees it finish (or reopen) and
+    counts the trajectory. Rows are visited in (job, trajectory) order, the same in every
+    writer, so writers wait for each other instead of deadlocking.
+    """
+    deltas: dict[uuid.UUID, Counter[str]] = defaultdict(Counter)
+    per_trajectory: dict[tuple[uuid.UUID, uuid.UUID], Counter[str]] = defaultdict(Counter)
+    for item in finished:
+        step = deltas[item.job_id]
+        moved = per_trajectory[(item.job_id, item.trajectory_id)]
+        if item.status == VerdictStatus.DONE:
+            moved[DONE] += sign
+            step[tallies.STEPS_DONE] += sign
+            if item.label is not None:
+                step[tallies.label(item.label)] += sign
+            if item.cached:
+                moved["cached"] += sign
+                step[tallies.STEPS_CACHED] += sign
+            else:
+                tallies.latency(step, item.latency_ms)
+        else:
+            moved[FAILED] += sign
+            step[tallies.STEPS_FAILED] += sign
+            step[tallies.error(item.error_kind)] += sign
+        step[tallies.PROMPT_TOKENS] += item.prompt_tokens
+        step[tallies.COMPLETION_TOKENS] += item.completion_tokens
+        step[tallies.CACHED_TOKENS] += item.cached_tokens
+    table = JobTrajectory.__table__
+    assert isinstance(table, Table)
+    for (job_id, trajectory_id), moved in sorted(per_trajectory.items()):
+        after = session.execute(
+            update(table)
+            .where(table.c.job_id == job_id, table.c.trajectory_id == trajectory_id)
+            .values(
+                done=table.c.done + moved[DONE],
+                failed=table.c.failed + moved[FAILED],
+                cached=table.c.cached + moved["cached"],
+            )
+            .returning(table.c.steps, table.c.done, table.c.failed, table.c.cached)
+        ).one_or_none()
+        if after is None:
+            continue
+        finished_now = after.done + after.failed == after.steps
+        finished_before = (after.done - moved[DONE]) + (after.failed - moved[FAILED]) == (
+            after.steps
+        )
+        if finished_now == finished_before:
+            continue
+        # Finished by this write (+1), or reopened by it (-1): counted as it ends, or ended.
+        ended = after if finished_now else _before(after, moved)
+        change = 1 if finished_now else -1
+        job = deltas[job_id]
+        if ended.failed:
+            job[tallies.TRAJECTORIES_FAILED] += change
+        else:
+            job[tallies.TRAJECTORIES_DONE] += change
+            if ended.cached == ended.steps:
+                job[tallies.TRAJECTORIES_CACHED] += change
+    tallies.add(session, deltas)
+
+
+@dataclass(frozen=True)
+class _Progress:
+    steps: int
+    done: int
+    failed: int
+    cached: int
+
+
+def _before(after: Any, moved: Counter[str]) -> _Progress:
+    return _Progress(
+        after.steps,
+        after.done - moved[DONE],
+        after.failed - moved[FAILED],
+        after.cached - moved["cached"],
+    )
 
 
 def fill_from_cache(
@@ -109,23 +211,6 @@ def units_of(job: Job, rows: list[tuple[uuid.UUID, int]], chunk_size: int) -> li
         for start in range(0, len(steps), max(1, size)):
             units.append(Unit(job.id, trajectory_id, tuple(steps[start : start + size])))
     return units
-
-
-def pending_units(session: Session, job: Job, chunk_size: int) -> list[Unit]:
-    """Every pending item of a job as units, marked enqueued now."""
-    # Core: a large job has a row per step, and ORM rows cost more than tuples.
-    connection = session.connection()
-    rows = connection.execute(
-        select(Verdict.trajectory_id, Verdict.step_index).where(
-            Verdict.job_id == job.id, Verdict.status == VerdictStatus.PENDING
-        )
-    ).all()
-    connection.execute(
-        update(Verdict)
-        .where(Verdict.job_id == job.id, Verdict.status == VerdictStatus.PENDING)
-        .values(enqueued_at=utcnow())
-    )
-    return units_of(job, [(r.trajectory_id, r.step_index) for r in rows], chunk_size)
 
 
 def claim_unit(
@@ -196,11 +281,12 @@ def _claim_from_cache(
     wanted = [{"cache_key": r.cache_key, "step_index": r.step_index} for r in rows]
     fill_from_cache(session, job.project_id, wanted, exclude_job=job.id)
     remaining: list[int] = []
+    served: list[Finished] = []
     for row in wanted:
         if row.get("status") != VerdictStatus.DONE:
             remaining.append(row["step_index"])
             continue
-        session.execute(
+        written = session.execute(
             update(Verdict)
             .where(
                 Verdict.job_id == job.id,
@@ -218,6 +304,11 @@ def _claim_from_cache(
                 finished_at=row["finished_at"],
             )
         )
+        if getattr(written, "rowcount", 0):
+            served.append(
+                Finished(job.id, trajectory_id, VerdictStatus.DONE, cached=True, label=row["label"])
+            )
+    count_finished(session, served)
     return remaining
 
 
@@ -286,10 +377,46 @@ def record_outcomes(
         )
     # Core, not the ORM: a list of parameters to an ORM update() means "by primary key".
     session.connection().execute(statement, rows)
+    # What was written: the rows this statement finished carry its claim tokens and its
+    # `now` (a lost claim wrote nothing, and a write never finishes a row twice).
+    written = {
+        tuple(row)
+        for row in session.execute(
+            select(c.job_id, c.trajectory_id, c.step_index).where(
+                c.job_id.in_({job_id for job_id, *_ in outcomes}),
+                c.trajectory_id.in_({trajectory_id for _, trajectory_id, *_ in outcomes}),
+                c.step_index.in_({outcome.index for *_, outcome in outcomes}),
+                c.claim_token.in_({token for _, _, token, _ in outcomes}),
+                c.finished_at == now,
+            )
+        )
+    }
+    count_finished(
+        session,
+        (
+            Finished(
+                job_id,
+                trajectory_id,
+                VerdictStatus.DONE if outcome.label is not None else VerdictStatus.FAILED,
+                label=outcome.label,
+                error_kind=outcome.error_kind,
+                prompt_tokens=outcome.usage.prompt_tokens,
+                completion_tokens=outcome.usage.completion_tokens,
+                cached_tokens=outcome.usage.cached_tokens,
+                latency_ms=round(outcome.usage.latency_s * 1000, 3),
+            )
+            for job_id, trajectory_id, _, outcome in outcomes
+            if (job_id, trajectory_id, outcome.index) in written
+        ),
+    )
 
 
 def finish_if_done(session: Session, job_id: uuid.UUID) -> JobStatus | None:
-    """Close the job when no item is open; return its new status, or None if still open."""
+    """Close the job when every row exists and none is open; return its new status, or None
+    if still open."""
+    job = session.get(Job, job_id)
+    if job is None or job.status not in JOB_OPEN or job.prepared_at is None:
+        return None
     # Whether any item is open, not how many: counting a large job's open items per task
     # would read its whole index range every time.
     remaining = session.scalar(
@@ -300,19 +427,20 @@ def finish_if_done(session: Session, job_id: uuid.UUID) -> JobStatus | None:
     if remaining is not None:
         return None
     done = session.scalar(
-        select(func.count())
-        .select_from(Verdict)
+        select(Verdict.id)
         .where(Verdict.job_id == job_id, Verdict.status == VerdictStatus.DONE)
+        .limit(1)
     )
-    status = JobStatus.COMPLETED if done else JobStatus.FAILED
+    status = JobStatus.COMPLETED if done is not None else JobStatus.FAILED
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status.in_(JOB_OPEN))
         .values(
             status=status,
             finished_at=utcnow(),
-            error=None if done else "every step failed; see the verdicts' errors",
+            error=None if done is not None else "every step failed; see the verdicts' errors",
         )
+        .execution_options(synchronize_session=False)
     )
     return status if getattr(result, "rowcount", 0) else None
 
@@ -384,6 +512,27 @@ def sweep(session: Session, stale_after_s: float, chunk_size: int) -> list[Unit]
         if job is not None:
             units.extend(units_of(job, items, chunk_size))
     return units
+
+
+def stalled_preparations(session: Session, stale_after_s: float) -> list[uuid.UUID]:
+    """Open jobs whose rows are not all written and whose preparation has not moved within
+    the timeout (its task died, or its message was lost): marked as moved now, so the next
+    sweep leaves them for another timeout, and returned to be sent again."""
+    now = utcnow()
+    stalled = (
+        Job.status.in_(JOB_OPEN),
+        Job.prepared_at.is_(None),
+        Job.updated_at < now - timedelta(seconds=stale_after_s),
+    )
+    return list(
+        session.execute(
+            update(Job)
+            .where(*stalled)
+            .values(updated_at=now)
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        ).scalars()
+    )
 
 
 def resume_all(session: Session, chunk_size: int) -> list[Unit]:

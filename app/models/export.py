@@ -21,6 +21,8 @@ class Export(Base):
     __tablename__ = "exports"
     __table_args__ = (
         Index(None, "project_id", "created_at"),
+        # Pages of a project's exports run newest first by (time-ordered) id.
+        Index(None, "project_id", "id"),
         Index(None, "status", "claimed_at"),
     )
 

@@ -33,7 +33,8 @@ AutoId = BigInteger().with_variant(Integer(), "sqlite")
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index(None, "project_id", "created_at"),)
+    # Pages of a project's jobs run newest first by (time-ordered) id.
+    __table_args__ = (Index(None, "project_id", "created_at"), Index(None, "project_id", "id"))
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
     project_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
@@ -50,6 +51,13 @@ class Job(Base):
     selection: Mapped[dict[str, Any]] = mapped_column(JsonColumn)
     total_trajectories: Mapped[int] = mapped_column(Integer)
     total_steps: Mapped[int] = mapped_column(Integer)
+    # Preparation: a worker writes the verdict rows in batches of trajectories, in id order,
+    # after the request that created the job (`app.jobs.service.prepare_batch`). The cursor is
+    # the last trajectory prepared; `prepared_at` is set once every row exists.
+    prepared_trajectories: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    prepared_steps: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    prepare_cursor: Mapped[uuid.UUID | None] = mapped_column(default=None)
+    prepared_at: Mapped[datetime | None] = mapped_column(default=None)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -96,3 +104,39 @@ class Verdict(Base):
     claimed_at: Mapped[datetime | None] = mapped_column(default=None)
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class JobTrajectory(Base):
+    """A trajectory in a job, with its steps' progress: the job's page of trajectories reads
+    these instead of grouping verdicts, and the write that finishes its last step learns so
+    from the counts this row returns (its lock orders the writers), which makes the job's
+    trajectory counts exact."""
+
+    __tablename__ = "job_trajectories"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    trajectory_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("trajectories.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    steps: Mapped[int] = mapped_column(Integer)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    cached: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class JobTally(Base):
+    """A job's running totals (`app.jobs.tallies`), kept by the writes that change them, so
+    that reading a job's progress, histogram and usage costs the same at any size. Each name
+    is spread over a few slots that writers pick at random, so that concurrent writers of one
+    job seldom wait on the same row; a reader sums the slots."""
+
+    __tablename__ = "job_tallies"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(96), primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)

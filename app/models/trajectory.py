@@ -43,7 +43,11 @@ class Trajectory(Base):
     __tablename__ = "trajectories"
     __table_args__ = (
         UniqueConstraint("project_id", "content_hash"),
-        Index(None, "project_id", "task_id"),
+        # The trajectory list pages newest first (by id) within a project, each filter too.
+        Index(None, "project_id", "id"),
+        Index(None, "project_id", "resolved", "id"),
+        Index(None, "project_id", "source_format", "id"),
+        Index(None, "project_id", "task_id", "id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)

@@ -21,6 +21,7 @@ from app.auth.service import Caller
 from app.critic.labels import DEFAULT_LABELS
 from app.errors import NotFoundError, SrftError
 from app.models import HumanLabel, Job, Trajectory, Verdict, utcnow
+from app.models import JobTrajectory as JobTrajectoryRow
 from app.pagination import decode_cursor, encode_cursor
 from app.recipe.masking import StepLabel, critic_label, resolve_labels
 from app.status import VERDICT_FINISHED, LabelSource, TrainingOutcome, VerdictStatus
@@ -172,34 +173,32 @@ def labeling_jobs(session: Session, trajectory_id: uuid.UUID) -> list[uuid.UUID]
 
 @dataclass(frozen=True)
 class JobTrajectory:
-    """A trajectory as a job's page lists it: what it is and its verdict counts by status."""
+    """A trajectory as a job's page lists it: what it is and its steps' progress."""
 
     trajectory: Trajectory
-    statuses: dict[str, int]
+    progress: JobTrajectoryRow
 
 
 def job_trajectories(
-    session: Session, job_id: uuid.UUID, limit: int
-) -> tuple[list[JobTrajectory], int]:
-    """The first `limit` trajectories a job labels (by id) and how many more it has."""
-    rows = session.execute(
-        select(Verdict.trajectory_id, Verdict.status, func.count())
-        .where(Verdict.job_id == job_id)
-        .group_by(Verdict.trajectory_id, Verdict.status)
-        .order_by(Verdict.trajectory_id, Verdict.status)
-    ).all()
-    statuses: dict[uuid.UUID, dict[str, int]] = defaultdict(dict)
-    for trajectory_id, verdict_status, count in rows:
-        statuses[trajectory_id][verdict_status] = count
-    ids = list(statuses)[:limit]
-    columns = load_only(
-        Trajectory.id, Trajectory.task_id, Trajectory.resolved, Trajectory.num_steps
+    session: Session, job_id: uuid.UUID, *, limit: int, cursor: str | None
+) -> tuple[list[JobTrajectory], str | None]:
+    """A page of the trajectories a job labels, by id (after the cursor's), and the next
+    page's cursor: read from the job's progress rows, never from its verdicts."""
+    query = (
+        select(JobTrajectoryRow, Trajectory)
+        .join(Trajectory, Trajectory.id == JobTrajectoryRow.trajectory_id)
+        .options(
+            load_only(Trajectory.id, Trajectory.task_id, Trajectory.resolved, Trajectory.num_steps)
+        )
+        .where(JobTrajectoryRow.job_id == job_id)
     )
-    found = {
-        t.id: t
-        for t in session.scalars(select(Trajectory).options(columns).where(Trajectory.id.in_(ids)))
-    }
-    return [JobTrajectory(found[i], statuses[i]) for i in ids], len(statuses) - len(ids)
+    if cursor is not None:
+        (after,) = decode_cursor(cursor, uuid.UUID)
+        query = query.where(JobTrajectoryRow.trajectory_id > after)
+    rows = session.execute(query.order_by(JobTrajectoryRow.trajectory_id).limit(limit + 1)).all()
+    items = [JobTrajectory(trajectory, progress) for progress, trajectory in rows[:limit]]
+    next_cursor = encode_cursor(items[-1].trajectory.id) if len(rows) > limit else None
+    return items, next_cursor
 
 
 @dataclass

@@ -20,15 +20,13 @@ from urllib.parse import parse_qs
 import jinja2
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.auth import service as auth_service
 from app.critic.prompt import task_text
 from app.deps import SessionDep, SettingsDep
-from app.errors import NotFoundError, SrftError, UnauthorizedError
+from app.errors import InvalidCursorError, NotFoundError, SrftError, UnauthorizedError
 from app.jobs import service as job_service
-from app.models import Job
 from app.recipe.masking import DEFAULT_MASK_LABELS, POLICIES, Policy, PolicyOptions, decide
 from app.review import browser, schemas
 from app.review import service as review_service
@@ -38,7 +36,8 @@ from app.trajectories import service as trajectory_service
 
 REFRESH_S = 3
 MAX_JOBS = 100
-MAX_JOB_TRAJECTORIES = 500
+# Trajectories a job's page lists at a time (the next ones are a link away).
+JOB_PAGE_TRAJECTORIES = 100
 # The preview masks what an export masks by default (FastAPI copies a list default per request).
 DEFAULT_MASK = list(DEFAULT_MASK_LABELS)
 # Observations longer than this are collapsed; the full text stays in the page.
@@ -231,12 +230,7 @@ def jobs_page(session: SessionDep, caller: UiCallerDep) -> Response:
     """The project's jobs, newest first, with progress, labels and usage."""
     if caller is None:
         return _prompt()
-    jobs = session.scalars(
-        select(Job)
-        .where(Job.project_id == caller.project_id)
-        .order_by(Job.created_at.desc(), Job.id.desc())
-        .limit(MAX_JOBS)
-    ).all()
+    jobs, _ = job_service.list_jobs(session, caller.project_id, limit=MAX_JOBS, before=None)
     described = [job_service.describe(session, job) for job in jobs]
     refresh = any(job.status in JOB_OPEN for job in described)
     return _page(
@@ -255,18 +249,22 @@ def job_page(
     session: SessionDep,
     caller: UiCallerDep,
     query: PreviewQueryDep,
+    cursor: str | None = None,
 ) -> Response:
-    """A job's summary and its trajectories, with the steps each masks under the policy."""
+    """A job's summary and a page of its trajectories, with the steps each masks under the
+    policy."""
     if caller is None:
         return _prompt()
     try:
         job = job_service.get_job(session, caller.project_id, _uuid(job_id, "job"))
         preview = _preview(query)
-    except (NotFoundError, BadRequestError) as exc:
+        listed_rows, next_cursor = review_service.job_trajectories(
+            session, job.id, limit=JOB_PAGE_TRAJECTORIES, cursor=cursor
+        )
+    except (NotFoundError, BadRequestError, InvalidCursorError) as exc:
         return _error_page(exc)
     summary = job_service.describe(session, job)
 
-    listed_rows, hidden = review_service.job_trajectories(session, job.id, MAX_JOB_TRAJECTORIES)
     # What an export of this job would read: the preview is that export's decisions.
     step_labels = review_service.step_labels(
         session, {row.trajectory.id: row.trajectory.num_steps for row in listed_rows}, [job.id]
@@ -288,14 +286,13 @@ def job_page(
                 "human": sum(1 for label in labels if label.source == LabelSource.HUMAN),
                 "kept": decision.kept,
                 "drop_reason": decision.drop_reason,
-                "statuses": row.statuses,
             }
         )
     return _page(
         "job.html",
         job=summary,
         trajectories=listed,
-        hidden=hidden,
+        next_cursor=next_cursor,
         **preview.context(session, caller.project_id),
         refresh=REFRESH_S if summary.status in JOB_OPEN else None,
         signed_in=True,

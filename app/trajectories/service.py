@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import zstandard
-from sqlalchemy import Table, insert, select
+from sqlalchemy import Table, delete, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, load_only
 
@@ -292,6 +292,14 @@ def get_trajectory(session: Session, project_id: uuid.UUID, trajectory_id: uuid.
     if trajectory is None or trajectory.project_id != project_id:
         raise NotFoundError(f"trajectory {trajectory_id} not found", location="path.trajectory_id")
     return trajectory
+
+
+def delete_trajectory(session: Session, trajectory: Trajectory) -> None:
+    """Delete a trajectory: one DELETE, which the database cascades to its steps, verdicts
+    and human labels. Its upload (the original file, which may hold other runs) is kept.
+    Whether work still needs it is the caller's to check first."""
+    session.execute(delete(Trajectory).where(Trajectory.id == trajectory.id))
+    session.flush()
 
 
 def set_resolved(

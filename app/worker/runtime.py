@@ -26,6 +26,7 @@ from app.exports import builder as export_builder
 from app.exports import queue as export_queue
 from app.exports import service as export_service
 from app.jobs import queue as job_queue
+from app.jobs import service as job_service
 from app.jobs import workqueue
 from app.jobs.labeling import Labeler
 from app.jobs.workqueue import Unit
@@ -88,6 +89,20 @@ class WorkerRuntime:
         """Label one unit of work (`Labeler.label_unit`)."""
         self.labeler.label_unit(unit, token)
 
+    def prepare_job(self, job_id: uuid.UUID) -> None:
+        """Write the job's verdict rows batch by batch (`job_service.prepare_batch`), each
+        batch's units queued when it commits."""
+        while True:
+            with self.database.transaction() as session:
+                prepared = job_service.prepare_batch(
+                    session, job_id, self.settings.job_prepare_batch, self.settings.step_chunk_size
+                )
+                if prepared is None:
+                    return
+                job_queue.enqueue_after_commit(session, self.settings.broker_url, prepared.units)
+            if not prepared.more:
+                return
+
     def sweep(self) -> int:
         """Re-enqueue lost work and close jobs with nothing open; return units enqueued.
 
@@ -102,10 +117,11 @@ class WorkerRuntime:
                 units = workqueue.sweep(
                     session, self.settings.stale_after_s, self.settings.step_chunk_size
                 )
+                preparing = workqueue.stalled_preparations(session, self.settings.stale_after_s)
                 workqueue.close_finished_jobs(session)
                 exports = export_service.sweep(session, self.settings.stale_after_s)
                 parts = export_service.sweep_parts(session, self.settings.stale_after_s)
-                self._requeue_after_commit(session, units, exports, parts)
+                self._requeue_after_commit(session, units, exports, parts, preparing)
         except Exception as error:
             if not is_database_unavailable(error):
                 raise
@@ -113,20 +129,23 @@ class WorkerRuntime:
             return 0
         if units:
             log.warning("sweeper re-enqueued %d units of lost or stalled work", len(units))
+        if preparing:
+            log.warning("sweeper resumed the preparation of %d jobs", len(preparing))
         if exports:
             log.warning("sweeper re-enqueued %d lost or stalled exports", len(exports))
         if parts:
             log.warning("sweeper re-enqueued %d lost or stalled export parts", len(parts))
-        return len(units) + len(exports) + len(parts)
+        return len(units) + len(exports) + len(parts) + len(preparing)
 
     def resume(self) -> int:
         """Enqueue every open item (at start-up, when the broker may have lost messages)."""
         with self.database.transaction() as session:
             units = workqueue.resume_all(session, self.settings.step_chunk_size)
+            preparing = workqueue.stalled_preparations(session, stale_after_s=0)
             exports = export_service.sweep(session, stale_after_s=0)
             parts = export_service.sweep_parts(session, stale_after_s=0)
-            self._requeue_after_commit(session, units, exports, parts)
-        return len(units) + len(exports) + len(parts)
+            self._requeue_after_commit(session, units, exports, parts, preparing)
+        return len(units) + len(exports) + len(parts) + len(preparing)
 
     def _requeue_after_commit(
         self,
@@ -134,10 +153,13 @@ class WorkerRuntime:
         units: list[Unit],
         exports: list[uuid.UUID],
         parts: list[uuid.UUID],
+        preparing: list[uuid.UUID],
     ) -> None:
         """Exports go to `srft.exports.build`, which plans one not planned yet and finishes
         one whose parts are all done (its final task was lost)."""
         job_queue.enqueue_after_commit(session, self.settings.broker_url, units)
+        for job_id in preparing:
+            job_queue.enqueue_prepare_after_commit(session, self.settings.broker_url, job_id)
         for export_id in exports:
             export_queue.enqueue_build_after_commit(session, self.settings.broker_url, export_id)
         export_queue.enqueue_parts_after_commit(session, self.settings.broker_url, parts)

@@ -17,7 +17,14 @@ from typing import Any
 from celery import shared_task
 from celery.signals import worker_process_init, worker_ready
 
-from app.broker import BUILD_EXPORT, BUILD_EXPORT_PART, FINISH_EXPORT, LABEL_UNIT, SWEEP
+from app.broker import (
+    BUILD_EXPORT,
+    BUILD_EXPORT_PART,
+    FINISH_EXPORT,
+    LABEL_UNIT,
+    PREPARE_JOB,
+    SWEEP,
+)
 from app.db import is_database_unavailable, outage_delay, outage_reason, outage_tries
 from app.exports.builder import BuildInterruptedError
 from app.jobs.workqueue import Unit
@@ -78,6 +85,22 @@ def label_unit(
         if not is_database_unavailable(error):
             raise
         raise _retry_after_outage(self, error, claim_token=token) from error
+
+
+# A million steps take minutes; a dead preparer is detected by its job not moving instead.
+@shared_task(
+    bind=True, name=PREPARE_JOB, acks_late=True, reject_on_worker_lost=True, time_limit=7 * 86400
+)
+def prepare_job(self: Any, job_id: str) -> None:
+    """Write a new job's verdict rows, a batch of trajectories per transaction, queueing
+    each batch's units as it commits. A task that dies resumes from the job's cursor (the
+    sweeper sends it again); one that finds the database unavailable retries itself."""
+    try:
+        get_runtime().prepare_job(uuid.UUID(job_id))
+    except Exception as error:
+        if not is_database_unavailable(error):
+            raise
+        raise _retry_after_outage(self, error) from error
 
 
 @shared_task(name=SWEEP)

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select
 
+from app.critic.judge import StepOutcome
 from app.critic.labels import DEFAULT_LABELS
 from app.critic.rules import label_trajectory
 from app.exports.builder import build_export, export_path
-from app.jobs import workqueue
 from app.models import Export, Verdict
 from app.recipe.steps import split_steps
 from tests.e2e import (  # noqa: F401
@@ -33,7 +33,7 @@ from tests.e2e import (  # noqa: F401
     rules_critic,
     workers,
 )
-from tests.helpers import all_trajectory_files
+from tests.helpers import all_trajectory_files, outcome, prepare_job, record
 
 RESOLUTIONS: tuple[bool | None, ...] = (True, False, None)
 
@@ -82,32 +82,26 @@ class Corpus:
 def _label(
     caller: Api, job_id: str, labeler: Callable[[str, dict[str, Any], int], tuple[str, Any]]
 ) -> None:
-    """Write a done verdict into each of the job's rows, then close the job."""
+    """Write the job's rows and a done verdict into each, as a worker would, then close the
+    job."""
     with caller.database.transaction() as session:
+        prepare_job(session, job_id)
         rows = session.execute(
-            select(Verdict.id, Verdict.trajectory_id, Verdict.step_index).where(
+            select(Verdict.trajectory_id, Verdict.step_index).where(
                 Verdict.job_id == uuid.UUID(job_id)
             )
         ).all()
         details: dict[str, dict[str, Any]] = {}
+        outcomes: dict[str, list[StepOutcome]] = {}
         for row in rows:
             tid = str(row.trajectory_id)
             if tid not in details:
                 details[tid] = caller.get(f"/v1/trajectories/{tid}").json()
             label, votes = labeler(tid, details[tid], row.step_index)
-            agreement = None if votes is None else votes.count(label) / len(votes)
-            session.execute(
-                update(Verdict)
-                .where(Verdict.id == row.id)
-                .values(
-                    status="done",
-                    label=label,
-                    vote_labels=votes,
-                    agreement=agreement,
-                    reason=f"test label {label}",
-                )
+            outcomes.setdefault(tid, []).append(
+                outcome(row.step_index, label, votes=votes, reason=f"test label {label}")
             )
-        workqueue.finish_if_done(session, uuid.UUID(job_id))
+        record(session, job_id, outcomes)
 
 
 @pytest.fixture(scope="module")

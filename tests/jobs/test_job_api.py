@@ -12,18 +12,28 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.models import Job, Verdict
+from app.status import ErrorKind
 from tests.builders import make_trajectory
 from tests.conftest import Caller
+from tests.helpers import outcome, prepare_job, record
 
 
 def _counts(session: Session) -> tuple[int, int]:
     jobs = session.scalar(select(func.count()).select_from(Job)) or 0
     verdicts = session.scalar(select(func.count()).select_from(Verdict)) or 0
     return jobs, verdicts
+
+
+def _start(client: TestClient, caller: Caller, session: Session, body: dict[str, Any]) -> Any:
+    """Create a job, write its rows as its worker would, and read it back."""
+    response = client.post("/v1/jobs", json=body, headers=caller.headers)
+    assert response.status_code == 202, response.text
+    prepare_job(session, response.json()["id"])
+    return client.get(f"/v1/jobs/{response.json()['id']}", headers=caller.headers).json()
 
 
 def _upload(client: TestClient, caller: Caller, *items: dict[str, Any]) -> list[str]:
@@ -134,6 +144,12 @@ def test_job_selects_unresolved_and_unknown_by_default(
     assert job["counts"]["steps"] == {"total": 6, "done": 0, "failed": 0, "pending": 6, "cached": 0}
     assert job["critic"]["mode"] == "trajectory"
     assert set(job["critic"]["labels"]) == {"good", "unnecessary", "mistake", "recover"}
+    assert job["preparation"] == {"complete": False, "trajectories": 0, "steps": 0}
+    assert session.scalar(select(func.count()).where(Verdict.job_id == job["id"])) == 0
+    prepare_job(session, job["id"], batch=1)
+    prepared = client.get(f"/v1/jobs/{job['id']}", headers=caller.headers).json()
+    assert prepared["preparation"] == {"complete": True, "trajectories": 2, "steps": 6}
+    assert prepared["counts"] == job["counts"]
     rows = session.execute(
         select(Verdict.trajectory_id, Verdict.step_index).where(Verdict.job_id == job["id"])
     ).all()
@@ -147,20 +163,22 @@ def test_job_selects_unresolved_and_unknown_by_default(
 
 
 def _finish_all(session: Session, job_id: str, label: str = "good") -> None:
-    session.execute(
-        update(Verdict)
-        .where(Verdict.job_id == uuid.UUID(job_id))
-        .values(status="done", label=label, reason="r", agreement=1.0, prompt_tokens=10)
-    )
+    rows = session.execute(
+        select(Verdict.trajectory_id, Verdict.step_index).where(Verdict.job_id == uuid.UUID(job_id))
+    ).all()
+    by_trajectory: dict[uuid.UUID, list[Any]] = {}
+    for trajectory_id, step in rows:
+        by_trajectory.setdefault(trajectory_id, []).append(outcome(step, label, prompt_tokens=10))
+    record(session, job_id, by_trajectory)
 
 
 def test_identical_work_is_served_from_the_cache(
     client: TestClient, caller: Caller, session: Session, stored: list[str]
 ) -> None:
     body = {"selection": {"trajectory_ids": [stored[0]]}}
-    first = client.post("/v1/jobs", json=body, headers=caller.headers).json()
+    first = _start(client, caller, session, body)
     _finish_all(session, first["id"], label="mistake")
-    second = client.post("/v1/jobs", json=body, headers=caller.headers).json()
+    second = _start(client, caller, session, body)
     assert second["status"] == "completed"
     assert second["counts"]["steps"] == {
         "total": 2,
@@ -174,11 +192,9 @@ def test_identical_work_is_served_from_the_cache(
     assert second["usage"]["prompt_tokens"] == 0  # nothing was asked again
 
     # Different critic settings are different work; "cache": false asks again.
-    other_mode = client.post(
-        "/v1/jobs", json=body | {"critic": {"mode": "step"}}, headers=caller.headers
-    ).json()
+    other_mode = _start(client, caller, session, body | {"critic": {"mode": "step"}})
     assert other_mode["counts"]["steps"]["cached"] == 0
-    uncached = client.post("/v1/jobs", json=body | {"cache": False}, headers=caller.headers).json()
+    uncached = _start(client, caller, session, body | {"cache": False})
     assert uncached["counts"]["steps"]["cached"] == 0
     assert uncached["status"] == "queued"
 
@@ -186,23 +202,31 @@ def test_identical_work_is_served_from_the_cache(
 def test_cancel_and_retry(
     client: TestClient, caller: Caller, session: Session, stored: list[str]
 ) -> None:
-    job = client.post(
-        "/v1/jobs", json={"selection": {"trajectory_ids": [stored[2]]}}, headers=caller.headers
-    ).json()
+    job = _start(client, caller, session, {"selection": {"trajectory_ids": [stored[2]]}})
     url = f"/v1/jobs/{job['id']}"
     nothing_failed = client.post(f"{url}/retry", headers=caller.headers)
     assert nothing_failed.status_code == 409
 
-    session.execute(
-        update(Verdict)
-        .where(Verdict.job_id == uuid.UUID(job["id"]), Verdict.step_index < 2)
-        .values(status="failed", error="429 from critic (after 6 attempts)")
-    )
+    error = "429 from critic (after 6 attempts)"
+    failures = [outcome(s, error=error, error_kind=ErrorKind.RATE_LIMITED) for s in range(4)]
+    record(session, job["id"], {stored[2]: failures[:2]})
     failed = client.get(url, headers=caller.headers).json()
     assert failed["counts"]["steps"]["failed"] == 2
+    assert failed["counts"]["trajectories"]["pending"] == 1
+    record(session, job["id"], {stored[2]: failures[2:]})
+    all_failed = client.get(url, headers=caller.headers).json()
+    assert all_failed["status"] == "failed"
+    assert all_failed["counts"]["trajectories"]["failed"] == 1
     retried = client.post(f"{url}/retry", headers=caller.headers).json()
     assert retried["counts"]["steps"]["failed"] == 0
     assert retried["counts"]["steps"]["pending"] == 4
+    assert retried["counts"]["trajectories"] | {"total": 1} == {
+        "total": 1,
+        "done": 0,
+        "failed": 0,
+        "pending": 1,
+        "cached": 0,
+    }
 
     cancelled = client.post(f"{url}/cancel", headers=caller.headers)
     assert cancelled.status_code == 200
@@ -214,19 +238,10 @@ def test_cancel_and_retry(
 def test_verdicts_show_the_kind_of_their_error_until_a_retry_clears_it(
     client: TestClient, caller: Caller, session: Session, stored: list[str]
 ) -> None:
-    job = client.post(
-        "/v1/jobs", json={"selection": {"trajectory_ids": [stored[0]]}}, headers=caller.headers
-    ).json()
+    job = _start(client, caller, session, {"selection": {"trajectory_ids": [stored[0]]}})
     url = f"/v1/jobs/{job['id']}"
-    session.execute(
-        update(Verdict)
-        .where(Verdict.job_id == uuid.UUID(job["id"]), Verdict.step_index == 0)
-        .values(
-            status="failed",
-            error="429 from critic: slow down (after 6 attempts)",
-            error_kind="rate_limited",
-        )
-    )
+    error = "429 from critic: slow down (after 6 attempts)"
+    record(session, job["id"], {stored[0]: [outcome(0, error=error, error_kind="rate_limited")]})
 
     def errors() -> list[tuple[str, str | None, str | None]]:
         items = client.get(f"{url}/verdicts", headers=caller.headers).json()["items"]
@@ -259,9 +274,7 @@ def test_jobs_of_another_project_answer_404(
 def test_verdicts_are_paged(
     client: TestClient, caller: Caller, session: Session, stored: list[str]
 ) -> None:
-    job = client.post(
-        "/v1/jobs", json={"selection": {}, "scope": "all"}, headers=caller.headers
-    ).json()
+    job = _start(client, caller, session, {"selection": {}, "scope": "all"})
     seen: list[tuple[str, int]] = []
     cursor = None
     while True:
@@ -274,3 +287,27 @@ def test_verdicts_are_paged(
         if cursor is None:
             break
     assert len(seen) == len(set(seen)) == 9
+
+
+def test_jobs_are_listed_newest_first_a_page_at_a_time(
+    client: TestClient, caller: Caller, other_caller: Caller, session: Session, stored: list[str]
+) -> None:
+    created = [_start(client, caller, session, {"selection": {}})["id"] for _ in range(5)]
+    _finish_all(session, created[0], label="mistake")
+    seen: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 2} | ({"cursor": cursor} if cursor else {})
+        page = client.get("/v1/jobs", params=params, headers=caller.headers).json()
+        assert len(page["items"]) <= 2
+        seen += page["items"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert [job["id"] for job in seen] == created[::-1]
+    assert seen[-1]["labels"] == {"mistake": 6}
+    assert seen[-1]["counts"]["steps"]["done"] == 6
+    assert client.get("/v1/jobs", headers=other_caller.headers).json()["items"] == []
+    bad = client.get("/v1/jobs", params={"cursor": "nonsense"}, headers=caller.headers)
+    assert bad.status_code == 422
+    assert bad.json()["error"]["code"] == "invalid_cursor"

@@ -21,6 +21,7 @@ from app.recipe.steps import split_steps
 from tests.builders import make_trajectory
 from tests.e2e import CRITIC_KEY, Api, RulesCritic, Workers
 from tests.helpers import all_trajectory_files
+from tests.jobs.recount import assert_totals_match_rows
 from tests.servers import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -59,11 +60,15 @@ def _stored(database_url: str, job_id: str) -> list[tuple[str, int, str, str | N
 
 
 def _assert_one_verdict_per_step(
-    database_url: str, job: dict[str, Any], *, all_done: bool = True
+    database_url: str, job: dict[str, Any], *, all_done: bool = True, totals: bool = True
 ) -> list[tuple[str, int, str, str | None]]:
+    """Exactly one verdict per step (all done, or each done or failed), and the job's running
+    totals equal to a recount of them (unless a test rewrote rows behind the code's back)."""
     rows = _stored(database_url, job["id"])
     keys = [(t, s) for t, s, _, _ in rows]
     assert len(keys) == len(set(keys)) == job["counts"]["steps"]["total"]
+    if totals:
+        assert_totals_match_rows(database_url, job)
     statuses = Counter(status for _, _, status, _ in rows)
     if all_done:
         assert statuses == {"done": len(rows)}, statuses

@@ -33,11 +33,16 @@ def job(session: Session, caller: Caller, settings: Settings) -> Job:
     raw = json.dumps([make_trajectory(4, salt=uuid.uuid4().hex)]).encode()
     ingest(session, caller.project_id, raw)
     body = JobCreate(selection=Selection(), critic=CriticOptions(mode="step"), cache=False)
-    return job_service.create_job(session, caller.project_id, body, settings)
+    job = job_service.create_job(session, caller.project_id, body, settings)
+    session.info["units"] = job_service.prepare_batch(session, job.id, batch=10, chunk_size=8)
+    return job
 
 
 def _unit(session: Session, job: Job) -> workqueue.Unit:
-    (unit,) = workqueue.pending_units(session, job, chunk_size=8)
+    prepared = session.info["units"]
+    assert prepared is not None
+    assert not prepared.more
+    (unit,) = prepared.units
     return unit
 
 

@@ -3,17 +3,14 @@ whose verdicts and human labels are written by the test."""
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from app.models import Verdict
 from app.review.evaluation import evaluate
 from tests.builders import make_trajectory
 from tests.conftest import Caller
+from tests.helpers import outcome, prepare_job, record
 
 LABELS = ("good", "unnecessary", "mistake", "recover")
 
@@ -116,17 +113,10 @@ def _job_with_labels(client: TestClient, caller: Caller, session: Session) -> tu
     )
     assert job.status_code == 202, job.text
     job_id = job.json()["id"]
-    for step, label in CRITIC.items():
-        session.execute(
-            update(Verdict)
-            .where(Verdict.job_id == uuid.UUID(job_id), Verdict.step_index == step)
-            .values(status="done", label=label, reason=f"critic says {label}")
-        )
-    session.execute(
-        update(Verdict)
-        .where(Verdict.job_id == uuid.UUID(job_id), Verdict.step_index == 5)
-        .values(status="failed", error="429 from critic (after 6 attempts)")
-    )
+    prepare_job(session, job_id)
+    outcomes = [outcome(step, label) for step, label in CRITIC.items()]
+    outcomes.append(outcome(5, error="429 from critic (after 6 attempts)"))
+    record(session, job_id, {tid: outcomes})
     return job_id, tid
 
 

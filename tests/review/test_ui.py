@@ -6,6 +6,7 @@ another origin are refused."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -17,11 +18,12 @@ from sqlalchemy.orm import Session
 
 from app.auth.service import hash_key
 from app.config import Settings
-from app.jobs import workqueue
-from app.models import ApiKey, HumanLabel, UiSession, Verdict, utcnow
+from app.models import ApiKey, HumanLabel, UiSession, utcnow
+from app.review import ui
 from app.review.browser import COOKIE
 from tests.builders import make_trajectory
 from tests.conftest import Caller
+from tests.helpers import outcome, prepare_job, record
 
 PLANTED = "<script>alert(1)</script>"
 # What a browser sends with a form or fetch of the page itself (TestClient's host: testserver).
@@ -53,21 +55,19 @@ def _labeled_job(
     )
     assert job.status_code == 202, job.text
     job_id: str = job.json()["id"]
-    for step, label in enumerate(labels):
-        session.execute(
-            update(Verdict)
-            .where(Verdict.job_id == uuid.UUID(job_id), Verdict.step_index == step)
-            .values(
-                status="done",
-                label=label,
-                reason=f"critic says {label} <b>bold</b>",
-                agreement=1.0 if step else 0.5,
-                vote_labels=[label, "good"] if step == 0 else [label],
-                prompt_tokens=7,
-            )
+    prepare_job(session, job_id)
+    outcomes = [
+        outcome(
+            step,
+            label,
+            reason=f"critic says {label} <b>bold</b>",
+            votes=[label, "good"] if step == 0 else [label],
+            agreement=1.0 if step else 0.5,
+            prompt_tokens=7,
         )
-    workqueue.finish_if_done(session, uuid.UUID(job_id))  # closes it once every step is done
-    session.flush()
+        for step, label in enumerate(labels)
+    ]
+    record(session, job_id, {trajectory_id: outcomes})  # closes it once every step is done
     return job_id
 
 
@@ -220,6 +220,31 @@ def test_the_job_page_lists_its_trajectories_with_masked_counts(
     assert '<td class="masked-count">1</td>' in html
     sft = client.get(f"/ui/jobs/{job_id}", params={"policy": "sft"}).text
     assert '<td class="masked-count">0</td>' in sft
+
+
+def test_the_job_page_lists_a_large_job_a_page_at_a_time(
+    client: TestClient, session: Session, caller: Caller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ui, "JOB_PAGE_TRAJECTORIES", 2)
+    ids = sorted(_upload(client, caller, _trajectory(2, salt=f"page-{n}")) for n in range(5))
+    job = client.post("/v1/jobs", json={"selection": {}}, headers=caller.headers).json()
+    prepare_job(session, job["id"])
+    _signed_in(client, caller)
+    listed: list[str] = []
+    url: str | None = f"/ui/jobs/{job['id']}?policy=sft"
+    while url is not None:
+        html = client.get(url).text
+        rows = re.findall(r'data-trajectory="([^"]+)"', html)
+        assert len(rows) <= 2
+        listed += rows
+        found = re.search(r'class="next-page" href="([^"]+)"', html)
+        url = found.group(1).replace("&amp;", "&") if found else None
+        if url is not None:
+            assert "policy=sft" in url  # the preview's choices travel with the pages
+    assert listed == ids
+    broken = client.get(f"/ui/jobs/{job['id']}", params={"cursor": "???"})
+    assert broken.status_code == 422
+    assert "invalid cursor" in broken.text
 
 
 def test_trajectory_text_is_escaped(

@@ -294,6 +294,8 @@ def test_the_sweeper_hands_a_dead_workers_claim_on_once(
         rules_critic.set_faults({"latency_ms": 20, "faults": []})
         engine.dispose()
     assert finished["status"] == "completed", finished
-    rows = _assert_one_verdict_per_step(e2e_database_url, finished)
+    # The test turned done rows back into a dead claim by hand, which no code does: they are
+    # counted done twice in the running totals, by design of the test, not of the code.
+    rows = _assert_one_verdict_per_step(e2e_database_url, finished, totals=False)
     assert {(t, s): label for t, s, _, label in rows} == _expected(api, corpus)
     assert _reenqueued(workers) - reenqueued == 1
