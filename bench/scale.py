@@ -363,17 +363,7 @@ def trajectory_rows(
                 "created_at": now,
                 "updated_at": now,
             },
-            [
-                {
-                    "trajectory_id": trajectory_id,
-                    "index": step.index,
-                    "message_index": step.message_index,
-                    "observation_indices": list(step.observation_indices),
-                    "action": step.action,
-                    "tool_names": list(step.tool_names),
-                }
-                for step in split
-            ],
+            [trajectory_service.step_row(trajectory_id, step) for step in split],
         )
 
 

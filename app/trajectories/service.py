@@ -104,7 +104,7 @@ def ingest(
         existing.update(_existing_ids(session, project_id, lost))
         rows = {digest: row for digest, row in rows.items() if digest not in lost}
     step_rows = [
-        _step_row(rows[item.digest]["id"], step)
+        step_row(rows[item.digest]["id"], step)
         for digest, item in {item.digest: item for item in plan}.items()
         if digest in rows
         for step in item.steps
@@ -219,7 +219,8 @@ def _trajectory_row(
     }
 
 
-def _step_row(trajectory_id: uuid.UUID, step: recipe_steps.Step) -> dict[str, Any]:
+def step_row(trajectory_id: uuid.UUID, step: recipe_steps.Step) -> dict[str, Any]:
+    """The stored row of one step of a trajectory (its `steps` table row)."""
     return {
         "trajectory_id": trajectory_id,
         "index": step.index,
