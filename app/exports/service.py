@@ -200,13 +200,7 @@ def claim(
         update(Export)
         .where(
             Export.id == export_id,
-            or_(
-                Export.status == ExportStatus.QUEUED,
-                and_(
-                    Export.status == ExportStatus.RUNNING,
-                    or_(Export.claimed_at < stale, Export.claim_token == token),
-                ),
-            ),
+            workqueue.claimable(Export, ExportStatus.QUEUED, ExportStatus.RUNNING, stale, token),
         )
         .values(
             status=ExportStatus.RUNNING,
@@ -435,12 +429,8 @@ def claim_part(
         .where(
             ExportPart.id == part_id,
             ExportPart.export_id.in_(open_exports.scalar_subquery()),
-            or_(
-                ExportPart.status == ExportPartStatus.PENDING,
-                and_(
-                    ExportPart.status == ExportPartStatus.RUNNING,
-                    or_(ExportPart.claimed_at < stale, ExportPart.claim_token == token),
-                ),
+            workqueue.claimable(
+                ExportPart, ExportPartStatus.PENDING, ExportPartStatus.RUNNING, stale, token
             ),
         )
         .values(

@@ -236,13 +236,7 @@ def claim_unit(
                 Verdict.job_id == unit.job_id,
                 Verdict.trajectory_id == unit.trajectory_id,
                 Verdict.step_index.in_(unit.step_indices),
-                or_(
-                    Verdict.status == VerdictStatus.PENDING,
-                    and_(
-                        Verdict.status == VerdictStatus.RUNNING,
-                        or_(Verdict.claimed_at < stale, Verdict.claim_token == token),
-                    ),
-                ),
+                claimable(Verdict, VerdictStatus.PENDING, VerdictStatus.RUNNING, stale, token),
             )
             .values(status=VerdictStatus.RUNNING, claim_token=token, claimed_at=now)
             .returning(Verdict.step_index)
@@ -458,6 +452,22 @@ def lock_sweep(session: Session) -> bool:
     if session.get_bind().dialect.name != "postgresql":
         return True
     return bool(session.scalar(select(func.pg_try_advisory_xact_lock(SWEEP_LOCK))))
+
+
+def claimable(
+    queue: type[Verdict] | type[Export] | type[ExportPart],
+    waiting: str,
+    running: str,
+    stale: datetime,
+    token: str,
+) -> ColumnElement[bool]:
+    """Rows of a work queue (verdicts, exports, export parts) that a claim under `token` may
+    take: `waiting`, or `running` under a claim not renewed since `stale` (its worker died), or
+    still `running` under `token` itself (a retry of the same task takes its claim back)."""
+    return or_(
+        queue.status == waiting,
+        and_(queue.status == running, or_(queue.claimed_at < stale, queue.claim_token == token)),
+    )
 
 
 def lost_work(
