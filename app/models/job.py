@@ -70,6 +70,8 @@ class Verdict(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "trajectory_id", "step_index"),
         Index(None, "job_id", "status"),
+        # A job's verdict pages run in id order within the job.
+        Index(None, "job_id", "id"),
         Index(None, "project_id", "cache_key"),
         Index(None, "trajectory_id", "step_index"),
         Index(None, "status", "claimed_at"),

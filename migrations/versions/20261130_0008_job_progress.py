@@ -13,7 +13,7 @@ Hand-checked.
   code counts by (`app.jobs.workqueue.count_finished`, frozen here: migrations do not follow
   the code), in slot 0.
 - Indexes that serve the trajectory list's filters in its order (newest first by id), and
-  the job and export lists in theirs.
+  the job, export and verdict lists in theirs.
 The downgrade drops what this adds; the verdicts they were counted from are still there.
 """
 
@@ -130,6 +130,7 @@ def upgrade() -> None:
     ):
         op.create_index(f"ix_trajectories_{'_'.join(columns)}", "trajectories", columns)
     op.create_index("ix_jobs_project_id_id", "jobs", ["project_id", "id"])
+    op.create_index("ix_verdicts_job_id_id", "verdicts", ["job_id", "id"])
     op.create_index("ix_exports_project_id_id", "exports", ["project_id", "id"])
 
 
@@ -207,6 +208,7 @@ def _count_stored_verdicts() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_exports_project_id_id", table_name="exports")
+    op.drop_index("ix_verdicts_job_id_id", table_name="verdicts")
     op.drop_index("ix_jobs_project_id_id", table_name="jobs")
     for columns in (
         ["project_id", "task_id", "id"],
