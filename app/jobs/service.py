@@ -489,7 +489,17 @@ def list_verdicts(
 # ---------------------------------------------------------------------- control
 
 
+def _locked(session: Session, job: Job) -> Job:
+    """The job's row, locked until the request ends and read afresh: a cancel, a retry and a
+    delete of one job take turns, and one that comes after a delete answers 404, not 500."""
+    found = session.get(Job, job.id, with_for_update=True, populate_existing=True)
+    if found is None:
+        raise NotFoundError(f"job {job.id} not found", location="path.job_id")
+    return found
+
+
 def cancel_job(session: Session, job: Job) -> Job:
+    job = _locked(session, job)
     if job.status in JOB_FINISHED:
         raise ConflictError(f"job {job.id} is already {job.status}", location="path.job_id")
     job.status = JobStatus.CANCELLED
@@ -500,6 +510,7 @@ def cancel_job(session: Session, job: Job) -> Job:
 
 def retry_failed(session: Session, job: Job, chunk_size: int) -> list[Unit]:
     """Put the job's failed items back in the queue; return the units to enqueue."""
+    job = _locked(session, job)
     if job.status == JobStatus.CANCELLED:
         raise ConflictError("a cancelled job cannot be retried", location="path.job_id")
     failed = session.execute(
@@ -548,9 +559,8 @@ def delete_job(session: Session, job: Job) -> None:
     finished exports keep their files and manifest, which do not need the job."""
     # Locked first: an export created at the same moment (it reads its jobs FOR SHARE) either
     # waits for this deletion and finds no job, or is committed and seen below.
-    status = session.scalar(select(Job.status).where(Job.id == job.id).with_for_update())
-    if status is None:  # another request deleted it meanwhile
-        raise NotFoundError(f"job {job.id} not found", location="path.job_id")
+    job = _locked(session, job)
+    status = job.status
     if status in JOB_OPEN:
         raise ConflictError(
             f"job {job.id} is {status}: cancel it first (POST /v1/jobs/{job.id}/cancel)",

@@ -15,16 +15,18 @@ import shutil
 import tarfile
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from app.auth import service as auth_service
 from app.critic.judge import StepOutcome
-from app.errors import ConflictError
+from app.errors import ConflictError, NotFoundError
 from app.exports import service as export_service
 from app.exports.builder import build_export, building_root, export_path
 from app.exports.pull import pull_export, verify_directory
@@ -258,6 +260,31 @@ def test_a_job_deleted_while_an_export_of_it_is_created_waits_and_is_refused(api
     assert [error.code for error in refused] == ["job_in_use"]
     assert str(export.id) in refused[0].message
     assert api.get(f"/v1/jobs/{job_id}").status_code == 200
+
+
+def test_a_cancel_or_retry_after_a_delete_of_the_same_job_is_a_404_not_a_500(api: Api) -> None:
+    """Both read the job, then the delete commits first: the cancel and the retry lock the
+    row afresh and find it gone."""
+    actions: dict[str, Callable[[Session, Job], object]] = {
+        "cancel": job_service.cancel_job,
+        "retry": lambda session, job: job_service.retry_failed(session, job, chunk_size=8),
+    }
+    for name, action in actions.items():
+        job_id = uuid.UUID(_labeled_job(api, _runs(api, f"gone-{name}", False)))
+        with api.database.sessions() as late:
+            job = job_service.get_job(late, _project(api, job_id), job_id)  # read before
+            with api.database.transaction() as deleting:
+                current = job_service.get_job(deleting, job.project_id, job_id)
+                job_service.delete_job(deleting, current)
+            with pytest.raises(NotFoundError):
+                action(late, job)
+
+
+def _project(api: Api, job_id: uuid.UUID) -> uuid.UUID:
+    with api.database.sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job.project_id
 
 
 # ---------------------------------------------------------------------- trajectories
