@@ -31,13 +31,15 @@ def prepare_job(session: Session, job_id: str | uuid.UUID, batch: int = 500) -> 
     """Write a job's verdict rows here, as its worker would (for tests of the API alone, with
     no worker running); return the units the worker would queue."""
     units: list[Unit] = []
+    wanted: list[uuid.UUID] | None = None
     while True:
-        prepared = job_service.prepare_batch(session, uuid.UUID(str(job_id)), batch, 50)
+        prepared = job_service.prepare_batch(session, uuid.UUID(str(job_id)), batch, 50, wanted)
         if prepared is None:
             return units
         units += prepared.units
         if not prepared.more:
             return units
+        wanted = prepared.wanted
 
 
 def outcome(

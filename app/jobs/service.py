@@ -155,14 +155,21 @@ def _totals(
 
 @dataclass(frozen=True)
 class Prepared:
-    """One batch of a job's preparation: the units to enqueue, and whether more remain."""
+    """One batch of a job's preparation: the units to enqueue, whether more remain, and the
+    selection's explicit ids, sorted (None for a filter), for the next batch to reuse: a job
+    may name 100,000 of them, not to be parsed and sorted again for every batch."""
 
     units: list[Unit]
     more: bool
+    wanted: list[uuid.UUID] | None = None
 
 
 def prepare_batch(
-    session: Session, job_id: uuid.UUID, batch: int, chunk_size: int
+    session: Session,
+    job_id: uuid.UUID,
+    batch: int,
+    chunk_size: int,
+    wanted: list[uuid.UUID] | None = None,
 ) -> Prepared | None:
     """Write the verdict rows of the job's next `batch` trajectories (in id order, after its
     cursor), with their progress rows and what the cache already answers, and move the cursor;
@@ -177,7 +184,12 @@ def prepare_batch(
     job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
     if job is None or job.prepared_at is not None or job.status in JOB_FINISHED:
         return None
-    chosen, cursor, more = _next_batch(session, job, batch)
+    # The filters are parsed for every batch; the explicit ids, once per task.
+    filters = {k: v for k, v in job.selection.items() if k != "trajectory_ids"}
+    if wanted is None and job.selection.get("trajectory_ids") is not None:
+        wanted = sorted({uuid.UUID(str(i)) for i in job.selection["trajectory_ids"]})
+    selection = schemas.Selection.model_validate(filters)
+    chosen, cursor, more = _next_batch(session, job, batch, selection, wanted)
     now = utcnow()
     rows: list[dict[str, Any]] = []
     for trajectory in chosen:
@@ -211,30 +223,33 @@ def prepare_batch(
     session.flush()
     if not more:
         finish_if_done(session, job.id)
-    return Prepared(units_of(job, pending, chunk_size), more)
+    return Prepared(units_of(job, pending, chunk_size), more, wanted)
 
 
 def _next_batch(
-    session: Session, job: Job, batch: int
+    session: Session,
+    job: Job,
+    batch: int,
+    filters: schemas.Selection,
+    wanted: list[uuid.UUID] | None,
 ) -> tuple[list[Trajectory], uuid.UUID | None, bool]:
     """The job's next `batch` trajectories after its cursor, the cursor after them, and
-    whether more may follow."""
-    selection = schemas.Selection.model_validate(job.selection)
+    whether more may follow: among `wanted` (the selection's explicit ids, sorted) if given,
+    matching `filters`."""
     # Only what a job needs of each trajectory: not its messages (often 100 KB or more each).
     query = (
         select(Trajectory)
         .options(load_only(Trajectory.id, Trajectory.num_steps, Trajectory.content_hash))
-        .where(*_candidates(job.project_id, job.scope), *_criteria(selection))
+        .where(*_candidates(job.project_id, job.scope), *_criteria(filters))
         .order_by(Trajectory.id)
     )
-    if selection.trajectory_ids is None:
+    if wanted is None:
         if job.prepare_cursor is not None:
             query = query.where(Trajectory.id > job.prepare_cursor)
         chosen = list(session.scalars(query.limit(batch)))
         return chosen, chosen[-1].id if chosen else job.prepare_cursor, len(chosen) == batch
-    # Explicit ids: the next `batch` of them, sorted, after the cursor; the cursor passes the
-    # whole chunk, matched or not.
-    wanted = sorted(set(selection.trajectory_ids))
+    # Explicit ids: the next `batch` of them after the cursor; the cursor passes the whole
+    # chunk, matched or not.
     start = 0 if job.prepare_cursor is None else bisect_right(wanted, job.prepare_cursor)
     ids = wanted[start : start + batch]
     if not ids:

@@ -92,16 +92,22 @@ class WorkerRuntime:
     def prepare_job(self, job_id: uuid.UUID) -> None:
         """Write the job's verdict rows batch by batch (`job_service.prepare_batch`), each
         batch's units queued when it commits."""
+        wanted: list[uuid.UUID] | None = None
         while True:
             with self.database.transaction() as session:
                 prepared = job_service.prepare_batch(
-                    session, job_id, self.settings.job_prepare_batch, self.settings.step_chunk_size
+                    session,
+                    job_id,
+                    self.settings.job_prepare_batch,
+                    self.settings.step_chunk_size,
+                    wanted,
                 )
                 if prepared is None:
                     return
                 job_queue.enqueue_after_commit(session, self.settings.broker_url, prepared.units)
             if not prepared.more:
                 return
+            wanted = prepared.wanted
 
     def sweep(self) -> int:
         """Re-enqueue lost work and close jobs with nothing open; return units enqueued.

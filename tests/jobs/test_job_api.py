@@ -311,3 +311,20 @@ def test_jobs_are_listed_newest_first_a_page_at_a_time(
     bad = client.get("/v1/jobs", params={"cursor": "nonsense"}, headers=caller.headers)
     assert bad.status_code == 422
     assert bad.json()["error"]["code"] == "invalid_cursor"
+
+
+def test_explicit_ids_are_prepared_batch_by_batch_with_the_filters_beside_them(
+    client: TestClient, caller: Caller, session: Session, stored: list[str]
+) -> None:
+    """Ids in any order, repeated, with a filter and scope=all: each batch takes the next ids
+    after the cursor (parsed and sorted once), and the filter still applies."""
+    body = {"selection": {"trajectory_ids": stored[::-1] + stored[:1], "resolved": False}}
+    job = client.post("/v1/jobs", json=body | {"scope": "all"}, headers=caller.headers).json()
+    assert job["counts"]["trajectories"]["total"] == 1  # only the run known unresolved
+    prepare_job(session, job["id"], batch=1)
+    rows = session.execute(
+        select(Verdict.trajectory_id, Verdict.step_index).where(Verdict.job_id == job["id"])
+    ).all()
+    assert sorted((str(t), s) for t, s in rows) == [(stored[0], 0), (stored[0], 1)]
+    prepared = client.get(f"/v1/jobs/{job['id']}", headers=caller.headers).json()
+    assert prepared["preparation"] == {"complete": True, "trajectories": 1, "steps": 2}
