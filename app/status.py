@@ -80,6 +80,14 @@ class JobMode(StrEnum):
     STEP = "step"
 
 
+class Delivery(StrEnum):
+    """How a job's requests reach the critic: one call at a time as workers label (online), or
+    as files through the OpenAI Batch API (batch: about half the price, done within 24 h)."""
+
+    ONLINE = "online"
+    BATCH = "batch"
+
+
 class ErrorKind(StrEnum):
     """Why a critic call failed, as `app.critic.client` and `app.critic.judge` classify it;
     stored on a failed verdict (`verdicts.error_kind`) and counted by /metrics."""

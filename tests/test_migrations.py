@@ -145,7 +145,7 @@ def _check_error_kind_backfill(url: str) -> None:
             # A done verdict whose stale text would match: only failed rows are classified.
             rows.append(("done", "429 from critic: slow down (after 1 attempts)"))
             connection.execute(
-                insert(Verdict),
+                _verdicts_before_0009().insert(),
                 [
                     {
                         "project_id": project_id,
@@ -157,6 +157,11 @@ def _check_error_kind_backfill(url: str) -> None:
                         "critic_model": "critic",
                         "prompt_hash": "0" * 64,
                         "error": error,
+                        "cached": False,
+                        "prompt_tokens": 0,
+                        "completion_tokens": 0,
+                        "cached_tokens": 0,
+                        "attempts": 0,
                     }
                     for step, (status, error) in enumerate(rows)
                 ],
@@ -260,7 +265,7 @@ def _check_totals_backfill(url: str) -> None:
                         "attempts": 1,
                     }
                 )
-            connection.execute(insert(Verdict), values)
+            connection.execute(_verdicts_before_0009().insert(), values)
         upgrade_database(url)
         with Session(engine) as session:
             job = session.get(Job, job_id)
@@ -305,6 +310,16 @@ JOB_COLUMNS_0006 = (
     "created_at",
     "updated_at",
 )
+
+
+def _verdicts_before_0009() -> sa.TableClause:
+    """The verdict columns every revision from 0006 to 0008 has (0009 adds some; the
+    error_kind column, absent before 0006, is left NULL by inserts that do not name it)."""
+    added = {"reasoning_tokens", "system_fingerprint", "delivery"}
+    return sa.table(
+        "verdicts",
+        *[sa.column(c.name, c.type) for c in Verdict.__table__.c if c.name not in added],
+    )
 
 
 def _jobs_0006() -> sa.TableClause:

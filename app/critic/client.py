@@ -14,7 +14,8 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import openai
@@ -33,6 +34,44 @@ class Completion:
     cached_tokens: int
     latency_s: float
     finish_reason: str | None
+    reasoning_tokens: int = 0
+    system_fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class EndpointOptions:
+    """A job's options for the request body (`app.jobs.schemas.CriticOptions`)."""
+
+    max_tokens_param: str = "max_tokens"
+    seed: int | None = None
+    extra_body: Mapping[str, Any] = field(default_factory=dict)
+    structured_output: bool = True
+
+
+def request_body(
+    *,
+    model: str,
+    messages: list[dict[str, Any]],
+    temperature: float,
+    max_tokens: int,
+    response_format: dict[str, Any] | None,
+    options: EndpointOptions,
+) -> dict[str, Any]:
+    """The chat-completions request body, the one the online path posts and the batch path
+    writes into its input files."""
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": messages,
+        "temperature": temperature,
+        options.max_tokens_param: max_tokens,
+    }
+    if options.seed is not None:
+        body["seed"] = options.seed
+    if response_format is not None and options.structured_output:
+        body["response_format"] = response_format
+    # The job's request refused any field set above (`RESERVED_BODY_FIELDS`).
+    body.update(options.extra_body)
+    return body
 
 
 class CriticCallError(Exception):
@@ -156,16 +195,18 @@ class CriticClient:
         temperature: float,
         max_tokens: int,
         response_format: dict[str, Any] | None = None,
+        options: EndpointOptions | None = None,
     ) -> Completion:
         started = time.monotonic()
-        kwargs: dict[str, Any] = {
-            "model": model,
-            "messages": messages,
-            "temperature": temperature,
-            "max_tokens": max_tokens,
-        }
-        if response_format is not None and self._schema_supported:
-            kwargs["response_format"] = response_format
+        options = options or EndpointOptions()
+        kwargs = request_body(
+            model=model,
+            messages=messages,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            response_format=response_format if self._schema_supported else None,
+            options=options,
+        )
         try:
             # The SDK's generic `post`: the same request, headers, auth and errors as
             # `chat.completions.create`, without its walk of the whole (long) request through
@@ -183,6 +224,7 @@ class CriticClient:
                     messages=messages,
                     temperature=temperature,
                     max_tokens=max_tokens,
+                    options=options,
                 )
             raise CriticCallError(
                 ErrorKind.REJECTED, f"400 from critic: {exc.message}", retryable=False
@@ -236,6 +278,9 @@ def _completion(response: Any, latency_s: float) -> Completion:
     usage = usage if isinstance(usage, dict) else {}
     details = usage.get("prompt_tokens_details")
     details = details if isinstance(details, dict) else {}
+    answer_details = usage.get("completion_tokens_details")
+    answer_details = answer_details if isinstance(answer_details, dict) else {}
+    fingerprint = body.get("system_fingerprint")
     return Completion(
         text=content if isinstance(content, str) else ("" if content is None else str(content)),
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
@@ -243,4 +288,6 @@ def _completion(response: Any, latency_s: float) -> Completion:
         cached_tokens=int(details.get("cached_tokens") or 0),
         latency_s=latency_s,
         finish_reason=choice.get("finish_reason") if choice is not None else None,
+        reasoning_tokens=int(answer_details.get("reasoning_tokens") or 0),
+        system_fingerprint=fingerprint[:128] if isinstance(fingerprint, str) else None,
     )

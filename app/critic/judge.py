@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from app.critic.client import Completion, CriticCallError, CriticClient
+from app.critic.client import Completion, CriticCallError, CriticClient, EndpointOptions
 from app.critic.labels import LabelSet
 from app.critic.limits import Limiter
 from app.critic.parse import (
@@ -35,7 +35,7 @@ from app.critic.prompt import (
     trajectory_windows,
 )
 from app.recipe.steps import Step
-from app.status import ErrorKind
+from app.status import Delivery, ErrorKind
 
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
@@ -52,6 +52,7 @@ class JudgeConfig:
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
     max_answer_tokens: int = 8192
+    endpoint: EndpointOptions = field(default_factory=EndpointOptions)
 
 
 @dataclass
@@ -61,19 +62,26 @@ class Usage:
     cached_tokens: int = 0
     latency_s: float = 0.0
     attempts: int = 0
+    reasoning_tokens: int = 0
+    # The last `system_fingerprint` the server reported, if any.
+    system_fingerprint: str | None = None
 
     def add(self, completion: Completion) -> None:
         self.prompt_tokens += completion.prompt_tokens
         self.completion_tokens += completion.completion_tokens
         self.cached_tokens += completion.cached_tokens
+        self.reasoning_tokens += completion.reasoning_tokens
         self.latency_s += completion.latency_s
+        self.system_fingerprint = completion.system_fingerprint or self.system_fingerprint
 
     def merge(self, other: Usage) -> None:
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
         self.cached_tokens += other.cached_tokens
+        self.reasoning_tokens += other.reasoning_tokens
         self.latency_s += other.latency_s
         self.attempts += other.attempts
+        self.system_fingerprint = other.system_fingerprint or self.system_fingerprint
 
     def share(self, parts: int, position: int) -> Usage:
         """This usage split over `parts` steps (integer tokens; remainders go to the first)."""
@@ -87,6 +95,8 @@ class Usage:
             cut(self.cached_tokens),
             self.latency_s / parts,
             self.attempts,
+            cut(self.reasoning_tokens),
+            self.system_fingerprint,
         )
 
 
@@ -100,6 +110,7 @@ class StepOutcome:
     usage: Usage
     error: str | None = None
     error_kind: ErrorKind | None = None
+    delivery: Delivery = Delivery.ONLINE
 
 
 class JudgeFailedError(Exception):
@@ -281,6 +292,7 @@ class Judge:
                             request.max_completion_tokens, self.config.max_answer_tokens
                         ),
                         response_format=request.response_format,
+                        options=self.config.endpoint,
                     )
             except CriticCallError as exc:
                 if not exc.retryable or usage.attempts >= self.config.max_attempts:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 from app.config import Settings
-from app.critic.client import CriticClient
+from app.critic.client import CriticClient, EndpointOptions
 from app.critic.judge import Judge, JudgeConfig, StepOutcome
 from app.critic.limits import Limiter
 from app.db import (
@@ -29,11 +29,35 @@ from app.db import (
 from app.jobs import service as job_service
 from app.jobs import workqueue
 from app.jobs.workqueue import Unit
+from app.models import Job
 from app.recipe.steps import split_steps
 from app.status import JobMode, JobStatus
 
 log = logging.getLogger("srft.worker")
 T = TypeVar("T")
+
+
+def judge_config(job: Job, settings: Settings) -> JudgeConfig:
+    """How the job's critic is asked: its columns, its stored options, and the settings for
+    what it leaves out."""
+    options = job_service.critic_options(job)
+    return JudgeConfig(
+        model=job.critic_model,
+        labels=job_service.job_labels(job),
+        votes=job.votes,
+        temperature=job.temperature,
+        context_tokens=options.context_tokens or settings.critic_context_tokens,
+        max_attempts=settings.critic_max_attempts,
+        backoff_base_s=settings.critic_backoff_base_s,
+        backoff_max_s=settings.critic_backoff_max_s,
+        max_answer_tokens=options.max_answer_tokens or settings.critic_max_answer_tokens,
+        endpoint=EndpointOptions(
+            max_tokens_param=options.max_tokens_param,
+            seed=options.seed,
+            extra_body=options.extra_body or {},
+            structured_output=options.structured_output != "off",
+        ),
+    )
 
 
 class Labeler:
@@ -67,17 +91,7 @@ class Labeler:
             claim = workqueue.claim_unit(session, unit, self._settings.stale_after_s, token=token)
             if claim is not None:
                 job = claim.job
-                config = JudgeConfig(
-                    model=job.critic_model,
-                    labels=job_service.job_labels(job),
-                    votes=job.votes,
-                    temperature=job.temperature,
-                    context_tokens=self._settings.critic_context_tokens,
-                    max_attempts=self._settings.critic_max_attempts,
-                    backoff_base_s=self._settings.critic_backoff_base_s,
-                    backoff_max_s=self._settings.critic_backoff_max_s,
-                    max_answer_tokens=self._settings.critic_max_answer_tokens,
-                )
+                config = judge_config(job, self._settings)
                 messages = claim.trajectory.messages
                 resolved = claim.trajectory.resolved
                 mode = job.mode

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.schemas import Id, Name, RequestModel
-from app.status import ErrorKind, JobMode, JobStatus, VerdictStatus
+from app.status import Delivery, ErrorKind, JobMode, JobStatus, VerdictStatus
 
 
 class Selection(RequestModel):
@@ -32,6 +33,89 @@ class CriticOptions(RequestModel):
         max_length=64,
         description="Label name -> definition; defaults to the four SRFT labels.",
     )
+    # Options without a column of their own, kept in `jobs.critic_options` (OPTION_FIELDS).
+    delivery: Annotated[Delivery, Field(strict=False)] = Field(
+        default=Delivery.ONLINE,
+        description="`online`: calls as workers label. `batch`: the OpenAI Batch API (files "
+        "of requests, about half the price, answered within 24 h).",
+    )
+    online_fallback: bool = Field(
+        default=False,
+        description="Batch delivery: ask again online, instead of in a follow-up batch, for "
+        "the requests a batch failed or left unanswered (expired).",
+    )
+    max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = Field(
+        default="max_tokens",
+        description="Which field bounds the answer: `max_completion_tokens` for OpenAI "
+        "reasoning models, `max_tokens` for most servers.",
+    )
+    max_answer_tokens: int | None = Field(
+        default=None, ge=16, le=1_000_000, description="Defaults to SRFT_CRITIC_MAX_ANSWER_TOKENS."
+    )
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    extra_body: dict[str, Any] | None = Field(
+        default=None,
+        description="Fields added to every request body, for server-specific knobs "
+        "(`chat_template_kwargs`, `top_k`, ...); at most EXTRA_BODY_BYTES of JSON, and none "
+        "of the fields srft sets itself.",
+    )
+    structured_output: Literal["auto", "off"] = Field(
+        default="auto",
+        description="`auto`: ask for a JSON schema (`response_format`) and fall back to the "
+        "prompt alone where the endpoint refuses it. `off`: never send `response_format`.",
+    )
+    tokenizer: Name | None = Field(
+        default=None,
+        description="The critic model's tokenizer (a Hugging Face hub id or a local path) "
+        "to measure prompts with; defaults to SRFT_CRITIC_TOKENIZER, else an estimate.",
+    )
+    context_tokens: int | None = Field(
+        default=None,
+        ge=1024,
+        le=10_000_000,
+        description="The critic's context window; defaults to SRFT_CRITIC_CONTEXT_TOKENS.",
+    )
+
+    @field_validator("extra_body")
+    @classmethod
+    def _bounded_extra_body(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        taken = sorted(set(value) & RESERVED_BODY_FIELDS)
+        if taken:
+            raise ValueError(
+                f"extra_body may not set {', '.join(taken)}: srft sets "
+                f"{', '.join(sorted(RESERVED_BODY_FIELDS))} itself"
+            )
+        size = len(json.dumps(value, ensure_ascii=False).encode())
+        if size > EXTRA_BODY_BYTES:
+            raise ValueError(f"extra_body is {size} bytes of JSON; at most {EXTRA_BODY_BYTES}")
+        return value
+
+
+# The request-body fields srft sets itself, which `extra_body` may not override.
+RESERVED_BODY_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "temperature",
+        "max_tokens",
+        "max_completion_tokens",
+        "response_format",
+        "seed",
+        "stream",
+        "n",
+    }
+)
+EXTRA_BODY_BYTES = 16_384
+# The CriticOptions kept in `jobs.critic_options` rather than in columns of their own.
+OPTION_FIELDS = frozenset(CriticOptions.model_fields) - {
+    "mode",
+    "model",
+    "votes",
+    "temperature",
+    "labels",
+}
 
 
 class JobCreate(RequestModel):
@@ -75,6 +159,11 @@ class CriticOut(BaseModel):
     votes: int
     temperature: float
     labels: dict[str, str]
+    delivery: Delivery
+    options: dict[str, Any] = Field(
+        description="The other critic options the job was created with (those not at their "
+        "defaults)."
+    )
 
 
 class JobOut(BaseModel):

@@ -7,6 +7,7 @@ Services flush; the request or the task that calls them commits.
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from bisect import bisect_right
 from collections import Counter, defaultdict
@@ -42,7 +43,14 @@ from app.jobs.workqueue import (
 )
 from app.models import Export, Job, JobTrajectory, Trajectory, Verdict, utcnow
 from app.pagination import decode_cursor, encode_cursor
-from app.status import EXPORT_OPEN, JOB_FINISHED, JOB_OPEN, JobStatus, VerdictStatus
+from app.status import (
+    EXPORT_OPEN,
+    JOB_FINISHED,
+    JOB_OPEN,
+    Delivery,
+    JobStatus,
+    VerdictStatus,
+)
 
 ID_CHUNK = 1000
 RowT = TypeVar("RowT")
@@ -61,11 +69,44 @@ class InvalidSelectionError(SrftError):
 
 
 def cache_key(
-    *, model: str, prompt: str, mode: str, votes: int, temperature: float, content: str, step: int
+    *,
+    model: str,
+    prompt: str,
+    mode: str,
+    votes: int,
+    temperature: float,
+    content: str,
+    step: int,
+    options: dict[str, Any] | None = None,
 ) -> str:
-    """Identity of a piece of critic work: same key, same question asked of the same critic."""
+    """Identity of a piece of critic work: same key, same question asked of the same critic.
+
+    `options` are the job's stored critic options; those that change answers (ANSWER_OPTIONS)
+    are part of the key, and a job that sets none keeps the key it had before they existed."""
     parts = [model, prompt, mode, str(votes), repr(float(temperature)), content, str(step)]
+    answering = {k: v for k, v in (options or {}).items() if k in ANSWER_OPTIONS}
+    if answering:
+        parts.append(json.dumps(answering, sort_keys=True, ensure_ascii=False))
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+# Stored critic options that can change the critic's answers (the rest change how or when it
+# is asked, not what it answers).
+ANSWER_OPTIONS = frozenset({"seed", "extra_body", "structured_output"})
+
+
+def critic_options(job: Job) -> schemas.CriticOptions:
+    """The job's critic options, its columns and its stored options together."""
+    return schemas.CriticOptions.model_validate(
+        {
+            **job.critic_options,
+            "mode": job.mode,
+            "model": job.critic_model,
+            "votes": job.votes,
+            "temperature": job.temperature,
+            "labels": dict(job_labels(job).to_dict()),
+        }
+    )
 
 
 def job_labels(job: Job) -> LabelSet:
@@ -111,6 +152,9 @@ def create_job(
         temperature=critic.temperature,
         labels=[list(pair) for pair in labels.labels],
         prompt_hash=prompt_hash(critic.mode, labels),
+        critic_options=critic.model_dump(
+            mode="json", include=set(schemas.OPTION_FIELDS), exclude_defaults=True
+        ),
         scope=body.scope,
         use_cache=body.cache,
         selection=body.selection.model_dump(mode="json", exclude_none=True),
@@ -202,6 +246,7 @@ def prepare_batch(
                 temperature=job.temperature,
                 content=trajectory.content_hash,
                 step=step,
+                options=job.critic_options,
             )
             rows.append(_pending_row(job, trajectory.id, step, key, now))
     if job.use_cache:
@@ -443,6 +488,8 @@ def describe(session: Session, job: Job) -> schemas.JobOut:
             votes=job.votes,
             temperature=job.temperature,
             labels=job_labels(job).to_dict(),
+            delivery=job.critic_options.get("delivery", Delivery.ONLINE),
+            options={k: v for k, v in job.critic_options.items() if k != "delivery"},
         ),
         prompt_hash=job.prompt_hash,
         scope=job.scope,

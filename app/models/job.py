@@ -46,6 +46,11 @@ class Job(Base):
     # Ordered [[name, definition], ...]: the label set is part of what the critic is asked.
     labels: Mapped[list[list[str]]] = mapped_column(JsonColumn)
     prompt_hash: Mapped[str] = mapped_column(String(64))
+    # The critic options that have no column of their own (`app.jobs.schemas.CriticOptions`:
+    # delivery, endpoint options, prompt and examples), as the request gave them.
+    critic_options: Mapped[dict[str, Any]] = mapped_column(
+        JsonColumn, default=dict, server_default="{}"
+    )
     scope: Mapped[str] = mapped_column(String(16))
     use_cache: Mapped[bool] = mapped_column(Boolean)
     selection: Mapped[dict[str, Any]] = mapped_column(JsonColumn)
@@ -97,6 +102,12 @@ class Verdict(Base):
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cached_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    # Tokens a reasoning model spent thinking (part of completion_tokens).
+    reasoning_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # What the server reported of its configuration (`system_fingerprint`), if anything.
+    system_fingerprint: Mapped[str | None] = mapped_column(String(128), default=None)
+    # An `app.status.Delivery`: how the answer came (NULL for cache copies and old rows).
+    delivery: Mapped[str | None] = mapped_column(String(8), default=None)
     latency_ms: Mapped[float | None] = mapped_column(Float)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)

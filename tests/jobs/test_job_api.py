@@ -84,6 +84,21 @@ def stored(client: TestClient, caller: Caller) -> list[str]:
             "invalid_labels",
             "critic.labels.good",
         ),
+        (
+            {"selection": {}, "critic": {"extra_body": {"messages": []}}},
+            "validation_error",
+            "body.critic.extra_body",
+        ),
+        (
+            {"selection": {}, "critic": {"extra_body": {"top_k": "x" * 20_000}}},
+            "validation_error",
+            "body.critic.extra_body",
+        ),
+        (
+            {"selection": {}, "critic": {"delivery": "pigeon"}},
+            "validation_error",
+            "body.critic.delivery",
+        ),
         ({"selection": {}, "scope": "some"}, "validation_error", "body.scope"),
         ({"selection": {}, "surprise": 1}, "validation_error", "body.surprise"),
     ],
@@ -197,6 +212,33 @@ def test_identical_work_is_served_from_the_cache(
     uncached = _start(client, caller, session, body | {"cache": False})
     assert uncached["counts"]["steps"]["cached"] == 0
     assert uncached["status"] == "queued"
+
+    # Options that can change answers are other work; how the calls are delivered is not.
+    for changed in ({"seed": 7}, {"extra_body": {"top_k": 20}}, {"structured_output": "off"}):
+        other = _start(client, caller, session, body | {"critic": changed})
+        assert other["counts"]["steps"]["cached"] == 0, changed
+    batch = _start(client, caller, session, body | {"critic": {"delivery": "batch"}})
+    assert batch["counts"]["steps"]["cached"] == 2
+
+
+def test_critic_options_are_kept_and_shown(
+    client: TestClient, caller: Caller, session: Session, stored: list[str]
+) -> None:
+    critic = {
+        "delivery": "batch",
+        "online_fallback": True,
+        "max_tokens_param": "max_completion_tokens",
+        "seed": 3,
+        "extra_body": {"chat_template_kwargs": {"enable_thinking": False}, "top_k": 20},
+        "context_tokens": 32_768,
+    }
+    job = _start(client, caller, session, {"selection": {}, "critic": critic})
+    assert job["critic"]["delivery"] == "batch"
+    assert job["critic"]["options"] == {k: v for k, v in critic.items() if k != "delivery"}
+    # Options at their defaults are not listed.
+    plain = _start(client, caller, session, {"selection": {}, "cache": False})
+    assert plain["critic"]["delivery"] == "online"
+    assert plain["critic"]["options"] == {}
 
 
 def test_cancel_and_retry(
