@@ -88,6 +88,14 @@ class Delivery(StrEnum):
     BATCH = "batch"
 
 
+class PromptVariant(StrEnum):
+    """How the built-in prompt asks for each step's answer: the label and then the reason
+    (label_first, the original), or the reason first, so that the label follows from it."""
+
+    LABEL_FIRST = "label_first"
+    REASON_FIRST = "reason_first"
+
+
 class ErrorKind(StrEnum):
     """Why a critic call failed, as `app.critic.client` and `app.critic.judge` classify it;
     stored on a failed verdict (`verdicts.error_kind`) and counted by /metrics."""

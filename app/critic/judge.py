@@ -29,7 +29,9 @@ from app.critic.parse import (
     parse_trajectory_answer,
 )
 from app.critic.prompt import (
+    BUILT_IN,
     CriticRequest,
+    PromptTemplates,
     StepRequests,
     reask_messages,
     trajectory_windows,
@@ -53,6 +55,8 @@ class JudgeConfig:
     backoff_max_s: float = 60.0
     max_answer_tokens: int = 8192
     endpoint: EndpointOptions = field(default_factory=EndpointOptions)
+    # The job's own templates, prompt variant and few-shot examples.
+    prompt: PromptTemplates = BUILT_IN
 
 
 @dataclass
@@ -151,6 +155,7 @@ class Judge:
             "labels": self.config.labels,
             "context_tokens": self.config.context_tokens,
             "reserve_tokens": self.config.max_answer_tokens,
+            "templates": self.config.prompt,
         }
 
     # ------------------------------------------------------------------ public

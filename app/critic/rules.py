@@ -243,7 +243,9 @@ def _label_names(system: str) -> tuple[str, ...]:
     try:
         start = lines.index("Labels:") + 1
     except ValueError:
-        raise PromptFormatError("the system message has no 'Labels:' list") from None
+        # A job's own system template need not say "Labels:": its first label line starts
+        # the list.
+        start = next((n for n, line in enumerate(lines) if _LABEL_LINE.match(line)), len(lines))
     names: list[str] = []
     for line in lines[start:]:
         match = _LABEL_LINE.match(line)

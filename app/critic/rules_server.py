@@ -297,9 +297,10 @@ class RulesCritic:
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         choices = []
         completion_tokens = 0
+        order = _answer_order(body.get("response_format"))
         for number in range(int(body.get("n") or 1)):
             seed = f"{digests[-1]}:{self._next_count(digests[-1])}"
-            answer = _answer(parsed, verdicts, temperature, seed, fault, limit)
+            answer = _answer(parsed, verdicts, temperature, seed, fault, limit, order)
             completion_tokens += estimate_tokens(answer.content)
             choices.append(
                 {
@@ -376,8 +377,11 @@ def _answer(
     seed: str,
     fault: FaultRule | None,
     limit: Any,
+    order: Sequence[str] = (),
 ) -> _Answer:
     entries = _sampled(verdicts, parsed.label_names, temperature, seed)
+    if order:
+        entries = [{key: entry[key] for key in order} for entry in entries]
     kind = fault.kind if fault is not None else None
     if kind == "wrong_count":
         if parsed.mode == JobMode.TRAJECTORY:
@@ -394,6 +398,19 @@ def _answer(
     if isinstance(limit, int) and limit > 0 and estimate_tokens(content) > limit:
         content, finish = content[: math.floor(limit * CHARS_PER_TOKEN)], "length"
     return _Answer(content, finish, len(entries))
+
+
+def _answer_order(response_format: Any) -> tuple[str, ...]:
+    """The order of an answer entry's fields that the request's JSON schema gives (the
+    reason_first variant puts the reason before the label); () for none or another schema."""
+    try:
+        schema = response_format["json_schema"]["schema"]
+        if "steps" in schema["properties"]:
+            schema = schema["properties"]["steps"]["items"]
+        keys = tuple(schema["properties"])
+    except (KeyError, TypeError):
+        return ()
+    return keys if sorted(keys) == ["index", "label", "reason"] else ()
 
 
 def _sampled(

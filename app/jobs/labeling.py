@@ -26,8 +26,8 @@ from app.db import (
     outage_delay,
     outage_reason,
 )
+from app.jobs import prompts, workqueue
 from app.jobs import service as job_service
-from app.jobs import workqueue
 from app.jobs.workqueue import Unit
 from app.models import Job
 from app.recipe.steps import split_steps
@@ -57,6 +57,7 @@ def judge_config(job: Job, settings: Settings) -> JudgeConfig:
             extra_body=options.extra_body or {},
             structured_output=options.structured_output != "off",
         ),
+        prompt=prompts.templates(options),
     )
 
 

@@ -9,8 +9,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.critic.prompt import MAX_EXAMPLES, MAX_TEMPLATE_CHARS
 from app.schemas import Id, Name, RequestModel
-from app.status import Delivery, ErrorKind, JobMode, JobStatus, VerdictStatus
+from app.status import Delivery, ErrorKind, JobMode, JobStatus, PromptVariant, VerdictStatus
 
 
 class Selection(RequestModel):
@@ -20,6 +21,61 @@ class Selection(RequestModel):
     resolved: bool | None = None
     source_format: Name | None = None
     task_id: str | None = Field(default=None, max_length=1000)
+
+
+Template = Annotated[str, Field(min_length=1, max_length=MAX_TEMPLATE_CHARS)]
+
+
+class PromptTemplate(RequestModel):
+    """A job's own prompt: each part a format string with the placeholders the built-in one
+    uses (checked at POST /v1/jobs); a part left out is the built-in one of the variant."""
+
+    system: Template | None = Field(
+        default=None, description="The system message; needs {labels} (the definitions)."
+    )
+    instructions: Template | None = Field(
+        default=None,
+        description="Trajectory mode: what to label and how to answer, inside the "
+        "<instructions> fence srft writes; needs {what} or {targets}, and {context}; may use "
+        "{names}.",
+    )
+    step_question: Template | None = Field(
+        default=None,
+        description="Step mode: the question, inside the <question> fence srft writes; needs "
+        "{index}; may use {names}.",
+    )
+    variant: Annotated[PromptVariant, Field(strict=False)] = Field(
+        default=PromptVariant.LABEL_FIRST,
+        description="`reason_first`: the built-in instructions and the answer's JSON schema "
+        "ask for the reason before the label.",
+    )
+
+
+class FewShotExample(RequestModel):
+    """A human-labeled step as the job keeps it for its prompts (set by srft)."""
+
+    human_label_id: int = Field(ge=1)
+    trajectory_id: str = Field(max_length=36)
+    step_index: int = Field(ge=0)
+    label: Name
+    action: str = Field(max_length=4 * MAX_TEMPLATE_CHARS)
+    observation: str | None = Field(default=None, max_length=4 * MAX_TEMPLATE_CHARS)
+    reason: str | None = Field(default=None, max_length=4 * MAX_TEMPLATE_CHARS)
+    source: str = Field(max_length=64)
+
+
+class FewShot(RequestModel):
+    from_human_labels: int = Field(
+        ge=1,
+        le=MAX_EXAMPLES,
+        description="Show up to this many human-labeled steps of the project as worked "
+        "examples, balanced over the job's labels, never from the trajectory judged.",
+    )
+    chosen: list[FewShotExample] | None = Field(
+        default=None,
+        max_length=2 * MAX_EXAMPLES,
+        description="Set by srft when the job is created (refused in a request).",
+    )
 
 
 class CriticOptions(RequestModel):
@@ -75,6 +131,11 @@ class CriticOptions(RequestModel):
         le=10_000_000,
         description="The critic's context window; defaults to SRFT_CRITIC_CONTEXT_TOKENS.",
     )
+
+    prompt: PromptTemplate | None = Field(
+        default=None, description="The job's own prompt templates or prompt variant."
+    )
+    examples: FewShot | None = Field(default=None, description="Few-shot critic prompts.")
 
     @field_validator("extra_body")
     @classmethod

@@ -32,7 +32,7 @@ from app.config import Settings
 from app.critic.labels import DEFAULT_LABELS, LabelSet
 from app.critic.prompt import prompt_hash
 from app.errors import ConflictError, NotFoundError, SrftError
-from app.jobs import schemas, tallies
+from app.jobs import prompts, schemas, tallies
 from app.jobs.workqueue import (
     Finished,
     Unit,
@@ -131,6 +131,7 @@ def create_job(
             location="critic.temperature",
         )
     check_selection(session, project_id, body.selection)
+    critic = prompts.prepared(session, project_id, critic, labels)
     trajectories, steps = _totals(session, project_id, body.selection, body.scope)
     if not trajectories:
         raise InvalidJobError(
@@ -151,7 +152,7 @@ def create_job(
         votes=critic.votes,
         temperature=critic.temperature,
         labels=[list(pair) for pair in labels.labels],
-        prompt_hash=prompt_hash(critic.mode, labels),
+        prompt_hash=prompt_hash(critic.mode, labels, prompts.templates(critic)),
         critic_options=critic.model_dump(
             mode="json", include=set(schemas.OPTION_FIELDS), exclude_defaults=True
         ),
@@ -489,7 +490,9 @@ def describe(session: Session, job: Job) -> schemas.JobOut:
             temperature=job.temperature,
             labels=job_labels(job).to_dict(),
             delivery=job.critic_options.get("delivery", Delivery.ONLINE),
-            options={k: v for k, v in job.critic_options.items() if k != "delivery"},
+            options=prompts.shown_options(
+                {k: v for k, v in job.critic_options.items() if k != "delivery"}
+            ),
         ),
         prompt_hash=job.prompt_hash,
         scope=job.scope,
