@@ -23,7 +23,9 @@ from app.exports.router import trajectories_router as trajectory_deletion_router
 from app.jobs.router import router as jobs_router
 from app.metrics import router as metrics_router
 from app.middleware import RequestGuard, error_response
+from app.review.evaluation_router import comparisons_router
 from app.review.evaluation_router import router as evaluation_router
+from app.review.router import human_labels_router
 from app.review.router import router as review_router
 from app.review.ui import router as review_ui_router
 from app.trajectories.router import router as trajectories_router
@@ -122,6 +124,8 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     app.include_router(review_router)
     app.include_router(review_ui_router)
     app.include_router(evaluation_router)
+    app.include_router(comparisons_router)
+    app.include_router(human_labels_router)
     app.include_router(metrics_router)
 
     @app.get("/healthz", tags=["health"])

@@ -47,6 +47,9 @@ SELECTION_BODY_BYTES = 8 * MiB
 # The routes whose bodies may be larger than a control body (`Settings.max_body_bytes`).
 UPLOAD_ROUTES = frozenset({("POST", "/v1/trajectories")})
 SELECTION_ROUTES = frozenset({("POST", "/v1/jobs"), ("POST", "/v1/exports")})
+# A gold-set file: tens of thousands of human labels of ~200 bytes.
+GOLD_SET_BODY_BYTES = 16 * MiB
+GOLD_SET_ROUTES = frozenset({("POST", "/v1/human-labels/import")})
 # Seconds a client should wait before trying again when the database is away.
 RETRY_AFTER_S = 2
 # Control bodies nest a few levels; anything deeper is not a request this service takes.
@@ -67,6 +70,8 @@ def body_limit_for(settings: Settings, method: str, path: str) -> int:
         return settings.max_upload_bytes
     if (method, path) in SELECTION_ROUTES:
         return max(SELECTION_BODY_BYTES, settings.max_body_bytes)
+    if (method, path) in GOLD_SET_ROUTES:
+        return max(GOLD_SET_BODY_BYTES, settings.max_body_bytes)
     return settings.max_body_bytes
 
 

@@ -1,6 +1,6 @@
 """The `srft` command line. Server-side commands (serve, worker, beat, db, keys, the rules
 critic) are `app.cli.server`; commands that talk to a running service over HTTP (label,
-export, exports, pull, evaluate, delete) are `app.cli.client`, and `srft ingest` (streaming,
+export, exports, pull, evaluate, gold, delete) are `app.cli.client`, and `srft ingest` (streaming,
 batching, resuming) is `app.cli.ingest`; `srft train` is `app.cli.train`."""
 
 from __future__ import annotations
@@ -22,7 +22,11 @@ delete_app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 app.add_typer(critic_app, name="critic")
 app.add_typer(db_app, name="db")
+gold_app = typer.Typer(
+    help="Gold sets: the project's human labels as a JSON Lines file.", no_args_is_help=True
+)
 app.add_typer(delete_app, name="delete")
+app.add_typer(gold_app, name="gold")
 
 # The commands register themselves on the apps above, in the order `srft --help` lists them.
 # isort: off

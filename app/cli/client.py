@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable, Collection
@@ -20,7 +21,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from app.cli import app, delete_app
+from app.cli import app, delete_app, gold_app
 from app.exports import formats as export_formats
 from app.exports.pull import PullError, pull_export
 from app.status import (
@@ -408,51 +409,166 @@ def pull(
         _pull(client, export_id, directory)
 
 
+def _interval(score: dict[str, float]) -> str:
+    return f"{score['value']:.3f} [{score['low']:.3f}, {score['high']:.3f}]"
+
+
+def _print_comparison(result: dict[str, Any]) -> None:
+    """The jobs side by side: a row per score, a column per job, each `value [low, high]`."""
+    jobs = result["jobs"]
+    left = result["left_out"]
+    typer.echo(
+        f"{result['compared']} steps compared (a human label and a done verdict of every job); "
+        f"{left} human-labeled step{'' if left == 1 else 's'} left out (some job has no "
+        f"verdict there); {result['bootstrap']['confidence']:.0%} intervals from "
+        f"{result['bootstrap']['resamples']} bootstrap resamples"
+    )
+    rows: list[tuple[str, list[str]]] = [
+        ("accuracy", [_interval(job["accuracy"]) for job in jobs]),
+        ("macro F1", [_interval(job["macro_f1"]) for job in jobs]),
+    ]
+    for name in ("f1", "precision", "recall"):
+        rows.append(
+            (
+                f"masked {name if name != 'f1' else 'F1'}",
+                [_interval(job["masked_vs_trained"][name]) for job in jobs],
+            )
+        )
+    labels = list(dict.fromkeys(s["label"] for job in jobs for s in job["per_label"]))
+    for label in labels:
+        cells, support = [], 0
+        for job in jobs:
+            found = [s for s in job["per_label"] if s["label"] == label]
+            cells.append(_interval(found[0]["f1"]) if found else "-")
+            support = max([support] + [s["support"] for s in found])
+        rows.append((f"{label} F1 ({support} human)", cells))
+    rows.append(
+        (
+            "tokens/step",
+            [
+                f"{job['cost']['prompt_tokens_per_step']:.0f} in / "
+                f"{job['cost']['completion_tokens_per_step']:.0f} out"
+                for job in jobs
+            ],
+        )
+    )
+    if any(job["cost"]["usd_per_step"] is not None for job in jobs):
+        rows.append(("$/step", [f"{job['cost']['usd_per_step']:.6f}" for job in jobs]))
+    width = max(len(name) for name, _ in rows)
+    cell = max(len(c) for _, cells in rows for c in cells)
+    masks = ", ".join(result["mask_labels"])
+    typer.echo(
+        f"{'score':<{width}}  "
+        + "  ".join(f"{'job …' + job['job_id'][-8:]:<{cell}}" for job in jobs)
+        + f"   (masked: {masks})"
+    )
+    for name, cells in rows:
+        typer.echo(f"{name:<{width}}  " + "  ".join(f"{c:<{cell}}" for c in cells).rstrip())
+    for pair in result["agreement"]:
+        first, second = ("…" + job_id[-8:] for job_id in pair["job_ids"])
+        typer.echo(
+            f"{first} vs {second}: label kappa {pair['label_kappa']:.3f}, masked kappa "
+            f"{pair['mask_kappa']:.3f}; difference in macro F1 "
+            f"{_interval(pair['macro_f1_difference'])}, in masked F1 "
+            f"{_interval(pair['mask_f1_difference'])}"
+        )
+    if len(jobs) == 1:
+        confusion = jobs[0]["confusion"]
+        names = confusion["labels"]
+        size = max([6] + [len(label) for label in names])
+        typer.echo("confusion (rows: human, columns: critic):")
+        typer.echo(" " * (size + 2) + "".join(f"{label:>{size + 1}}" for label in names))
+        for label, row in zip(names, confusion["matrix"], strict=True):
+            typer.echo(f"{label:<{size}}  " + "".join(f"{n:>{size + 1}d}" for n in row))
+
+
 @app.command()
 def evaluate(
-    job_id: Annotated[str, typer.Argument(help="The labeling job to score.")],
+    job_ids: Annotated[
+        list[str], typer.Argument(metavar="JOB...", help="The labeling jobs to compare (1-8).")
+    ],
     mask_label: Annotated[
         list[str] | None,
         typer.Option("--mask-label", help="Label that masks a step (repeatable; default mistake)."),
     ] = None,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 1000,
+    price_prompt: Annotated[
+        float | None, typer.Option(help="Dollars per million prompt tokens.")
+    ] = None,
+    price_completion: Annotated[
+        float | None, typer.Option(help="Dollars per million completion tokens.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
-    """Score a job's critic against the human labels: per label, masked vs trained, confusion."""
-    # Only the scores are printed: one disagreement is the smallest page.
-    params: dict[str, str | list[str]] = {"limit": "1", "mask_labels": mask_label or []}
-    with _client(url, api_key, timeout=120) as client:
-        response = client.get(f"/v1/jobs/{job_id}/evaluation", params=params)
+    """Score jobs' critics against the human labels, side by side on the same steps, with 95%
+    bootstrap intervals, Cohen's kappa between them and their cost per step."""
+    params: dict[str, Any] = {
+        "job_id": job_ids,
+        "mask_labels": mask_label or [],
+        "resamples": str(resamples),
+    }
+    if price_prompt is not None:
+        params["price_prompt_per_mtok"] = str(price_prompt)
+    if price_completion is not None:
+        params["price_completion_per_mtok"] = str(price_completion)
+    with _client(url, api_key, timeout=300) as client:
+        response = client.get("/v1/evaluations", params=params)
     if response.status_code != 200:
-        typer.echo(f"could not evaluate the job: {_describe_error(response)}", err=True)
+        typer.echo(f"could not evaluate: {_describe_error(response)}", err=True)
         raise typer.Exit(1)
-    result = response.json()
-    typer.echo(
-        f"{result['compared']} steps with both a verdict and a human label; "
-        f"accuracy {result['accuracy']:.3f}, macro F1 {result['macro_f1']:.3f}"
-    )
-    width = max([len("label")] + [len(s["label"]) for s in result["per_label"]])
-    typer.echo(f"{'label':<{width}}  precision  recall     f1  support")
-    for score in result["per_label"]:
-        typer.echo(
-            f"{score['label']:<{width}}  {score['precision']:9.3f}  {score['recall']:6.3f}  "
-            f"{score['f1']:5.3f}  {score['support']:7d}"
+    if as_json:
+        typer.echo(json.dumps(response.json(), indent=2))
+        return
+    _print_comparison(response.json())
+
+
+@gold_app.command("export")
+def gold_export(url: UrlOption = DEFAULT_URL, api_key: ApiKeyOption = "") -> None:
+    """Write the project's human labels to stdout, one JSON line each (a gold-set file)."""
+    with (
+        _client(url, api_key, timeout=300) as client,
+        client.stream("GET", "/v1/human-labels/export") as response,
+    ):
+        if response.status_code != 200:
+            response.read()
+            typer.echo(f"could not export: {_describe_error(response)}", err=True)
+            raise typer.Exit(1)
+        for chunk in response.iter_bytes():
+            typer.echo(chunk, nl=False)
+
+
+@gold_app.command("import")
+def gold_import(
+    path: Annotated[Path, typer.Argument(help="A gold-set file (JSON Lines).")],
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = "",
+) -> None:
+    """Store a gold-set file's labels on this project's steps (matched by content hash); all
+    or nothing: a bad line stores none."""
+    with _client(url, api_key, timeout=300) as client:
+        response = client.post(
+            "/v1/human-labels/import",
+            content=path.read_bytes(),
+            headers={"Content-Type": "application/x-ndjson"},
         )
-    masked = result["masked_vs_trained"]
-    counts = masked["counts"]
+    if response.status_code != 200:
+        typer.echo(f"could not import {path}: {_describe_error(response)}", err=True)
+        raise typer.Exit(1)
+    counts = response.json()
+    lines = counts["unmatched_lines"]
     typer.echo(
-        f"masked ({', '.join(masked['mask_labels'])}) vs trained: precision "
-        f"{masked['precision']:.3f}, recall {masked['recall']:.3f}, F1 {masked['f1']:.3f} "
-        f"(TP {counts['true_positive']}, FP {counts['false_positive']}, "
-        f"FN {counts['false_negative']}, TN {counts['true_negative']})"
+        f"{counts['imported']} imported, {counts['updated']} updated, "
+        f"{counts['unchanged']} unchanged, {counts['unmatched']} unmatched"
+        + (
+            f" (trajectories not in this project; lines {', '.join(map(str, lines))}"
+            + (", ..." if counts["unmatched"] > len(lines) else "")
+            + ")"
+            if lines
+            else ""
+        )
     )
-    confusion = result["confusion"]
-    labels = confusion["labels"]
-    cell = max([6] + [len(label) for label in labels])
-    typer.echo("confusion (rows: human, columns: critic):")
-    typer.echo(" " * (width + 2) + "".join(f"{label:>{cell + 1}}" for label in labels))
-    for label, row in zip(labels, confusion["matrix"], strict=True):
-        typer.echo(f"{label:<{width}}  " + "".join(f"{n:>{cell + 1}d}" for n in row))
 
 
 def _describe_error(response: httpx.Response, *, one_row: bool = False) -> str:

@@ -25,3 +25,15 @@ class HumanLabelOut(BaseModel):
     author: str
     created_at: datetime
     updated_at: datetime
+
+
+# An import answer names at most this many unmatched lines (it counts them all).
+MAX_UNMATCHED_LINES = 100
+
+
+class GoldImportOut(BaseModel):
+    imported: int
+    updated: int
+    unchanged: int
+    unmatched: int
+    unmatched_lines: list[int]

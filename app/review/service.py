@@ -2,28 +2,31 @@
 
 Also the one loader of what a policy reads of each step (`step_labels`): exports build from
 it and the review pages preview with it, so a preview is the export by construction; the
-queries behind the review pages (a job's trajectories, a trajectory's step cards) and the
-critic evaluation (label pairs, disagreements).
+queries behind the review pages (a job's trajectories, a trajectory's step cards), the
+critic evaluation (label pairs, disagreements, the gold steps several jobs are compared on,
+the review queue) and gold-set files (export, import).
 """
 
 from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, func, or_, select
+from sqlalchemy import ColumnElement, and_, delete, func, or_, select, tuple_
 from sqlalchemy.orm import Session, load_only
 
 from app.auth.service import Caller
 from app.critic.labels import DEFAULT_LABELS
 from app.errors import NotFoundError, SrftError
+from app.jobs import tallies
 from app.models import HumanLabel, Job, Trajectory, Verdict, utcnow
 from app.models import JobTrajectory as JobTrajectoryRow
 from app.pagination import decode_cursor, encode_cursor
-from app.recipe.masking import StepLabel, critic_label, resolve_labels
+from app.recipe.masking import DEFAULT_MASK_LABELS, StepLabel, critic_label, resolve_labels
+from app.review import evaluation, gold
 from app.status import VERDICT_FINISHED, LabelSource, TrainingOutcome, VerdictStatus
 from app.trajectories.formats.base import text_of
 
@@ -39,6 +42,16 @@ def known_labels(session: Session, project_id: uuid.UUID) -> list[str]:
     for labels in session.scalars(select(Job.labels).where(Job.project_id == project_id)):
         names += [name for name, _ in labels if name not in names]
     return names
+
+
+def check_label(allowed: Sequence[str], label: str, location: str, where: str = "") -> None:
+    """Refuse a human label that is not one of the project's (`known_labels`); `where`
+    begins the message (an import's `line 12: `)."""
+    if label not in allowed:
+        raise UnknownLabelError(
+            f"{where}{label!r} is not a label of this project (labels: {', '.join(allowed)})",
+            location=location,
+        )
 
 
 def _step(
@@ -66,12 +79,7 @@ def set_label(
     """Set the caller's label (and note) on a step, replacing any earlier human label."""
     project_id, author = caller.project_id, caller.name
     _step(session, project_id, trajectory_id, step_index)
-    allowed = known_labels(session, project_id)
-    if label not in allowed:
-        raise UnknownLabelError(
-            f"{label!r} is not a label of this project (labels: {', '.join(allowed)})",
-            location="body.label",
-        )
+    check_label(known_labels(session, project_id), label, "body.label")
     found = session.scalar(
         select(HumanLabel).where(
             HumanLabel.trajectory_id == trajectory_id, HumanLabel.step_index == step_index
@@ -348,3 +356,436 @@ def disagreements(
         last = rows[limit - 1][0]
         next_cursor = encode_cursor(last.trajectory_id, last.step_index)
     return items, next_cursor
+
+
+# ---------------------------------------------------------------------- comparing critics
+
+
+@dataclass(frozen=True)
+class GoldSteps:
+    """The human-labeled steps every compared job has a done verdict on, in (trajectory, step)
+    order: their human labels, and each job's label of them (in the jobs' order)."""
+
+    steps: list[tuple[uuid.UUID, int]]
+    human: list[str]
+    critics: list[list[str]]
+    # Every human-labeled step of the project, compared or not.
+    human_labeled: int
+
+
+def gold_steps(session: Session, project_id: uuid.UUID, jobs: Sequence[Job]) -> GoldSteps:
+    """What `evaluation.compare` needs, read from the project's human labels outward: each
+    label's verdicts by (trajectory, step) among the jobs, so the cost follows the gold set,
+    never the size of the jobs."""
+    rank = {job.id: n for n, job in enumerate(jobs)}
+    query = (
+        select(
+            HumanLabel.trajectory_id,
+            HumanLabel.step_index,
+            HumanLabel.label,
+            Verdict.job_id,
+            Verdict.label,
+        )
+        .select_from(HumanLabel)
+        .join(
+            Verdict,
+            and_(
+                Verdict.trajectory_id == HumanLabel.trajectory_id,
+                Verdict.step_index == HumanLabel.step_index,
+            ),
+        )
+        .where(
+            HumanLabel.project_id == project_id,
+            Verdict.job_id.in_(list(rank)),
+            Verdict.status == VerdictStatus.DONE,
+            Verdict.label.is_not(None),
+        )
+    )
+    human: dict[tuple[uuid.UUID, int], str] = {}
+    critic: dict[tuple[uuid.UUID, int], list[str | None]] = {}
+    for trajectory_id, step_index, human_label, job_id, verdict_label in session.execute(query):
+        step = (trajectory_id, step_index)
+        human[step] = human_label
+        critic.setdefault(step, [None] * len(rank))[rank[job_id]] = verdict_label
+    steps = sorted(
+        (step for step, found in critic.items() if None not in found),
+        key=lambda step: (str(step[0]), step[1]),
+    )
+    labeled = session.scalar(
+        select(func.count()).select_from(HumanLabel).where(HumanLabel.project_id == project_id)
+    )
+    return GoldSteps(
+        steps=steps,
+        human=[human[step] for step in steps],
+        critics=[[str(critic[step][n]) for step in steps] for n in range(len(rank))],
+        human_labeled=int(labeled or 0),
+    )
+
+
+# Jobs one comparison may put side by side.
+MAX_COMPARED_JOBS = 8
+
+
+class InvalidEvaluationError(SrftError):
+    status_code = 422
+    code = "invalid_evaluation"
+
+
+def compared_jobs(
+    session: Session, project_id: uuid.UUID, job_ids: Sequence[uuid.UUID]
+) -> list[Job]:
+    """The jobs named by `job_id` (1 to MAX_COMPARED_JOBS, each once) of the project."""
+    if not job_ids:
+        raise InvalidEvaluationError("name at least one job_id", location="query.job_id")
+    if len(job_ids) > MAX_COMPARED_JOBS:
+        raise InvalidEvaluationError(
+            f"at most {MAX_COMPARED_JOBS} jobs can be compared at once, not {len(job_ids)}",
+            location="query.job_id",
+        )
+    if len(set(job_ids)) != len(job_ids):
+        raise InvalidEvaluationError("a job_id is named twice", location="query.job_id")
+    jobs = []
+    for job_id in job_ids:
+        job = session.get(Job, job_id)
+        if job is None or job.project_id != project_id:
+            raise NotFoundError(f"job {job_id} not found", location="query.job_id")
+        jobs.append(job)
+    return jobs
+
+
+def critic_cost(
+    session: Session,
+    job: Job,
+    price_prompt_per_mtok: float | None = None,
+    price_completion_per_mtok: float | None = None,
+) -> dict[str, Any]:
+    """What the job's critic spent per labeled (done) step, from its running totals: prompt
+    and completion tokens, and in dollars when both prices (per million tokens) are given."""
+    totals = tallies.read(session, job.id)
+    done = totals[tallies.STEPS_DONE]
+    prompt = totals[tallies.PROMPT_TOKENS] / done if done else 0.0
+    completion = totals[tallies.COMPLETION_TOKENS] / done if done else 0.0
+    usd = None
+    if price_prompt_per_mtok is not None and price_completion_per_mtok is not None:
+        usd = (prompt * price_prompt_per_mtok + completion * price_completion_per_mtok) / 1e6
+    return {
+        "steps_done": done,
+        "prompt_tokens_per_step": prompt,
+        "completion_tokens_per_step": completion,
+        "usd_per_step": usd,
+    }
+
+
+def mask_labels_of(
+    session: Session, project_id: uuid.UUID, jobs: Sequence[Job], wanted: Sequence[str] | None
+) -> list[str]:
+    """The mask labels asked for (default DEFAULT_MASK_LABELS), each a label of one of the
+    jobs or of the project; UnknownLabelError at `query.mask_labels` otherwise."""
+    known: list[str] = []
+    for job in jobs:
+        known += [name for name, _ in job.labels if name not in known]
+    known += [name for name in known_labels(session, project_id) if name not in known]
+    masked = list(dict.fromkeys(wanted or DEFAULT_MASK_LABELS))
+    unknown = [name for name in masked if name not in known]
+    if unknown:
+        raise UnknownLabelError(
+            f"unknown mask label {unknown[0]!r} (labels: {', '.join(known)})",
+            location="query.mask_labels",
+        )
+    return masked
+
+
+def comparison(
+    session: Session,
+    project_id: uuid.UUID,
+    jobs: Sequence[Job],
+    mask_labels: Sequence[str],
+    *,
+    resamples: int,
+    price_prompt_per_mtok: float | None = None,
+    price_completion_per_mtok: float | None = None,
+) -> dict[str, Any]:
+    """The jobs' critics side by side on the same human-labeled steps (`gold_steps`), scored
+    by `evaluation.compare`, with each job's cost per labeled step."""
+    found = gold_steps(session, project_id, jobs)
+    result = evaluation.compare(
+        found.human,
+        found.critics,
+        [[name for name, _ in job.labels] for job in jobs],
+        mask_labels,
+        resamples=resamples,
+    )
+    return {
+        "job_ids": [job.id for job in jobs],
+        "mask_labels": list(mask_labels),
+        "human_labeled": found.human_labeled,
+        "compared": result.compared,
+        "left_out": found.human_labeled - result.compared,
+        "bootstrap": {
+            "resamples": result.resamples,
+            "seed": result.seed,
+            "confidence": evaluation.CONFIDENCE,
+        },
+        "jobs": [
+            {
+                "job_id": job.id,
+                "critic": {"model": job.critic_model, "mode": job.mode, "votes": job.votes},
+                "labels": [name for name, _ in job.labels],
+                **critic.as_dict(),
+                "cost": critic_cost(session, job, price_prompt_per_mtok, price_completion_per_mtok),
+            }
+            for job, critic in zip(jobs, result.critics, strict=True)
+        ],
+        "agreement": [
+            {
+                "job_ids": [jobs[pair.first].id, jobs[pair.second].id],
+                "label_kappa": pair.label_kappa,
+                "mask_kappa": pair.mask_kappa,
+                "macro_f1_difference": pair.macro_f1_difference.as_dict(),
+                "mask_f1_difference": pair.mask_f1_difference.as_dict(),
+            }
+            for pair in result.pairs
+        ],
+    }
+
+
+# The review queue looks at most this many candidate steps per item asked for, and never more
+# than MAX_QUEUE_WINDOW: its cost is bounded by the request, not by the jobs.
+QUEUE_WINDOW_PER_ITEM = 20
+MAX_QUEUE_WINDOW = 5000
+# Weights of the queue's score (documented in the README): a step the critics label
+# differently outranks any step they agree on.
+DISAGREEMENT_WEIGHT = 4.0
+SPLIT_VOTES_WEIGHT = 2.0
+RARE_LABEL_WEIGHT = 1.0
+_IN_CHUNK = 500
+
+
+@dataclass
+class QueueItem:
+    """An unlabeled step the queue proposes, its score and why."""
+
+    trajectory_id: uuid.UUID
+    step_index: int
+    score: float = 0.0
+    reasons: list[str] = field(default_factory=list)
+    # (job id, label, agreement) of each job with a done verdict here, in the jobs' order.
+    verdicts: list[tuple[uuid.UUID, str, float | None]] = field(default_factory=list)
+
+
+def _label_shares(session: Session, job: Job) -> dict[str, float]:
+    """Each label's share of the job's done verdicts, from its running totals."""
+    histogram = tallies.family(tallies.read(session, job.id), tallies.LABEL)
+    total = sum(histogram.values())
+    return {name: count / total for name, count in histogram.items()} if total else {}
+
+
+def score_queue_item(
+    item: QueueItem, jobs: int, shares: Mapping[uuid.UUID, Mapping[str, float]]
+) -> None:
+    """Score a step from its verdicts: DISAGREEMENT_WEIGHT x (distinct labels - 1) / (jobs - 1)
+    + SPLIT_VOTES_WEIGHT x the largest (1 - vote agreement) + RARE_LABEL_WEIGHT x the largest
+    (1 - share of the verdict's label among its job's labels)."""
+    labels = [label for _, label, _ in item.verdicts]
+    distinct = len(set(labels))
+    disagreement = (distinct - 1) / (jobs - 1) if jobs > 1 else 0.0
+    split = max((1 - a for _, _, a in item.verdicts if a is not None), default=0.0)
+    rare_job, rare_label, rarity = None, "", 0.0
+    for job_id, label, _ in item.verdicts:
+        value = 1 - shares.get(job_id, {}).get(label, 0.0)
+        if value > rarity:
+            rare_job, rare_label, rarity = job_id, label, value
+    item.score = round(
+        DISAGREEMENT_WEIGHT * disagreement
+        + SPLIT_VOTES_WEIGHT * split
+        + RARE_LABEL_WEIGHT * rarity,
+        6,
+    )
+    if distinct > 1:
+        item.reasons.append(f"critics disagree: {', '.join(sorted(set(labels)))}")
+    if split > 0:
+        item.reasons.append(f"votes split: agreement {1 - split:.0%}")
+    if rare_job is not None and rarity >= 0.5:
+        item.reasons.append(
+            f"job {rare_job} rarely says {rare_label} ({1 - rarity:.0%} of its labels)"
+        )
+    if len(item.verdicts) < jobs:
+        item.reasons.append(f"{jobs - len(item.verdicts)} job(s) have no verdict here")
+
+
+def review_queue(
+    session: Session, jobs: Sequence[Job], *, limit: int, cursor: str | None
+) -> tuple[list[QueueItem], int, str | None]:
+    """The `limit` best steps for a human to label next (no human label yet), ranked by
+    `score_queue_item`, from a bounded window of candidates: the first job's next
+    `limit` x QUEUE_WINDOW_PER_ITEM (at most MAX_QUEUE_WINDOW) unlabeled done verdicts in id
+    order, after the cursor's. Returns the items, how many candidates were scanned and the
+    cursor of the next window (None when the first job has no more)."""
+    first = jobs[0]
+    window = min(limit * QUEUE_WINDOW_PER_ITEM, MAX_QUEUE_WINDOW)
+    query = (
+        select(
+            Verdict.id, Verdict.trajectory_id, Verdict.step_index, Verdict.label, Verdict.agreement
+        )
+        .outerjoin(
+            HumanLabel,
+            and_(
+                HumanLabel.trajectory_id == Verdict.trajectory_id,
+                HumanLabel.step_index == Verdict.step_index,
+            ),
+        )
+        .where(_done(first), HumanLabel.id.is_(None))
+    )
+    if cursor is not None:
+        (after,) = decode_cursor(cursor, int)
+        query = query.where(Verdict.id > after)
+    rows = session.execute(query.order_by(Verdict.id).limit(window)).all()
+    items: dict[tuple[uuid.UUID, int], QueueItem] = {}
+    for row in rows:
+        item = QueueItem(row.trajectory_id, row.step_index)
+        item.verdicts.append((first.id, str(row.label), row.agreement))
+        items[(row.trajectory_id, row.step_index)] = item
+    others = [job.id for job in jobs[1:]]
+    rank = {job.id: n for n, job in enumerate(jobs)}
+    keys = list(items)
+    for start in range(0, len(keys) if others else 0, _IN_CHUNK):
+        chunk = keys[start : start + _IN_CHUNK]
+        found = session.execute(
+            select(
+                Verdict.job_id,
+                Verdict.trajectory_id,
+                Verdict.step_index,
+                Verdict.label,
+                Verdict.agreement,
+            ).where(
+                Verdict.job_id.in_(others),
+                Verdict.status == VerdictStatus.DONE,
+                Verdict.label.is_not(None),
+                tuple_(Verdict.trajectory_id, Verdict.step_index).in_(chunk),
+            )
+        )
+        for verdict in found:
+            items[(verdict.trajectory_id, verdict.step_index)].verdicts.append(
+                (verdict.job_id, str(verdict.label), verdict.agreement)
+            )
+    shares = {job.id: _label_shares(session, job) for job in jobs}
+    for item in items.values():
+        item.verdicts.sort(key=lambda verdict: rank[verdict[0]])
+        score_queue_item(item, len(jobs), shares)
+    ranked = sorted(
+        items.values(), key=lambda item: (-item.score, str(item.trajectory_id), item.step_index)
+    )
+    next_cursor = encode_cursor(rows[-1].id) if len(rows) == window else None
+    return ranked[:limit], len(rows), next_cursor
+
+
+# ---------------------------------------------------------------------- gold sets
+
+GOLD_PAGE = 500
+
+
+def gold_lines(session: Session, project_id: uuid.UUID) -> Iterator[bytes]:
+    """The project's human labels as gold-set lines (`gold.format_line`), by id, read a page
+    at a time (keyset on the id), never all at once."""
+    after = 0
+    while True:
+        rows = session.execute(
+            select(
+                HumanLabel.id,
+                HumanLabel.step_index,
+                HumanLabel.label,
+                HumanLabel.note,
+                HumanLabel.author,
+                Trajectory.content_hash,
+                Trajectory.task_id,
+            )
+            .join(Trajectory, Trajectory.id == HumanLabel.trajectory_id)
+            .where(HumanLabel.project_id == project_id, HumanLabel.id > after)
+            .order_by(HumanLabel.id)
+            .limit(GOLD_PAGE)
+        ).all()
+        for row in rows:
+            yield gold.format_line(
+                row.content_hash, row.step_index, row.label, row.note, row.author, row.task_id
+            )
+        if len(rows) < GOLD_PAGE:
+            return
+        after = rows[-1].id
+
+
+@dataclass(frozen=True)
+class GoldImport:
+    imported: int
+    updated: int
+    unchanged: int
+    # Lines whose trajectory is not in this project, by line number.
+    unmatched: list[int]
+
+
+def import_gold(session: Session, caller: Caller, lines: Sequence[gold.GoldLine]) -> GoldImport:
+    """Store a parsed gold set as the project's human labels, each replacing the step's
+    earlier one, with `set_label`'s rules: the step must exist and the label be one of the
+    project's. A line whose trajectory (by content hash) is not in this project is counted
+    as unmatched; any other bad line raises before anything is written."""
+    project_id = caller.project_id
+    hashes = sorted({line.content_hash for line in lines})
+    trajectories: dict[str, tuple[uuid.UUID, int]] = {}
+    for start in range(0, len(hashes), _IN_CHUNK):
+        for row in session.execute(
+            select(Trajectory.content_hash, Trajectory.id, Trajectory.num_steps).where(
+                Trajectory.project_id == project_id,
+                Trajectory.content_hash.in_(hashes[start : start + _IN_CHUNK]),
+            )
+        ):
+            trajectories[row.content_hash] = (row.id, row.num_steps)
+    allowed = known_labels(session, project_id)
+    matched: list[tuple[gold.GoldLine, uuid.UUID]] = []
+    unmatched: list[int] = []
+    for line in lines:
+        found = trajectories.get(line.content_hash)
+        if found is None:
+            unmatched.append(line.line)
+            continue
+        trajectory_id, num_steps = found
+        if line.step_index >= num_steps:
+            raise gold.InvalidGoldSetError(
+                f"line {line.line}: the trajectory has steps 0-{num_steps - 1}, "
+                f"not {line.step_index}",
+                location=f"line {line.line}: step_index",
+            )
+        check_label(allowed, line.label, f"line {line.line}: label", f"line {line.line}: ")
+        matched.append((line, trajectory_id))
+
+    ids = sorted({trajectory_id for _, trajectory_id in matched})
+    existing: dict[tuple[uuid.UUID, int], HumanLabel] = {}
+    for start in range(0, len(ids), _IN_CHUNK):
+        existing.update(labels_of(session, ids[start : start + _IN_CHUNK]))
+    imported = updated = unchanged = 0
+    now = utcnow()
+    for line, trajectory_id in matched:
+        author = line.author or caller.name
+        found_label = existing.get((trajectory_id, line.step_index))
+        if found_label is None:
+            session.add(
+                HumanLabel(
+                    project_id=project_id,
+                    trajectory_id=trajectory_id,
+                    step_index=line.step_index,
+                    label=line.label,
+                    note=line.note,
+                    author=author,
+                )
+            )
+            imported += 1
+        elif (found_label.label, found_label.note, found_label.author) == (
+            line.label,
+            line.note,
+            author,
+        ):
+            unchanged += 1
+        else:
+            found_label.label, found_label.note, found_label.author = line.label, line.note, author
+            found_label.updated_at = now
+            updated += 1
+    session.flush()
+    return GoldImport(imported, updated, unchanged, unmatched)

@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, cast
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 import jinja2
 from fastapi import APIRouter, Depends, Query, Request, Response, status
@@ -27,8 +27,9 @@ from app.critic.prompt import task_text
 from app.deps import SessionDep, SettingsDep
 from app.errors import InvalidCursorError, NotFoundError, SrftError, UnauthorizedError
 from app.jobs import service as job_service
+from app.models import Job
 from app.recipe.masking import DEFAULT_MASK_LABELS, POLICIES, Policy, PolicyOptions, decide
-from app.review import browser, schemas
+from app.review import browser, evaluation, schemas
 from app.review import service as review_service
 from app.review.browser import UiCallerDep, require_ui_caller
 from app.status import JOB_OPEN, LabelSource, TrainingOutcome
@@ -40,6 +41,10 @@ MAX_JOBS = 100
 JOB_PAGE_TRAJECTORIES = 100
 # The preview masks what an export masks by default (FastAPI copies a list default per request).
 DEFAULT_MASK = list(DEFAULT_MASK_LABELS)
+# No jobs named (FastAPI copies a list default per request).
+NO_QUEUE: list[str] = []
+# Items the review-queue page lists.
+QUEUE_PAGE_ITEMS = 50
 # Observations longer than this are collapsed; the full text stays in the page.
 LONG_TEXT_CHARS = 1500
 LONG_TEXT_LINES = 25
@@ -306,8 +311,10 @@ def trajectory_page(
     caller: UiCallerDep,
     query: PreviewQueryDep,
     job: str | None = None,
+    queue: Annotated[list[str], Query()] = NO_QUEUE,
 ) -> Response:
-    """Every step of a trajectory as a card: text, label, reason, and the export preview."""
+    """Every step of a trajectory as a card: text, label, reason, and the export preview;
+    opened from the review queue (`queue`: its jobs), a saved label goes on to the next item."""
     if caller is None:
         return _prompt()
     try:
@@ -318,6 +325,7 @@ def trajectory_page(
             job_service.get_job(session, caller.project_id, _uuid(job, "job")) if job else None
         )
         preview = _preview(query)
+        queue_jobs = [_uuid(raw, "job") for raw in queue]
     except (NotFoundError, BadRequestError) as exc:
         return _error_page(exc)
 
@@ -341,9 +349,121 @@ def trajectory_page(
         decision=decision,
         job_id=job_id,
         is_long=is_long,
+        queue_next=f"/ui/review-queue/next?{_jobs_query(queue_jobs)}" if queue_jobs else None,
         **preview.context(session, caller.project_id),
         signed_in=True,
     )
+
+
+# ---------------------------------------------------------------------- comparing critics
+
+
+def _jobs_query(job_ids: list[uuid.UUID]) -> str:
+    return urlencode([("job", str(job_id)) for job_id in job_ids])
+
+
+def _compared(session: Session, project_id: uuid.UUID, job: list[str]) -> list[Job]:
+    return review_service.compared_jobs(session, project_id, [_uuid(raw, "job") for raw in job])
+
+
+@router.get("/evaluate", response_class=HTMLResponse)
+def evaluate_page(
+    session: SessionDep,
+    caller: UiCallerDep,
+    job: Annotated[list[str], Query()] = NO_QUEUE,
+    mask: Annotated[list[str], Query()] = DEFAULT_MASK,
+    resamples: Annotated[int, Query(ge=1, le=evaluation.MAX_RESAMPLES)] = (
+        evaluation.DEFAULT_RESAMPLES
+    ),
+) -> Response:
+    """Jobs' critics side by side on the same human-labeled steps, with 95% intervals."""
+    if caller is None:
+        return _prompt()
+    try:
+        jobs = _compared(session, caller.project_id, job)
+        masked = review_service.mask_labels_of(session, caller.project_id, jobs, mask)
+    except SrftError as exc:
+        return _error_page(exc)
+    result = review_service.comparison(
+        session, caller.project_id, jobs, masked, resamples=resamples
+    )
+    labels = list(
+        dict.fromkeys(score["label"] for found in result["jobs"] for score in found["per_label"])
+    )
+    per_label = [
+        (
+            label,
+            [
+                next((s for s in found["per_label"] if s["label"] == label), None)
+                for found in result["jobs"]
+            ],
+        )
+        for label in labels
+    ]
+    return _page(
+        "evaluate.html",
+        result=result,
+        per_label=per_label,
+        jobs_query=_jobs_query([j.id for j in jobs]),
+        labels=review_service.known_labels(session, caller.project_id),
+        signed_in=True,
+    )
+
+
+@router.get("/review-queue", response_class=HTMLResponse)
+def review_queue_page(
+    session: SessionDep,
+    caller: UiCallerDep,
+    job: Annotated[list[str], Query()] = NO_QUEUE,
+    cursor: str | None = None,
+) -> Response:
+    """The unlabeled steps worth labeling next for the jobs' comparison, best first."""
+    if caller is None:
+        return _prompt()
+    try:
+        jobs = _compared(session, caller.project_id, job)
+        items, scanned, next_cursor = review_service.review_queue(
+            session, jobs, limit=QUEUE_PAGE_ITEMS, cursor=cursor
+        )
+    except SrftError as exc:
+        return _error_page(exc)
+    query = _jobs_query([j.id for j in jobs])
+    return _page(
+        "review_queue.html",
+        items=items,
+        scanned=scanned,
+        next_cursor=next_cursor,
+        jobs=jobs,
+        jobs_query=query,
+        first_job=jobs[0].id,
+        signed_in=True,
+    )
+
+
+@router.get("/review-queue/next")
+def review_queue_next(
+    session: SessionDep,
+    caller: UiCallerDep,
+    job: Annotated[list[str], Query()] = NO_QUEUE,
+) -> Response:
+    """The queue's best item now (the step just labeled has left it), opened at its step with
+    the queue kept; the queue page when it is empty."""
+    if caller is None:
+        return _prompt()
+    try:
+        jobs = _compared(session, caller.project_id, job)
+        items, _, _ = review_service.review_queue(session, jobs, limit=1, cursor=None)
+    except SrftError as exc:
+        return _error_page(exc)
+    query = _jobs_query([j.id for j in jobs])
+    if not items:
+        return RedirectResponse(f"/ui/review-queue?{query}", status_code=status.HTTP_303_SEE_OTHER)
+    item = items[0]
+    target = (
+        f"/ui/trajectories/{item.trajectory_id}?job={jobs[0].id}&"
+        f"{urlencode([('queue', str(j.id)) for j in jobs])}#step-{item.step_index}"
+    )
+    return RedirectResponse(target, status_code=status.HTTP_303_SEE_OTHER)
 
 
 # ---------------------------------------------------------------------- label endpoints

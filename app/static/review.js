@@ -1,6 +1,7 @@
 // Keyboard review for /ui/trajectories/{id}: j/k move, 1-9 label, 0 unlabel, n note,
 // m and l filter. Labels go to the UI's own endpoints, authenticated by the page's cookie;
-// after a change the page reloads at the same step so the export preview is recomputed.
+// after a change the page reloads at the same step so the export preview is recomputed;
+// opened from the review queue (data-queue-next), a saved label opens the queue's next item.
 (() => {
   "use strict";
 
@@ -81,7 +82,7 @@
     focus(visible[Math.max(0, Math.min(visible.length - 1, next))]);
   }
 
-  async function send(method, card, body) {
+  async function send(method, card, body, advance) {
     const step = card.dataset.step;
     say("saving step " + step + "...");
     const response = await fetch(baseUrl + step + "/label", {
@@ -98,6 +99,10 @@
         // keep the status line
       }
       say("step " + step + ": " + message, true);
+      return;
+    }
+    if (advance && main.dataset.queueNext) {
+      location.assign(main.dataset.queueNext);
       return;
     }
     history.replaceState(null, "", "#" + card.id);
@@ -122,7 +127,7 @@
     } else if (key >= "1" && key <= "9") {
       const label = labels[Number(key) - 1];
       if (!label) return;
-      send("POST", current, { label: label, note: current.dataset.note || null });
+      send("POST", current, { label: label, note: current.dataset.note || null }, true);
     } else if (key === "0") {
       send("DELETE", current, null);
     } else if (key === "n") {

@@ -261,3 +261,48 @@ def test_another_sites_page_cannot_sign_the_reviewer_in_as_the_attacker(served: 
     stored = httpx.get(f"{served.url}/v1/trajectories/{trajectory_id}", headers=victim).json()
     assert stored["steps"][0]["human_label"]["label"] == "mistake"
     assert stored["steps"][0]["human_label"]["author"] == "bootstrap"
+
+
+def test_a_reviewer_works_through_the_review_queue_from_the_keyboard(served: Served) -> None:
+    _require_browser()
+    import re
+
+    from playwright.sync_api import expect, sync_playwright
+
+    key = KEY.findall(served.log.read_text())[0]
+    headers = {"Authorization": f"Bearer {key}"}
+    trajectory_id, job_id = _labeled(served, headers)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.goto(f"{served.url}/ui/")
+            page.fill("input[name=key]", key)
+            page.click("button[type=submit]")
+            page.wait_for_url(f"{served.url}/ui/jobs")
+            # The jobs page's compare form: check the job, ask for its review queue.
+            page.check(f"input[name=job][value='{job_id}']")
+            page.click("button[formaction='/ui/review-queue']")
+            page.wait_for_url(f"{served.url}/ui/review-queue?*")
+            expect(page.locator("tr.queue-item")).to_have_count(3)
+
+            page.click("a.start")
+            expect(page).to_have_url(re.compile(r"#step-0$"))
+            expect(page.locator("#step-0")).to_have_class(re.compile("focused"))
+            page.keyboard.press("3")  # mistake: saved, and the next item opens
+            expect(page).to_have_url(re.compile(r"#step-1$"))
+            expect(page.locator("#step-1")).to_have_class(re.compile("focused"))
+            expect(page.locator("#step-0 [data-testid=human-label]")).to_have_text("mistake")
+            page.keyboard.press("1")
+            expect(page).to_have_url(re.compile(r"#step-2$"))
+            page.keyboard.press("1")
+            # Nothing left to label: back to the queue, empty.
+            page.wait_for_url(f"{served.url}/ui/review-queue?*")
+            expect(page.locator("tr.queue-item")).to_have_count(0)
+        finally:
+            browser.close()
+
+    stored = httpx.get(f"{served.url}/v1/trajectories/{trajectory_id}", headers=headers).json()
+    assert [s["human_label"]["label"] for s in stored["steps"]] == ["mistake", "good", "good"]
