@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     critic_backoff_base_s: float = 1.0
     critic_backoff_max_s: float = 60.0
     critic_max_answer_tokens: int = 8192
+    # The critic model's tokenizer (a Hugging Face Hub id or a local folder), to measure
+    # prompts with instead of the characters / 3.5 estimate; loaded once per worker process.
+    # A job may name its own (`critic.tokenizer`, a Hub id or a folder under
+    # SRFT_TOKENIZER_DIRS). Needs the `transformers` package; without it, or when the tokenizer
+    # cannot be loaded, the worker logs it once and keeps the estimate.
+    critic_tokenizer: str | None = None
     # Latency of the built-in rules critic when it is started automatically (for demos).
     rules_critic_latency_ms: int = 0
 

@@ -105,6 +105,9 @@ class ErrorKind(StrEnum):
     TIMEOUT = "timeout"
     CONNECTION = "connection"
     REJECTED = "rejected"  # 4xx other than 429
+    # A 400 saying the prompt is longer than the model's context; the judge re-plans the
+    # trajectory's windows with a smaller budget, so it is stored only once re-plans run out.
+    CONTEXT_EXCEEDED = "context_exceeded"
     UNPARSEABLE = "unparseable"  # answers that did not parse, every attempt
     MISSING = "missing"  # answers that parsed but named no verdict for the step
 

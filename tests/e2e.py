@@ -87,6 +87,10 @@ class RulesCritic:
         """The messages of the last requests the critic answered."""
         return [r["messages"] for r in self._admin("GET", "requests").json()["requests"]]
 
+    def recent_fields(self) -> list[dict[str, Any]]:
+        """The other body fields (model, max_tokens, seed, ...) of the last requests."""
+        return [r["fields"] for r in self._admin("GET", "requests").json()["requests"]]
+
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = self._admin("GET", "stats").json()
         return stats

@@ -163,8 +163,27 @@ def critic_serve_rules(
     api_key: Annotated[
         str | None, typer.Option(envvar="SRFT_RULES_API_KEY", help="Require this key.")
     ] = None,
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Emulate a serving stack (repeatable): reasoning_content, reasoning, "
+            "think_tags, think_open, no_response_format, json_schema, max_completion_tokens, "
+            "context_vllm, context_sglang, context_openai."
+        ),
+    ] = None,
+    context_tokens: Annotated[
+        int | None, typer.Option(help="The context of the context_* variants.")
+    ] = None,
 ) -> None:
     """Serve the built-in rules critic (heuristics, not an LLM) as an OpenAI-compatible API."""
     from app.critic.rules_server import serve_rules
 
-    serve_rules(host=host, port=port, latency_ms=latency_ms, faults_json=faults, api_key=api_key)
+    serve_rules(
+        host=host,
+        port=port,
+        latency_ms=latency_ms,
+        faults_json=faults,
+        api_key=api_key,
+        variants=variant or (),
+        context_tokens=context_tokens,
+    )

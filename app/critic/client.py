@@ -12,6 +12,7 @@ import functools
 import itertools
 import json
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -74,16 +75,79 @@ def request_body(
     return body
 
 
+@dataclass(frozen=True)
+class ContextRefusal:
+    """What a server said when it refused a prompt longer than its context: its context
+    length, the prompt's tokens and the tokens requested in all (prompt and answer), as far as
+    its message says."""
+
+    context_tokens: int | None = None
+    prompt_tokens: int | None = None
+    requested_tokens: int | None = None
+
+
 class CriticCallError(Exception):
     """A failed call, and which `ErrorKind` of failure it was."""
 
     def __init__(
-        self, kind: ErrorKind, message: str, *, retryable: bool, retry_after: float | None = None
+        self,
+        kind: ErrorKind,
+        message: str,
+        *,
+        retryable: bool,
+        retry_after: float | None = None,
+        refusal: ContextRefusal | None = None,
     ) -> None:
         super().__init__(message)
         self.kind = kind
         self.retryable = retryable
         self.retry_after = retry_after
+        self.refusal = refusal
+
+
+# How servers say that a prompt is longer than the model's context (400s):
+#   vLLM:   "This model's maximum context length is N tokens. However, you requested M tokens
+#            (P in the messages, C in the completion). ..." (older), "... However, your request
+#            has P input tokens. ..." and "... is N tokens and your request has P input tokens
+#            (C > N - P)" (newer);
+#   SGLang: "The input (P tokens) is longer than the model's context length (N tokens)." and
+#           "Requested token count exceeds the model's maximum context length of N tokens. You
+#            requested a total of M tokens: P tokens from the input messages and C tokens for
+#            the completion. ...";
+#   OpenAI: code `context_length_exceeded`, "This model's maximum context length is N tokens.
+#           However, your messages resulted in P tokens. ...".
+_CONTEXT_SAYS = re.compile(
+    r"maximum context length|longer than the model's context length|context length exceeded"
+    r"|context_length_exceeded",
+    re.IGNORECASE,
+)
+_CONTEXT_LIMIT = re.compile(
+    r"maximum context length (?:is|of) (\d+)|model's context length \((\d+) tokens\)",
+    re.IGNORECASE,
+)
+_PROMPT_TOKENS = re.compile(
+    r"\((\d+) in the messages|has (\d+) input tokens|messages resulted in (\d+) tokens"
+    r"|the input \((\d+) tokens\)|(\d+) tokens from the input messages",
+    re.IGNORECASE,
+)
+_REQUESTED_TOKENS = re.compile(
+    r"you requested (\d+) tokens|requested a total of (\d+) tokens", re.IGNORECASE
+)
+
+
+def context_refusal(message: str, code: str | None = None) -> ContextRefusal | None:
+    """The refusal a 400's message (and error code) describes, if it says the prompt does not
+    fit the model's context; None for any other 400."""
+    if code != "context_length_exceeded" and _CONTEXT_SAYS.search(message) is None:
+        return None
+
+    def number(pattern: re.Pattern[str]) -> int | None:
+        found = pattern.search(message)
+        if found is None:
+            return None
+        return int(next(group for group in found.groups() if group is not None))
+
+    return ContextRefusal(number(_CONTEXT_LIMIT), number(_PROMPT_TOKENS), number(_REQUESTED_TOKENS))
 
 
 _dumps = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -183,9 +247,15 @@ class CriticClient:
         ]
         self._turns = itertools.cycle(self._clients)
         self._encoder = RequestEncoder()
-        # Some servers reject `response_format` json_schema; after the first such refusal we
-        # stop sending it and rely on the prompt and tolerant parsing instead.
-        self._schema_supported = True
+        # Whether each model of this endpoint takes `response_format` json_schema (absent:
+        # not known yet). After the first refusal of a model we stop sending it for that model
+        # and rely on the prompt and tolerant parsing instead.
+        self._structured: dict[str, bool] = {}
+
+    def structured_supported(self, model: str) -> bool | None:
+        """Whether `model` at this endpoint took a `response_format` (True), refused one
+        (False), or has not been asked with one yet (None)."""
+        return self._structured.get(model)
 
     async def complete(
         self,
@@ -199,12 +269,14 @@ class CriticClient:
     ) -> Completion:
         started = time.monotonic()
         options = options or EndpointOptions()
+        if self._structured.get(model) is False:
+            response_format = None
         kwargs = request_body(
             model=model,
             messages=messages,
             temperature=temperature,
             max_tokens=max_tokens,
-            response_format=response_format if self._schema_supported else None,
+            response_format=response_format,
             options=options,
         )
         try:
@@ -216,9 +288,25 @@ class CriticClient:
                 "/chat/completions", content=self._encoder.encode(kwargs), cast_to=bytes
             )
         except openai.BadRequestError as exc:
-            if "response_format" in kwargs and "response_format" in str(exc):
-                log.warning("critic endpoint refused response_format; continuing without it")
-                self._schema_supported = False
+            said = _error_text(exc)
+            refusal = context_refusal(said, _error_code(exc))
+            if refusal is not None:
+                raise CriticCallError(
+                    ErrorKind.CONTEXT_EXCEEDED,
+                    f"400 from critic: {exc.message}",
+                    retryable=False,
+                    refusal=refusal,
+                ) from exc
+            if "response_format" in kwargs and "response_format" in said:
+                if self._structured.get(model) is not False:
+                    log.warning(
+                        "critic endpoint %s refused response_format for model %r; continuing "
+                        "without it: %s",
+                        self.base_url,
+                        model,
+                        exc.message,
+                    )
+                self._structured[model] = False
                 return await self.complete(
                     model=model,
                     messages=messages,
@@ -253,6 +341,8 @@ class CriticClient:
                 retryable=retryable,
                 retry_after=retry_after_s(exc.response.headers),
             ) from exc
+        if "response_format" in kwargs:
+            self._structured[model] = True
         try:
             response = json.loads(answer)
         except ValueError as exc:
@@ -266,8 +356,24 @@ class CriticClient:
             await client.close()
 
 
+def _error_text(exc: openai.APIStatusError) -> str:
+    """The error's message as the server wrote it (the SDK's `message` may be its summary)."""
+    body = exc.body
+    error = body.get("error", body) if isinstance(body, dict) else None
+    said = error.get("message") if isinstance(error, dict) else None
+    return f"{exc.message} {said}" if isinstance(said, str) else str(exc.message)
+
+
+def _error_code(exc: openai.APIStatusError) -> str | None:
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, str) else None
+
+
 def _completion(response: Any, latency_s: float) -> Completion:
-    """A Completion from a ChatCompletion as JSON (tolerant of missing parts)."""
+    """A Completion from a ChatCompletion as JSON (tolerant of missing parts).
+
+    Only `content` is the answer: a reasoning parser's `reasoning_content` (vLLM, SGLang,
+    DeepSeek) or `reasoning` holds thoughts, which are never read as a verdict."""
     body = response if isinstance(response, dict) else {}
     choices = body.get("choices")
     choice = choices[0] if isinstance(choices, list) and choices else None

@@ -7,24 +7,38 @@
 - an answer that does not parse is re-asked in the same conversation, quoting the parse error;
 - `votes: k` asks k times and keeps the majority label; ties go to the label of the
   lowest-numbered vote among them, so the outcome does not depend on which call returned first;
+- a prompt the server refuses as longer than its context (a 400 that says so) re-plans the
+  trajectory's windows with a smaller budget, from the server's own numbers when it gives them,
+  and asks again (at most MAX_REPLANS times per trajectory in trajectory mode, per step in step
+  mode), instead of failing the steps;
 - when attempts run out the step's outcome carries the error instead of a label.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
+import math
 import random
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from app.critic.client import Completion, CriticCallError, CriticClient, EndpointOptions
+from app.critic.client import (
+    Completion,
+    ContextRefusal,
+    CriticCallError,
+    CriticClient,
+    EndpointOptions,
+)
 from app.critic.labels import LabelSet
 from app.critic.limits import Limiter
 from app.critic.parse import (
     CriticAnswerError,
     Judgment,
+    answer_part,
     parse_step_answer,
     parse_trajectory_answer,
 )
@@ -32,15 +46,24 @@ from app.critic.prompt import (
     BUILT_IN,
     CriticRequest,
     PromptTemplates,
+    PromptTooLargeError,
     StepRequests,
+    TokenCounter,
     reask_messages,
     trajectory_windows,
 )
 from app.recipe.steps import Step
 from app.status import Delivery, ErrorKind
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
+
+# Re-plans after a context refusal, and how the smaller budget is chosen: from the server's
+# numbers (its context and its count of our prompt), with a margin; else this share of the old.
+MAX_REPLANS = 3
+REPLAN_MARGIN = 0.95
+REPLAN_SHARE = 0.75
 
 
 @dataclass(frozen=True)
@@ -57,6 +80,8 @@ class JudgeConfig:
     endpoint: EndpointOptions = field(default_factory=EndpointOptions)
     # The job's own templates, prompt variant and few-shot examples.
     prompt: PromptTemplates = BUILT_IN
+    # The critic model's tokenizer, to measure prompts with (else the estimate).
+    count_tokens: TokenCounter | None = None
 
 
 @dataclass
@@ -118,10 +143,17 @@ class StepOutcome:
 
 
 class JudgeFailedError(Exception):
-    def __init__(self, message: str, kind: ErrorKind, usage: Usage) -> None:
+    def __init__(
+        self,
+        message: str,
+        kind: ErrorKind,
+        usage: Usage,
+        refusal: ContextRefusal | None = None,
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.usage = usage
+        self.refusal = refusal
 
 
 @dataclass
@@ -149,13 +181,15 @@ class Judge:
         self._sleep = sleep
         self._rng = rng or random.Random()
 
-    def _layout(self) -> dict[str, Any]:
-        """How prompts are laid out for this critic: its labels and its token budget."""
+    def _layout(self, context_tokens: int | None = None) -> dict[str, Any]:
+        """How prompts are laid out for this critic: its labels, its token budget (the
+        configured one unless re-planning) and its tokenizer."""
         return {
             "labels": self.config.labels,
-            "context_tokens": self.config.context_tokens,
+            "context_tokens": context_tokens or self.config.context_tokens,
             "reserve_tokens": self.config.max_answer_tokens,
             "templates": self.config.prompt,
+            "count_tokens": self.config.count_tokens,
         }
 
     # ------------------------------------------------------------------ public
@@ -167,29 +201,50 @@ class Judge:
         resolved: bool | None,
         targets: set[int],
     ) -> AsyncIterator[list[StepOutcome]]:
-        """Outcomes for `targets`, one window of the trajectory at a time (usually one)."""
+        """Outcomes for `targets`, one window of the trajectory at a time (usually one).
+
+        A window the server refuses as too long re-plans the windows of the targets not yet
+        judged with a smaller budget; what the refused calls cost goes to the next outcomes.
+        """
+        budget = self.config.context_tokens
         windows = trajectory_windows(messages, list(steps), resolved, **self._layout())
-        for window in windows:
-            wanted = [i for i in window.target_indices if i in targets]
-            if not wanted:
-                continue
+        remaining = set(targets)
+        carried = Usage()
+        replans = 0
+        while windows:
+            plan, windows = windows, []
+            for window in plan:
+                wanted = [i for i in window.target_indices if i in remaining]
+                if not wanted:
+                    continue
 
-            def parse(text: str, request: CriticRequest = window) -> dict[int, Judgment]:
-                return parse_trajectory_answer(
-                    text, list(request.target_indices), self.config.labels
-                )
+                def parse(text: str, request: CriticRequest = window) -> dict[int, Judgment]:
+                    return parse_trajectory_answer(
+                        text, list(request.target_indices), self.config.labels
+                    )
 
-            votes = await self._vote(window, parse)
-            yield [
-                self._decide(
-                    index,
-                    [answer.get(index) if answer else None for answer in votes.answers],
-                    votes,
-                    position,
-                    len(window.target_indices),
-                )
-                for position, index in enumerate(wanted)
-            ]
+                votes = await self._vote(window, parse)
+                refusal = _context_refusal(votes)
+                if refusal is not None and replans < MAX_REPLANS:
+                    replanned = self._replanned(messages, steps, resolved, budget, window, refusal)
+                    if replanned is not None:
+                        replans += 1
+                        budget, windows = replanned
+                        carried.merge(votes.usage)
+                        break
+                votes.usage.merge(carried)
+                carried = Usage()
+                yield [
+                    self._decide(
+                        index,
+                        [answer.get(index) if answer else None for answer in votes.answers],
+                        votes,
+                        position,
+                        len(window.target_indices),
+                    )
+                    for position, index in enumerate(wanted)
+                ]
+                remaining.difference_update(wanted)
 
     async def judge_steps(
         self,
@@ -200,16 +255,51 @@ class Judge:
     ) -> AsyncIterator[StepOutcome]:
         """One outcome per target step, each from its own call(s), as they complete."""
 
-        # One layout for all the steps: every request shares the trajectory's prefix.
-        requests = StepRequests(messages, list(steps), resolved, **self._layout())
+        # One layout for all the steps: every request shares the trajectory's prefix. A
+        # context refusal replaces it with one of a smaller budget, for every step still to ask.
+        plan = _StepPlan(
+            self.config.context_tokens,
+            StepRequests(messages, list(steps), resolved, **self._layout()),
+        )
 
-        async def one(index: int) -> StepOutcome:
-            request = requests.request(index)
-
+        def parse_for(index: int) -> Callable[[str], Judgment]:
             def parse(text: str) -> Judgment:
                 return parse_step_answer(text, index, self.config.labels)
 
-            votes = await self._vote(request, parse)
+            return parse
+
+        async def one(index: int) -> StepOutcome:
+            nonlocal plan
+            carried = Usage()
+            for replans in itertools.count():
+                asked = plan
+                request = asked.requests.request(index)
+                votes = await self._vote(request, parse_for(index))
+                refusal = _context_refusal(votes)
+                if refusal is None or replans >= MAX_REPLANS:
+                    break
+                if plan is asked:  # else another step re-planned meanwhile: ask with that
+                    smaller = self._smaller_budget(asked.budget, request, refusal)
+                    if smaller is None:
+                        break
+                    fresh = _StepPlan(
+                        smaller,
+                        StepRequests(messages, list(steps), resolved, **self._layout(smaller)),
+                    )
+                    try:
+                        fresh.requests.request(index)
+                    except PromptTooLargeError:
+                        break
+                    log.info(
+                        "critic refused a step prompt of ~%d tokens as too long; re-planned "
+                        "with a budget of %d tokens (was %d)",
+                        request.approx_prompt_tokens,
+                        smaller,
+                        asked.budget,
+                    )
+                    plan = fresh
+                carried.merge(votes.usage)
+            votes.usage.merge(carried)
             return self._decide(index, votes.answers, votes, 0, 1)
 
         pending = [asyncio.ensure_future(one(index)) for index in targets]
@@ -221,6 +311,55 @@ class Judge:
                 task.cancel()
 
     # ------------------------------------------------------------------ internals
+
+    def _replanned(
+        self,
+        messages: list[dict[str, Any]],
+        steps: Sequence[Step],
+        resolved: bool | None,
+        budget: int,
+        window: CriticRequest,
+        refusal: ContextRefusal,
+    ) -> tuple[int, list[CriticRequest]] | None:
+        """A smaller budget and the trajectory's windows planned for it, after `window` was
+        refused as too long; None when no smaller budget gives a plan."""
+        smaller = self._smaller_budget(budget, window, refusal)
+        if smaller is None:
+            return None
+        try:
+            windows = trajectory_windows(messages, list(steps), resolved, **self._layout(smaller))
+        except PromptTooLargeError:
+            return None
+        log.info(
+            "critic refused a prompt of ~%d tokens as too long; re-planned the trajectory "
+            "with a budget of %d tokens (was %d)",
+            window.approx_prompt_tokens,
+            smaller,
+            budget,
+        )
+        return smaller, windows
+
+    def _smaller_budget(
+        self, budget: int, request: CriticRequest, refusal: ContextRefusal
+    ) -> int | None:
+        """The context budget to re-plan with after `request` was refused as too long, or
+        None when no smaller budget leaves room for a prompt beside the answer's reserve.
+
+        With the server's numbers, our measure of the prompt is scaled by how the server
+        counted it, so the next prompts fit its context with REPLAN_MARGIN to spare; without
+        them the budget shrinks by REPLAN_SHARE."""
+        reserve = min(request.max_completion_tokens, self.config.max_answer_tokens)
+        limit = refusal.context_tokens
+        counted = refusal.prompt_tokens
+        if counted is None and refusal.requested_tokens is not None:
+            counted = refusal.requested_tokens - reserve
+        smaller = math.floor(budget * REPLAN_SHARE)
+        if limit is not None and counted is not None and counted > 0:
+            room = (limit - reserve) * request.approx_prompt_tokens / counted
+            smaller = min(reserve + math.floor(room * REPLAN_MARGIN), math.floor(budget * 0.95))
+        elif limit is not None:
+            smaller = min(smaller, limit)
+        return smaller if smaller > reserve else None
 
     async def _vote(self, request: CriticRequest, parse: Callable[[str], T]) -> _Votes[T]:
         results = await asyncio.gather(
@@ -302,7 +441,10 @@ class Judge:
             except CriticCallError as exc:
                 if not exc.retryable or usage.attempts >= self.config.max_attempts:
                     raise JudgeFailedError(
-                        f"{exc} (after {usage.attempts} attempts)", exc.kind, usage
+                        f"{exc} (after {usage.attempts} attempts)",
+                        exc.kind,
+                        usage,
+                        exc.refusal,
                     ) from exc
                 await self._sleep(self._backoff(usage.attempts, exc.retry_after))
                 continue
@@ -316,5 +458,26 @@ class Judge:
                         ErrorKind.UNPARSEABLE,
                         usage,
                     ) from exc
-                # Ask again in the same conversation, saying what was wrong.
-                messages = reask_messages(request, completion.text, str(exc))
+                # Ask again in the same conversation, saying what was wrong (quoting the
+                # answer, not a reasoning model's thoughts before it).
+                answer = answer_part(completion.text)
+                quoted = completion.text if answer is None else answer
+                messages = reask_messages(request, quoted, str(exc))
+
+
+@dataclass(frozen=True)
+class _StepPlan:
+    """Step-mode requests of one trajectory laid out for one context budget."""
+
+    budget: int
+    requests: StepRequests
+
+
+def _context_refusal(votes: _Votes[Any]) -> ContextRefusal | None:
+    """What the server said, when every vote of a request was refused as too long."""
+    if any(answer is not None for answer in votes.answers) or not votes.errors:
+        return None
+    refusals = [error.refusal for error in votes.errors]
+    if any(error.kind != ErrorKind.CONTEXT_EXCEEDED for error in votes.errors):
+        return None
+    return next((r for r in refusals if r is not None), ContextRefusal())

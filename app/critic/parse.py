@@ -7,6 +7,12 @@ instead of `index`; an index written as a numeric string; a bare list instead of
 (cut). Rejected, with a message that says exactly what was wrong (it is quoted back to the
 model when re-asking): no JSON, truncated or invalid JSON, unknown labels, and steps that are
 missing, repeated or not asked for.
+
+Reasoning models: a server's reasoning parser puts the thoughts in `reasoning_content` (never
+read here); without one they arrive in the content as `<think>...</think>` before the answer,
+or, when the chat template opened the block in the prompt, as thoughts ending in a lone
+`</think>`. Only what follows the first `</think>` is the answer, so JSON inside the thoughts
+is never taken for it; a `<think>` that never closes (the answer was cut) is no answer.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ _JSON_START = re.compile(r"""\{(?=\s*["'}])|\[(?=\s*[\[{"'\]\d-])""")
 # Prose may hold many JSON-looking values before the answer; stop looking at some point.
 _MAX_JSON_STARTS = 64
 _NOTHING = object()
+_THINK_OPEN = re.compile(r"\s*<think\s*>", re.IGNORECASE)
+_THINK_CLOSE = re.compile(r"</think\s*>", re.IGNORECASE)
 
 
 class CriticAnswerError(Exception):
@@ -94,10 +102,30 @@ def parse_step_answer(text: str | None, step_index: int, labels: LabelSet) -> Ju
 # ---------------------------------------------------------------------------- finding JSON
 
 
+def answer_part(text: str) -> str | None:
+    """The answer without a reasoning model's thoughts (see the module docstring); None when
+    the text is all thoughts, in a `<think>` block that never closes."""
+    closing = _THINK_CLOSE.search(text)
+    if closing is not None:
+        return text[closing.end() :]
+    if _THINK_OPEN.match(text) is not None:
+        return None
+    return text
+
+
 def _answer_value(text: str | None) -> Any:
     """The JSON value that answers: from fenced blocks first, then from the whole text."""
     if text is None or not text.strip():
         raise CriticAnswerError("the answer is empty")
+    answer = answer_part(text)
+    if answer is None:
+        raise CriticAnswerError(
+            "the answer is truncated: the <think> block never closed, so there is no answer "
+            "after the thoughts"
+        )
+    if not answer.strip():
+        raise CriticAnswerError("the answer is empty after the thoughts")
+    text = answer
     first_error: json.JSONDecodeError | None = None
     fallback: list[Any] = []  # valid JSON of the wrong shape, for validation to explain
     for source in [*_FENCE.findall(text), text]:

@@ -61,7 +61,11 @@ reading back.
 
 Token estimates are a cheap heuristic, ceil(characters / 3.5) per message plus a small
 per-message overhead; no tokenizer is needed, and the rules critic reports usage with the same
-rule, so estimates and reported usage agree.
+rule, so estimates and reported usage agree. The estimate is off by tens of percent on code
+and logs, so windows may be measured with the critic model's own tokenizer instead: a
+`TokenCounter` (text -> tokens) passed in by the caller, which loads it (this module loads
+nothing). Each rendered step block is counted once per shortening and cached, since the layout
+measures many candidate windows while it searches for caps.
 """
 
 from __future__ import annotations
@@ -84,6 +88,9 @@ from app.errors import SrftError
 from app.recipe.steps import Step
 from app.status import JobMode, PromptVariant
 from app.trajectories.formats.base import text_of
+
+# Counts the tokens of a text with the critic model's tokenizer (no special tokens).
+TokenCounter = Callable[[str], int]
 
 PROMPT_VERSION = "srft-critic-2"
 
@@ -865,12 +872,14 @@ class _Layout:
         context_tokens: int,
         reserve_tokens: int,
         templates: PromptTemplates | None = None,
+        count_tokens: TokenCounter | None = None,
     ) -> None:
         self.mode = mode
         self.labels = labels
         self.templates = templates or BUILT_IN
         self.context_tokens = context_tokens
         self.reserve_tokens = reserve_tokens
+        self.count_tokens = count_tokens
         self.task = neutralise(task_text(messages))
         self.outcome = outcome_sentence(resolved)
         self.texts = [
@@ -893,6 +902,16 @@ class _Layout:
             [{"role": "system", "content": self.system}], self.response_format
         )
         self._blocks: dict[tuple[int, int | None, int | None], str] = {}
+        # With a tokenizer: the tokens of each block, and of other parts, counted once.
+        self._block_tokens: dict[tuple[int, int | None, int | None], int] = {}
+        self._counted: dict[str, int] = {}
+        if count_tokens is not None:
+            self._fixed_tokens = (
+                REQUEST_OVERHEAD_TOKENS
+                + MESSAGE_OVERHEAD_TOKENS
+                + count_tokens(self.system)
+                + count_tokens(json.dumps(self.response_format))
+            )
 
     # -- rendering
 
@@ -951,7 +970,10 @@ class _Layout:
 
     def prompt_tokens(self, window: _Window) -> int:
         """Exactly what `estimate_prompt_tokens` gives for the window's request, without
-        joining the text (the user message is header, blocks and footer joined by newlines)."""
+        joining the text (the user message is header, blocks and footer joined by newlines);
+        with a tokenizer, the sum of its parts' counts."""
+        if self.count_tokens is not None:
+            return self._counted_tokens(window)
         blocks = sum(
             len(self.block(p, window.observation_cap, window.text_cap))
             for p in range(window.start, window.end)
@@ -964,6 +986,36 @@ class _Layout:
             tokens += MESSAGE_OVERHEAD_TOKENS + estimate_tokens(
                 step_question(last, self.labels, self.templates)
             )
+        return tokens
+
+    def _counted_tokens(self, window: _Window) -> int:
+        """The window's prompt in the tokenizer's tokens: each part counted once and cached,
+        one token for each newline that joins two parts (a tokenizer may merge it into a
+        neighbour; counting it keeps the sum from falling short)."""
+        caps = (window.observation_cap, window.text_cap)
+        blocks = 0
+        for position in range(window.start, window.end):
+            key = (position, *caps)
+            tokens = self._block_tokens.get(key)
+            if tokens is None:
+                tokens = self._count(self.block(position, *caps), cache=False)
+                self._block_tokens[key] = tokens
+            blocks += tokens
+        tokens = self._fixed_tokens + MESSAGE_OVERHEAD_TOKENS + blocks
+        tokens += self._count(self.header(window)) + self._count(self.footer(window))
+        tokens += window.end - window.start + 1  # the newlines between the parts
+        if self.mode == JobMode.STEP:
+            last = self.indices[window.end - 1]
+            tokens += MESSAGE_OVERHEAD_TOKENS + self._count(step_question(last, self.labels))
+        return tokens
+
+    def _count(self, text: str, *, cache: bool = True) -> int:
+        assert self.count_tokens is not None
+        if not cache:
+            return self.count_tokens(text)
+        tokens = self._counted.get(text)
+        if tokens is None:
+            tokens = self._counted[text] = self.count_tokens(text)
         return tokens
 
     def fits(self, window: _Window) -> bool:
@@ -1094,7 +1146,11 @@ def _assemble(
         response_format=layout.response_format,
         target_indices=targets,
         shown_indices=tuple(layout.indices[window.start : window.end]),
-        approx_prompt_tokens=estimate_prompt_tokens(messages, layout.response_format),
+        approx_prompt_tokens=(
+            estimate_prompt_tokens(messages, layout.response_format)
+            if layout.count_tokens is None
+            else layout.prompt_tokens(window)
+        ),
         max_completion_tokens=layout.reserve_tokens,
         prompt_hash=layout.hash,
         observation_cap=window.observation_cap,
@@ -1113,12 +1169,14 @@ def trajectory_windows(
     context_tokens: int,
     reserve_tokens: int = DEFAULT_RESERVE_TOKENS,
     templates: PromptTemplates | None = None,
+    count_tokens: TokenCounter | None = None,
 ) -> list[CriticRequest]:
     """Trajectory-mode requests: one when the trajectory fits, else overlapping windows.
 
     Every step is a target of exactly one request; a window also shows up to CONTEXT_STEPS
     earlier steps as context. A window labels at most as many steps as `reserve_tokens` (the
-    answer's room) can hold at ANSWER_TOKENS_PER_STEP each.
+    answer's room) can hold at ANSWER_TOKENS_PER_STEP each. `count_tokens` measures prompts
+    with the critic's tokenizer instead of the estimate.
     """
     layout = _Layout(
         messages,
@@ -1129,6 +1187,7 @@ def trajectory_windows(
         context_tokens,
         reserve_tokens,
         templates,
+        count_tokens,
     )
     return [_request(layout, window) for window in _plan(layout)]
 
@@ -1151,6 +1210,7 @@ class StepRequests:
         context_tokens: int,
         reserve_tokens: int = DEFAULT_RESERVE_TOKENS,
         templates: PromptTemplates | None = None,
+        count_tokens: TokenCounter | None = None,
     ) -> None:
         self._layout = _Layout(
             messages,
@@ -1161,6 +1221,7 @@ class StepRequests:
             context_tokens,
             reserve_tokens,
             templates,
+            count_tokens,
         )
         self._positions = {index: position for position, index in enumerate(self._layout.indices)}
         self._windows: list[_Window] | None = None

@@ -13,8 +13,9 @@ It answers prompts built by `app.critic.prompt`, in both modes, with the labels 
 - `GET /v1/models`.
 - Fault injection, from the start (`faults=`) or at run time: `GET|POST|DELETE /admin/faults`.
 - `GET /admin/stats`, `POST /admin/stats/reset`.
-- `GET /admin/requests`: the messages of the last requests it answered (newest last), so a
-  test can check exactly what a critic was sent.
+- `GET /admin/requests`: the messages of the last requests it answered (newest last), with the
+  body's other fields (`fields`: model, temperature, max_tokens, seed, response_format, ...),
+  so a test can check exactly what a critic was sent.
 
 When an API key is configured every endpoint, admin included, wants `Authorization: Bearer
 <key>`, and answers 401 with an OpenAI-style error otherwise.
@@ -39,6 +40,35 @@ Kinds: `429` (Retry-After and retry-after-ms headers, `retry_after` seconds, def
 `malformed` (the answer written as a Python literal after a line of prose: not JSON),
 `truncated` (the JSON answer cut in half, `finish_reason: "length"`), `wrong_count`
 (trajectory mode: the last asked step is left out; step mode: the answer names the next step).
+
+Serving-stack variants: the server behaves like one kind of server, chosen at start
+(`variants=` / `srft critic serve-rules --variant NAME`, repeatable) or per request by a
+`rules_variant` field in the body (a name or a list of names, added to those of the start; a
+job sends it with `critic.extra_body`, as it would send any server-specific knob). Several may
+be combined. Every answer carries `system_fingerprint` and `completion_tokens_details.
+reasoning_tokens`.
+
+- `reasoning_content` / `reasoning`: a reasoning parser's answer (vLLM, SGLang, DeepSeek): the
+  thoughts in `message.reasoning_content` (or `message.reasoning`), the answer in `content`;
+- `think_tags`: a reasoning model without a parser (Qwen3, R1): `<think>thoughts</think>`
+  then the answer, all in `content`; `think_open`: the chat template opened `<think>` in the
+  prompt, so `content` is the thoughts, a lone `</think>`, then the answer. The thoughts of all
+  four hold a decoy verdict (the JSON form of the answer with every label wrong, at most
+  DECOY_STEPS entries of it), and count as reasoning tokens; `max_tokens` cuts thoughts and
+  answer together, so a small one leaves a thought block that never closes;
+- `no_response_format`: refuses a `response_format` of type `json_schema` with the 400 of a
+  vLLM that does not know it (a validation error naming `response_format`);
+- `json_schema`: enforces a `json_schema` response format as constrained decoding does: a
+  malformed schema is a 400, and the answer is the bare JSON, checked against the schema
+  (never the `malformed` fault's prose);
+- `max_completion_tokens`: refuses `max_tokens` as OpenAI's reasoning models do (400,
+  `unsupported_parameter`: use `max_completion_tokens`);
+- `context_vllm`, `context_sglang`, `context_openai`: a context of `context_tokens` tokens
+  (start option, or `rules_context_tokens` in the body; default RULES_CONTEXT_TOKENS), counted
+  by the server's own tokenizer-like count (words and punctuation marks, not characters / 3.5),
+  refusing a longer prompt plus its `max_tokens` with that server's 400 wording.
+
+Refusals are counted in `GET /admin/stats` under `refused` (by the field refused).
 """
 
 from __future__ import annotations
@@ -50,6 +80,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Mapping, Sequence
@@ -68,6 +99,25 @@ from app.status import JobMode
 
 log = logging.getLogger(__name__)
 
+VARIANTS: tuple[str, ...] = (
+    "reasoning_content",
+    "reasoning",
+    "think_tags",
+    "think_open",
+    "no_response_format",
+    "json_schema",
+    "max_completion_tokens",
+    "context_vllm",
+    "context_sglang",
+    "context_openai",
+)
+_REASONING_VARIANTS = ("reasoning_content", "reasoning", "think_tags", "think_open")
+_CONTEXT_VARIANTS = ("context_vllm", "context_sglang", "context_openai")
+RULES_CONTEXT_TOKENS = 8192
+DECOY_STEPS = 8
+# The server's own count: a token per word and per punctuation mark, as a tokenizer of code
+# and logs roughly does (heavier than characters / 3.5 on such text).
+_SERVER_TOKEN = re.compile(r"\w+|[^\w\s]")
 FaultKind = Literal["429", "500", "hang", "malformed", "truncated", "wrong_count"]
 FAULT_KINDS: tuple[str, ...] = ("429", "500", "hang", "malformed", "truncated", "wrong_count")
 MODEL_ID = "rules"
@@ -155,8 +205,10 @@ class Stats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    reasoning_tokens: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -171,7 +223,9 @@ class Stats:
                 "prompt": self.prompt_tokens,
                 "completion": self.completion_tokens,
                 "cached": self.cached_tokens,
+                "reasoning": self.reasoning_tokens,
             },
+            "refused": dict(self.refused),
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
         }
@@ -250,15 +304,24 @@ class _Answer:
 class RulesCritic:
     """The server's state and behaviour, apart from HTTP plumbing."""
 
-    def __init__(self, latency_ms: int, plan: FaultPlan, api_key: str | None) -> None:
+    def __init__(
+        self,
+        latency_ms: int,
+        plan: FaultPlan,
+        api_key: str | None,
+        variants: frozenset[str] = frozenset(),
+        context_tokens: int | None = None,
+    ) -> None:
         self.latency_ms = plan.latency_ms if plan.latency_ms is not None else latency_ms
         self.api_key = api_key
+        self.variants = variants
+        self.context_tokens = context_tokens
         self.faults = [_ArmedFault(rule) for rule in plan.faults]
         self.stats = Stats()
         self._seen_prefixes = _Memory(_MEMORY)  # digest -> prompt tokens of that prefix
         self._request_counts = _Memory(_MEMORY)  # full-request digest -> times seen
         self._prefixes = _Memory(_PARSED_MEMORY)  # prefix digest -> (PromptPrefix, verdicts)
-        self.recent: deque[list[Any]] = deque(maxlen=_RECENT_REQUESTS)
+        self.recent: deque[dict[str, Any]] = deque(maxlen=_RECENT_REQUESTS)
 
     # -- configuration
 
@@ -285,28 +348,140 @@ class RulesCritic:
 
     # -- answering
 
-    def complete(self, body: dict[str, Any], fault: FaultRule | None) -> dict[str, Any]:
+    def variants_of(self, body: dict[str, Any]) -> frozenset[str]:
+        """The variants that apply to a request: those of the start and of its body."""
+        asked = body.get("rules_variant")
+        names = [asked] if isinstance(asked, str) else asked
+        if names is None:
+            return self.variants
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise RequestError(400, "`rules_variant` must be a variant name or a list of them")
+        unknown = sorted(set(names) - set(VARIANTS))
+        if unknown:
+            raise RequestError(
+                400,
+                f"unknown rules_variant {', '.join(unknown)}; known: {', '.join(VARIANTS)}",
+            )
+        return self.variants | frozenset(names)
+
+    def refuse(self, body: dict[str, Any], variants: frozenset[str]) -> None:
+        """Raise the 400 the emulated server would answer for this body, if any."""
+        response_format = body.get("response_format")
+        is_schema = (
+            isinstance(response_format, dict) and response_format.get("type") == "json_schema"
+        )
+        if "no_response_format" in variants and is_schema:
+            self.stats.refused["response_format"] += 1
+            raise RequestError(
+                400,
+                "1 validation error for ChatCompletionRequest\nresponse_format.type\n  Input "
+                "should be 'text' or 'json_object' [type=literal_error, "
+                "input_value='json_schema', input_type=str]",
+                kind="BadRequestError",
+            )
+        if "json_schema" in variants and is_schema:
+            assert isinstance(response_format, dict)
+            spec = response_format.get("json_schema")
+            if not (
+                isinstance(spec, dict)
+                and isinstance(spec.get("name"), str)
+                and isinstance(spec.get("schema"), dict)
+            ):
+                self.stats.refused["response_format"] += 1
+                raise RequestError(
+                    400,
+                    "Invalid schema for response_format: `json_schema` must be an object with "
+                    "a `name` and a `schema`.",
+                    code="invalid_json_schema",
+                )
+        if "max_completion_tokens" in variants and body.get("max_tokens") is not None:
+            self.stats.refused["max_tokens"] += 1
+            raise RequestError(
+                400,
+                "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                "'max_completion_tokens' instead.",
+                code="unsupported_parameter",
+            )
+        styles = [v for v in _CONTEXT_VARIANTS if v in variants]
+        if styles:
+            self._refuse_long(body, styles[0])
+
+    def _refuse_long(self, body: dict[str, Any], style: str) -> None:
+        limit = body.get("rules_context_tokens", self.context_tokens or RULES_CONTEXT_TOKENS)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise RequestError(400, "`rules_context_tokens` must be a positive integer")
+        prompt = server_prompt_tokens(body["messages"])
+        answer = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+        answer = answer if isinstance(answer, int) else 0
+        requested = prompt + answer
+        if requested <= limit:
+            return
+        self.stats.refused["context_length"] += 1
+        if style == "context_sglang":
+            if prompt >= limit:
+                message = (
+                    f"The input ({prompt} tokens) is longer than the model's context length "
+                    f"({limit} tokens)."
+                )
+            else:
+                message = (
+                    f"Requested token count exceeds the model's maximum context length of "
+                    f"{limit} tokens. You requested a total of {requested} tokens: {prompt} "
+                    f"tokens from the input messages and {answer} tokens for the completion. "
+                    "Please reduce the number of tokens in the input messages or the "
+                    "completion to fit within the limit."
+                )
+            raise RequestError(400, message, kind="BadRequestError")
+        if style == "context_openai":
+            raise RequestError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {requested} tokens ({prompt} in the messages, {answer} in the "
+                "completion). Please reduce the length of the messages or completion.",
+                code="context_length_exceeded",
+            )
+        raise RequestError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{requested} tokens ({prompt} in the messages, {answer} in the completion). "
+            "Please reduce the length of the messages or completion.",
+            kind="BadRequestError",
+        )
+
+    def complete(
+        self,
+        body: dict[str, Any],
+        fault: FaultRule | None,
+        variants: frozenset[str] = frozenset(),
+    ) -> dict[str, Any]:
         """A ChatCompletion for a validated body (see `_validated`)."""
         messages: list[Any] = body["messages"]
-        self.recent.append(messages)
+        self.recent.append(
+            {"messages": messages, "fields": {k: v for k, v in body.items() if k != "messages"}}
+        )
         digests = _message_digests(messages, body.get("response_format"))
         parsed, verdicts = self._read(messages, digests)
         prompt_tokens = estimate_prompt_tokens(messages, body.get("response_format"))
         cached = self._cached_tokens(messages, digests, body.get("response_format"))
         temperature = float(body.get("temperature") or 0.0)
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        schema = _enforced_schema(body, variants)
         choices = []
-        completion_tokens = 0
+        completion_tokens = reasoning_tokens = 0
         order = _answer_order(body.get("response_format"))
         for number in range(int(body.get("n") or 1)):
             seed = f"{digests[-1]}:{self._next_count(digests[-1])}"
-            answer = _answer(parsed, verdicts, temperature, seed, fault, limit, order)
-            completion_tokens += estimate_tokens(answer.content)
+            answer = _answer(parsed, verdicts, temperature, seed, fault, limit, order, schema)
+            message, thought_tokens = _reasoned(answer, parsed, verdicts, variants, limit)
+            completion_tokens += estimate_tokens(answer.content) + thought_tokens
+            reasoning_tokens += thought_tokens
             choices.append(
                 {
                     "index": number,
-                    "message": {"role": "assistant", "content": answer.content, "refusal": None},
-                    "finish_reason": answer.finish_reason,
+                    "message": message,
+                    "finish_reason": "length"
+                    if message.pop("_cut", False)
+                    else answer.finish_reason,
                     "logprobs": None,
                 }
             )
@@ -316,6 +491,7 @@ class RulesCritic:
         self.stats.prompt_tokens += prompt_tokens
         self.stats.completion_tokens += completion_tokens
         self.stats.cached_tokens += cached
+        self.stats.reasoning_tokens += reasoning_tokens
         return {
             "id": f"chatcmpl-rules-{self.stats.completions}",
             "object": "chat.completion",
@@ -328,7 +504,7 @@ class RulesCritic:
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": cached},
-                "completion_tokens_details": {"reasoning_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
             },
         }
 
@@ -378,6 +554,7 @@ def _answer(
     fault: FaultRule | None,
     limit: Any,
     order: Sequence[str] = (),
+    schema: dict[str, Any] | None = None,
 ) -> _Answer:
     entries = _sampled(verdicts, parsed.label_names, temperature, seed)
     if order:
@@ -391,6 +568,12 @@ def _answer(
     value: Any = {"steps": entries} if parsed.mode == JobMode.TRAJECTORY else entries[0]
     content = json.dumps(value)
     finish = "stop"
+    if schema is not None:
+        # Constrained decoding: the answer is the schema's JSON, whatever else would happen.
+        problem = schema_violation(value, schema)
+        if problem is not None:
+            raise RequestError(500, f"the answer does not fit the requested schema: {problem}")
+        kind = None if kind == "malformed" else kind
     if kind == "malformed":
         content = f"Here are my labels:\n{value!r}"
     elif kind == "truncated":
@@ -411,6 +594,114 @@ def _answer_order(response_format: Any) -> tuple[str, ...]:
     except (KeyError, TypeError):
         return ()
     return keys if sorted(keys) == ["index", "label", "reason"] else ()
+
+
+def server_prompt_tokens(messages: Sequence[Any]) -> int:
+    """A prompt's length as the context variants count it (see `_SERVER_TOKEN`)."""
+    total = 3
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else message
+        text = content if isinstance(content, str) else json.dumps(content)
+        total += 4 + len(_SERVER_TOKEN.findall(text))
+    return total
+
+
+def _enforced_schema(body: dict[str, Any], variants: frozenset[str]) -> dict[str, Any] | None:
+    response_format = body.get("response_format")
+    if "json_schema" not in variants or not isinstance(response_format, dict):
+        return None
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    return schema if isinstance(schema, dict) else None
+
+
+def schema_violation(value: Any, schema: dict[str, Any], where: str = "answer") -> str | None:
+    """What in `value` breaks `schema`, for the JSON Schema subset structured outputs use
+    (type, properties, required, additionalProperties: false, items, enum); None if nothing."""
+    kinds: dict[str, type | tuple[type, ...]] = {
+        "object": dict,
+        "array": list,
+        "string": str,
+        "integer": int,
+        "number": (int, float),
+        "boolean": bool,
+    }
+    expected = schema.get("type")
+    if isinstance(expected, str) and expected in kinds:
+        wrong_bool = expected in ("integer", "number") and isinstance(value, bool)
+        if wrong_bool or not isinstance(value, kinds[expected]):
+            return f"{where} is not of type {expected}"
+    if "enum" in schema and value not in schema["enum"]:
+        return f"{where} is not one of {schema['enum']}"
+    if isinstance(value, dict):
+        properties = schema.get("properties") or {}
+        for name in schema.get("required") or []:
+            if name not in value:
+                return f"{where}.{name} is missing"
+        if schema.get("additionalProperties") is False:
+            extra = sorted(set(value) - set(properties))
+            if extra:
+                return f"{where} has properties the schema does not allow: {', '.join(extra)}"
+        for name, item in value.items():
+            if name in properties:
+                problem = schema_violation(item, properties[name], f"{where}.{name}")
+                if problem:
+                    return problem
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for number, item in enumerate(value):
+            problem = schema_violation(item, schema["items"], f"{where}[{number}]")
+            if problem:
+                return problem
+    return None
+
+
+def _reasoned(
+    answer: _Answer,
+    parsed: rules.ParsedPrompt,
+    verdicts: list[rules.RuleVerdict],
+    variants: frozenset[str],
+    limit: Any,
+) -> tuple[dict[str, Any], int]:
+    """The answer's message as the emulated server writes it, and its reasoning tokens (see
+    the module docstring). The key `_cut` marks an answer cut at `limit` here."""
+    message: dict[str, Any] = {"role": "assistant", "content": answer.content, "refusal": None}
+    style = next((v for v in _REASONING_VARIANTS if v in variants), None)
+    if style is None:
+        return message, 0
+    thoughts = _thoughts(parsed, verdicts)
+    thought_tokens = estimate_tokens(thoughts)
+    if style in ("reasoning_content", "reasoning"):
+        message[style] = thoughts
+        return message, thought_tokens
+    opening = "<think>\n" if style == "think_tags" else ""
+    content = f"{opening}{thoughts}\n</think>\n\n{answer.content}"
+    if isinstance(limit, int) and limit > 0 and estimate_tokens(content) > limit:
+        content = content[: math.floor(limit * CHARS_PER_TOKEN)]
+        message["_cut"] = True
+    message["content"] = content
+    return message, thought_tokens
+
+
+def _thoughts(parsed: rules.ParsedPrompt, verdicts: list[rules.RuleVerdict]) -> str:
+    """A reasoning model's thoughts, holding a decoy verdict: the answer's JSON form with
+    every label wrong, which a parser that reads the thoughts would take."""
+    names = parsed.label_names
+
+    def wrong(label: str) -> str:
+        return next((n for n in names if n != label), label)
+
+    # At most DECOY_STEPS entries: thoughts that grow with the answer would crowd it out of
+    # `max_tokens` (a parser that took a short decoy fails on the missing steps instead).
+    entries = [
+        {"index": v.index, "label": wrong(v.label), "reason": "first guess, before checking"}
+        for v in verdicts[:DECOY_STEPS]
+    ]
+    decoy: Any = {"steps": entries} if parsed.mode == JobMode.TRAJECTORY else entries[0]
+    return (
+        "Let me look at what each step did and what it printed. A first guess, before "
+        f"checking the observations:\n{json.dumps(decoy)}\nNow checking each step against "
+        "its observation and the steps after it; several guesses above were wrong."
+    )
 
 
 def _sampled(
@@ -503,9 +794,20 @@ def create_rules_app(
     latency_ms: int = 0,
     faults: FaultPlan | Mapping[str, Any] | Sequence[Any] | str | None = None,
     api_key: str | None = None,
+    variants: Sequence[str] = (),
+    context_tokens: int | None = None,
 ) -> FastAPI:
-    """The rules critic app. `faults`: a fault plan (model, mapping, list of rules or JSON)."""
-    critic = RulesCritic(latency_ms, _normalised_plan(faults), api_key)
+    """The rules critic app. `faults`: a fault plan (model, mapping, list of rules or JSON);
+    `variants`: the serving-stack variants it emulates for every request (see the module
+    docstring); `context_tokens`: the context of the `context_*` variants."""
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(
+            f"unknown rules critic variant {', '.join(unknown)}; known: {', '.join(VARIANTS)}"
+        )
+    critic = RulesCritic(
+        latency_ms, _normalised_plan(faults), api_key, frozenset(variants), context_tokens
+    )
     log.warning(
         "the rules critic labels steps with heuristics (failing output, exact repeats, "
         "recoveries), not with an LLM"
@@ -566,8 +868,8 @@ def create_rules_app(
 
     @app.get("/admin/requests")
     async def get_requests() -> dict[str, Any]:
-        """The messages of the last requests answered, oldest first."""
-        return {"requests": [{"messages": messages} for messages in critic.recent]}
+        """The messages and other body fields of the last requests answered, oldest first."""
+        return {"requests": list(critic.recent)}
 
     @app.post("/admin/stats/reset")
     async def reset_stats() -> dict[str, Any]:
@@ -584,6 +886,8 @@ async def _chat_completion(critic: RulesCritic, request: Request) -> JSONRespons
         body = _validated(json.loads(await request.body()))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"the request body is not valid JSON: {exc}") from exc
+    variants = critic.variants_of(body)
+    critic.refuse(body, variants)
     fault = critic.pick_fault()
     if fault is not None and fault.kind == "429":
         seconds = fault.retry_after
@@ -607,7 +911,7 @@ async def _chat_completion(critic: RulesCritic, request: Request) -> JSONRespons
         await _sleep_unless_gone(request, fault.seconds)
     if critic.latency_ms:
         await asyncio.sleep(critic.latency_ms / 1000)
-    return JSONResponse(critic.complete(body, fault))
+    return JSONResponse(critic.complete(body, fault, variants))
 
 
 def serve_rules(
@@ -617,19 +921,33 @@ def serve_rules(
     faults_json: str | None = None,
     api_key: str | None = None,
     *,
+    variants: Sequence[str] = (),
+    context_tokens: int | None = None,
     log_level: str = "info",
     access_log: bool = False,
 ) -> None:
-    """Run the rules critic until interrupted (blocking). Raises ValueError on a bad plan."""
+    """Run the rules critic until interrupted (blocking). Raises ValueError on a bad plan or
+    an unknown variant."""
     try:
         plan = _normalised_plan(faults_json)
     except ValidationError as exc:
         raise ValueError(f"invalid fault plan: {exc}") from exc
-    app = create_rules_app(latency_ms=latency_ms, faults=plan, api_key=api_key)
+    app = create_rules_app(
+        latency_ms=latency_ms,
+        faults=plan,
+        api_key=api_key,
+        variants=variants,
+        context_tokens=context_tokens,
+    )
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log)
 
 
-def start_rules_server_thread(latency_ms: int = 0, host: str = "127.0.0.1") -> int:
+def start_rules_server_thread(
+    latency_ms: int = 0,
+    host: str = "127.0.0.1",
+    variants: Sequence[str] = (),
+    context_tokens: int | None = None,
+) -> int:
     """Serve the rules critic from a daemon thread of this process; return its port.
 
     Used when no SRFT_CRITIC_BASE_URL is configured, so the embedded default labels out of
@@ -643,9 +961,8 @@ def start_rules_server_thread(latency_ms: int = 0, host: str = "127.0.0.1") -> i
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     port: int = sock.getsockname()[1]
-    config = uvicorn.Config(
-        create_rules_app(latency_ms=latency_ms), log_level="warning", access_log=False
-    )
+    app = create_rules_app(latency_ms=latency_ms, variants=variants, context_tokens=context_tokens)
+    config = uvicorn.Config(app, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     # uvicorn installs no signal handlers outside the main thread, which is what we want.
     thread = threading.Thread(

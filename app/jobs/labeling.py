@@ -19,6 +19,7 @@ from app.config import Settings
 from app.critic.client import CriticClient, EndpointOptions
 from app.critic.judge import Judge, JudgeConfig, StepOutcome
 from app.critic.limits import Limiter
+from app.critic.prompt import TokenCounter
 from app.db import (
     OUTAGE_BACKOFF_MAX_S,
     Database,
@@ -35,12 +36,20 @@ from app.status import JobMode, JobStatus
 
 log = logging.getLogger("srft.worker")
 T = TypeVar("T")
+# A tokenizer by name (`trusted`: the operator's setting, not a job's option) as a token
+# counter, or None where it cannot be had (`app.worker.runtime.CriticTokenizers`).
+Tokenizers = Callable[[str, bool], TokenCounter | None]
 
 
-def judge_config(job: Job, settings: Settings) -> JudgeConfig:
+def judge_config(job: Job, settings: Settings, tokenizers: Tokenizers | None = None) -> JudgeConfig:
     """How the job's critic is asked: its columns, its stored options, and the settings for
-    what it leaves out."""
+    what it leaves out. With `tokenizers`, prompts are measured with the job's tokenizer (its
+    option, else SRFT_CRITIC_TOKENIZER) where it can be loaded."""
     options = job_service.critic_options(job)
+    name = options.tokenizer or settings.critic_tokenizer
+    count_tokens = (
+        tokenizers(name, options.tokenizer is None) if tokenizers is not None and name else None
+    )
     return JudgeConfig(
         model=job.critic_model,
         labels=job_service.job_labels(job),
@@ -58,6 +67,7 @@ def judge_config(job: Job, settings: Settings) -> JudgeConfig:
             structured_output=options.structured_output != "off",
         ),
         prompt=prompts.templates(options),
+        count_tokens=count_tokens,
     )
 
 
@@ -71,8 +81,10 @@ class Labeler:
         client: CriticClient,
         limiter: Limiter,
         run: Callable[[Coroutine[Any, Any, Any]], Any],
+        tokenizers: Tokenizers | None = None,
     ) -> None:
         self._database = database
+        self._tokenizers = tokenizers
         self._settings = settings
         self._client = client
         self._limiter = limiter
@@ -92,7 +104,7 @@ class Labeler:
             claim = workqueue.claim_unit(session, unit, self._settings.stale_after_s, token=token)
             if claim is not None:
                 job = claim.job
-                config = judge_config(job, self._settings)
+                config = judge_config(job, self._settings, self._tokenizers)
                 messages = claim.trajectory.messages
                 resolved = claim.trajectory.resolved
                 mode = job.mode

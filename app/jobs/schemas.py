@@ -212,6 +212,9 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    reasoning_tokens: int = Field(
+        description="Tokens a reasoning model spent thinking (part of completion_tokens)."
+    )
 
 
 class CriticOut(BaseModel):
@@ -268,6 +271,10 @@ class VerdictOut(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    reasoning_tokens: int
+    system_fingerprint: str | None = Field(
+        description="What the critic's server reported of its configuration, if anything."
+    )
     latency_ms: float | None
     attempts: int
     error: str | None

@@ -509,6 +509,7 @@ def describe(session: Session, job: Job) -> schemas.JobOut:
             prompt_tokens=totals[tallies.PROMPT_TOKENS],
             completion_tokens=totals[tallies.COMPLETION_TOKENS],
             cached_tokens=totals[tallies.CACHED_TOKENS],
+            reasoning_tokens=totals[tallies.REASONING_TOKENS],
         ),
         error=job.error,
         created_at=job.created_at,

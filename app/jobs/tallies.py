@@ -37,6 +37,7 @@ TRAJECTORIES_CACHED = "trajectories_cached"
 PROMPT_TOKENS = "prompt_tokens"
 COMPLETION_TOKENS = "completion_tokens"
 CACHED_TOKENS = "cached_tokens"
+REASONING_TOKENS = "reasoning_tokens"  # a reasoning model's thoughts, within COMPLETION_TOKENS
 # Critic time of done, uncached verdicts: how many, their sum in microseconds, and how many
 # took at most each bound of LATENCY_BUCKETS_S (cumulative, as Prometheus buckets are).
 LATENCY_COUNT = "latency_count"

@@ -72,6 +72,7 @@ class Finished:
     completion_tokens: int = 0
     cached_tokens: int = 0
     latency_ms: float | None = None
+    reasoning_tokens: int = 0
 
 
 DONE, FAILED = VerdictStatus.DONE, VerdictStatus.FAILED
@@ -108,6 +109,7 @@ def count_finished(session: Session, finished: Iterable[Finished], *, sign: int 
         step[tallies.PROMPT_TOKENS] += item.prompt_tokens
         step[tallies.COMPLETION_TOKENS] += item.completion_tokens
         step[tallies.CACHED_TOKENS] += item.cached_tokens
+        step[tallies.REASONING_TOKENS] += item.reasoning_tokens
     table = JobTrajectory.__table__
     assert isinstance(table, Table)
     for (job_id, trajectory_id), moved in sorted(per_trajectory.items()):
@@ -404,6 +406,7 @@ def record_outcomes(
                 completion_tokens=outcome.usage.completion_tokens,
                 cached_tokens=outcome.usage.cached_tokens,
                 latency_ms=round(outcome.usage.latency_s * 1000, 3),
+                reasoning_tokens=outcome.usage.reasoning_tokens,
             )
             for job_id, trajectory_id, _, outcome in outcomes
             if (job_id, trajectory_id, outcome.index) in written

@@ -21,10 +21,12 @@ from sqlalchemy.orm import Session
 from app.config import Settings, get_settings
 from app.critic.client import CriticClient
 from app.critic.limits import Limiter, LocalLimiter, RedisLimiter
+from app.critic.prompt import CHARS_PER_TOKEN, TokenCounter
 from app.db import Database, is_database_unavailable, outage_reason
 from app.exports import builder as export_builder
 from app.exports import queue as export_queue
 from app.exports import service as export_service
+from app.exports.tokenize import load_chat_tokenizer, load_export_tokenizer
 from app.jobs import queue as job_queue
 from app.jobs import service as job_service
 from app.jobs import workqueue
@@ -33,6 +35,54 @@ from app.jobs.workqueue import Unit
 
 log = logging.getLogger("srft.worker")
 T = TypeVar("T")
+
+
+class CriticTokenizers:
+    """The critic tokenizers of this process, loaded once each and kept by name, as token
+    counters (`app.jobs.labeling.Tokenizers`).
+
+    The operator's SRFT_CRITIC_TOKENIZER loads like a trainer's tokenizer; a job's own goes
+    through the rules of an export's tokenizer (a Hub id, or a folder under
+    SRFT_TOKENIZER_DIRS). One that cannot be loaded (no `transformers`, not found, not
+    allowed, not a fast tokenizer) is logged once and leaves prompts measured by the
+    estimate: counting is a refinement, and the server's own refusal still re-plans.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._roots = settings.tokenizer_roots
+        self._counters: dict[tuple[str, bool], TokenCounter | None] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, name: str, trusted: bool) -> TokenCounter | None:
+        key = (name, trusted)
+        with self._lock:
+            if key not in self._counters:
+                self._counters[key] = self._load(name, trusted)
+            return self._counters[key]
+
+    def _load(self, name: str, trusted: bool) -> TokenCounter | None:
+        try:
+            if trusted:
+                chat = load_chat_tokenizer(name)
+            else:
+                chat, _ = load_export_tokenizer(name, None, self._roots)
+        except Exception as error:  # whatever the failure, the estimate still measures
+            reason = getattr(error, "reason", None) or f"{type(error).__name__}: {error}"
+            log.warning(
+                "critic tokenizer %r cannot be loaded (%s); measuring prompts as characters "
+                "/ %s instead",
+                name,
+                reason,
+                CHARS_PER_TOKEN,
+            )
+            return None
+        backend = chat.tokenizer.backend_tokenizer
+
+        def count(text: str) -> int:
+            return len(backend.encode(text, add_special_tokens=False).ids)
+
+        log.info("measuring critic prompts with the tokenizer %r", name)
+        return count
 
 
 class WorkerRuntime:
@@ -48,7 +98,14 @@ class WorkerRuntime:
         api_key = settings.critic_api_key.get_secret_value() if settings.critic_api_key else None
         self.client = self.run(self._make_client(api_key))
         self.limiter: Limiter = self.run(self._make_limiter())
-        self.labeler = Labeler(self.database, settings, self.client, self.limiter, self.run)
+        self.labeler = Labeler(
+            self.database,
+            settings,
+            self.client,
+            self.limiter,
+            self.run,
+            CriticTokenizers(settings),
+        )
 
     async def _make_client(self, api_key: str | None) -> CriticClient:
         return CriticClient(

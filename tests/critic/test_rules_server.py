@@ -413,11 +413,12 @@ def test_stats_count_requests_modes_faults_and_tokens() -> None:
         "prompt": sum(u["prompt_tokens"] for u in usages),
         "completion": sum(u["completion_tokens"] for u in usages),
         "cached": sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages),
+        "reasoning": sum(u["completion_tokens_details"]["reasoning_tokens"] for u in usages),
     }
     assert stats["tokens"]["cached"] > 0
     reset = client.post("/admin/stats/reset").json()
     assert reset["requests"] == 0
-    assert reset["tokens"] == {"prompt": 0, "completion": 0, "cached": 0}
+    assert reset["tokens"] == {"prompt": 0, "completion": 0, "cached": 0, "reasoning": 0}
     assert set(reset["faults"].values()) == {0}
 
 

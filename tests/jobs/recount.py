@@ -27,6 +27,7 @@ def recount(database_url: str, job_id: str) -> dict[str, Any]:
                     Verdict.prompt_tokens,
                     Verdict.completion_tokens,
                     Verdict.cached_tokens,
+                    Verdict.reasoning_tokens,
                 ).where(Verdict.job_id == uuid.UUID(job_id))
             ).all()
             progress = {
@@ -41,7 +42,7 @@ def recount(database_url: str, job_id: str) -> dict[str, Any]:
     labels: Counter[str] = Counter()
     usage: Counter[str] = Counter()
     per_trajectory: dict[str, Counter[str]] = defaultdict(Counter)
-    for trajectory_id, status, cached, label, prompt, completion, cached_tokens in rows:
+    for trajectory_id, status, cached, label, prompt, completion, cached_tokens, thinking in rows:
         bucket = status if status in ("done", "failed") else "pending"
         for target in (steps, per_trajectory[str(trajectory_id)]):
             target["total"] += 1
@@ -53,6 +54,7 @@ def recount(database_url: str, job_id: str) -> dict[str, Any]:
         usage["prompt_tokens"] += prompt
         usage["completion_tokens"] += completion
         usage["cached_tokens"] += cached_tokens
+        usage["reasoning_tokens"] += thinking
     trajectories: Counter[str] = Counter(total=len(per_trajectory))
     for trajectory_id, counts in per_trajectory.items():
         assert progress[trajectory_id] == (
@@ -77,7 +79,10 @@ def recount(database_url: str, job_id: str) -> dict[str, Any]:
             "steps": {k: steps[k] for k in keys},
         },
         "labels": dict(sorted(labels.items())),
-        "usage": {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "cached_tokens")},
+        "usage": {
+            k: usage[k]
+            for k in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens")
+        },
     }
 
 

@@ -100,6 +100,35 @@ def test_real_trajectories_get_exactly_the_rules_labels(
         assert [v["label"] for v in mine] == [expected[(sample, step["index"])]]
 
 
+def test_a_reasoning_critic_with_its_endpoint_options_labels_the_real_runs(
+    api: Api, corpus: list[str], e2e_database_url: str, rules_critic: RulesCritic
+) -> None:
+    # The critic thinks in <think> tags (a decoy verdict inside) and, like OpenAI's reasoning
+    # models, refuses `max_tokens`: the job's options carry it through a real worker.
+    critic = {
+        "mode": "trajectory",
+        "max_tokens_param": "max_completion_tokens",
+        "seed": 11,
+        "extra_body": {"rules_variant": ["think_tags", "max_completion_tokens"], "top_k": 5},
+    }
+    job = api.start_job({"selection": {"trajectory_ids": corpus}, "critic": critic, "cache": False})
+    finished = api.wait(job["id"], timeout=240)
+    assert finished["status"] == "completed", finished
+    rows = _assert_one_verdict_per_step(e2e_database_url, finished)  # reasoning totals too
+    assert {(t, s): label for t, s, _, label in rows} == _expected(api, corpus)
+    assert finished["usage"]["reasoning_tokens"] > 0
+    assert finished["usage"]["reasoning_tokens"] < finished["usage"]["completion_tokens"]
+    verdicts = api.verdicts(job["id"])
+    assert {v["system_fingerprint"] for v in verdicts} == {"srft-rules"}
+    assert sum(v["reasoning_tokens"] for v in verdicts) == finished["usage"]["reasoning_tokens"]
+    assert all(v["attempts"] == 1 for v in verdicts)  # the decoy was never taken
+    fields = rules_critic.recent_fields()[-1]
+    assert "max_tokens" not in fields
+    assert fields["max_completion_tokens"] == 8192
+    assert (fields["seed"], fields["top_k"]) == (11, 5)
+    assert rules_critic.stats()["refused"].get("max_tokens", 0) == 0
+
+
 def test_step_mode_shares_the_prompt_prefix(api: Api, corpus: list[str]) -> None:
     job = api.start_job(
         {"selection": {"trajectory_ids": corpus[:3]}, "critic": {"mode": "step"}, "cache": False}

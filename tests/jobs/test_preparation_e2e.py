@@ -133,5 +133,10 @@ def test_a_job_is_prepared_in_batches_and_its_totals_survive_worker_kills(
     assert again["status"] == "completed", again
     assert again["counts"]["steps"]["cached"] == 100 * STEPS
     assert again["counts"]["trajectories"]["cached"] == 100
-    assert again["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
+    assert again["usage"] == {
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "cached_tokens": 0,
+        "reasoning_tokens": 0,
+    }
     assert_totals_match_rows(e2e_database_url, again)
