@@ -266,6 +266,12 @@ class CriticClient:
             await client.close()
 
 
+def parse_completion(response: Any, latency_s: float = 0.0) -> Completion:
+    """A Completion from a ChatCompletion as JSON: the online answer, or the body of a
+    batch output line."""
+    return _completion(response, latency_s)
+
+
 def _completion(response: Any, latency_s: float) -> Completion:
     """A Completion from a ChatCompletion as JSON (tolerant of missing parts)."""
     body = response if isinstance(response, dict) else {}

@@ -113,6 +113,21 @@ class StepOutcome:
     delivery: Delivery = Delivery.ONLINE
 
 
+def prompt_layout(config: JudgeConfig) -> dict[str, Any]:
+    """How prompts are laid out for this critic: its labels and its token budget (the
+    keyword arguments of `trajectory_windows` and `StepRequests`, online and in batches)."""
+    return {
+        "labels": config.labels,
+        "context_tokens": config.context_tokens,
+        "reserve_tokens": config.max_answer_tokens,
+    }
+
+
+def answer_tokens(request: CriticRequest, config: JudgeConfig) -> int:
+    """The answer's token bound sent with `request`."""
+    return min(request.max_completion_tokens, config.max_answer_tokens)
+
+
 class JudgeFailedError(Exception):
     def __init__(self, message: str, kind: ErrorKind, usage: Usage) -> None:
         super().__init__(message)
@@ -127,6 +142,45 @@ class _Votes(Generic[T]):
     answers: list[T | None] = field(default_factory=list)
     errors: list[JudgeFailedError] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
+
+
+def decide(
+    index: int,
+    judgments: Sequence[Judgment | None],
+    usage: Usage,
+    errors: Sequence[JudgeFailedError],
+    position: int,
+    parts: int,
+) -> StepOutcome:
+    """One step's outcome from its votes' judgments (None where a vote failed), in vote
+    order: the majority label, ties to the lowest-numbered vote; `usage` (of every vote of the
+    request) split over the `parts` steps the request asked about, this one at `position`."""
+    usage = usage.share(parts, position)
+    answered = [j for j in judgments if j is not None]
+    if not answered:
+        error = errors[0] if errors else None
+        return StepOutcome(
+            index,
+            None,
+            None,
+            None,
+            [],
+            usage,
+            error=str(error) if error else "the critic gave no verdict for this step",
+            error_kind=error.kind if error else ErrorKind.MISSING,
+        )
+    counts = Counter(j.label for j in answered)
+    best = max(counts.values())
+    # Ties: the lowest-numbered vote among the tied labels wins (deterministic).
+    winner = next(j for j in answered if counts[j.label] == best)
+    return StepOutcome(
+        index,
+        winner.label,
+        winner.reason,
+        best / len(answered),
+        [j.label for j in answered],
+        usage,
+    )
 
 
 class Judge:
@@ -146,12 +200,7 @@ class Judge:
         self._rng = rng or random.Random()
 
     def _layout(self) -> dict[str, Any]:
-        """How prompts are laid out for this critic: its labels and its token budget."""
-        return {
-            "labels": self.config.labels,
-            "context_tokens": self.config.context_tokens,
-            "reserve_tokens": self.config.max_answer_tokens,
-        }
+        return prompt_layout(self.config)
 
     # ------------------------------------------------------------------ public
 
@@ -244,32 +293,7 @@ class Judge:
         position: int,
         parts: int,
     ) -> StepOutcome:
-        usage = votes.usage.share(parts, position)
-        answered = [j for j in judgments if j is not None]
-        if not answered:
-            error = votes.errors[0] if votes.errors else None
-            return StepOutcome(
-                index,
-                None,
-                None,
-                None,
-                [],
-                usage,
-                error=str(error) if error else "the critic gave no verdict for this step",
-                error_kind=error.kind if error else ErrorKind.MISSING,
-            )
-        counts = Counter(j.label for j in answered)
-        best = max(counts.values())
-        # Ties: the lowest-numbered vote among the tied labels wins (deterministic).
-        winner = next(j for j in answered if counts[j.label] == best)
-        return StepOutcome(
-            index,
-            winner.label,
-            winner.reason,
-            best / len(answered),
-            [j.label for j in answered],
-            usage,
-        )
+        return decide(index, judgments, votes.usage, votes.errors, position, parts)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -288,9 +312,7 @@ class Judge:
                         model=self.config.model,
                         messages=messages,
                         temperature=self.config.temperature,
-                        max_tokens=min(
-                            request.max_completion_tokens, self.config.max_answer_tokens
-                        ),
+                        max_tokens=answer_tokens(request, self.config),
                         response_format=request.response_format,
                         options=self.config.endpoint,
                     )
