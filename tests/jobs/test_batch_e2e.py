@@ -9,12 +9,14 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, select, update
 
-from app.models import Verdict
+from app.models import JobBatch, Verdict
+from app.status import BatchStatus
 from tests.e2e import Api, RulesCritic, Workers
 from tests.helpers import all_trajectory_files
 from tests.jobs.test_labeling_e2e import _assert_one_verdict_per_step, _expected
@@ -245,3 +247,48 @@ def test_deleting_a_cancelled_job_leaves_no_batch_running(
         assert rules_critic.stats()["batches"]["batches_cancelled"] == before + 1
     finally:
         rules_critic.set_faults({"latency_ms": 20, "faults": []})
+
+
+def test_a_submission_cut_short_after_the_batch_was_created_is_found_not_repeated(
+    api: Api, corpus: list[str], rules_critic: RulesCritic, e2e_database_url: str
+) -> None:
+    """The provider created the batch but the row never learnt it (the worker died before its
+    commit): the sweeper resumes the submission, which finds the batch by the row id in its
+    metadata instead of uploading and creating it again."""
+    ids = corpus[:3]
+    rules_critic.set_faults({"batch_faults": [{"kind": "stuck"}]})
+    try:
+        before = rules_critic.stats()["batches"]
+        job = _batch_job(api, ids)
+        (live,) = _wait_until(lambda: _live_batch(api, job["id"]))
+        engine = create_engine(e2e_database_url)
+        try:
+            with engine.begin() as connection:
+                connection.execute(
+                    update(JobBatch)
+                    .where(JobBatch.id == uuid.UUID(live["id"]))
+                    .values(
+                        status=BatchStatus.SUBMITTING,
+                        remote_id=None,
+                        input_file_id=None,
+                        polled_at=None,
+                        updated_at=datetime.now(UTC) - timedelta(hours=1),
+                    )
+                )
+        finally:
+            engine.dispose()
+        # The sweeper hands the row on; its submission finds the batch and polls it again.
+        _wait_until(lambda: _live_batch(api, job["id"]), timeout=30)
+        rules_critic.set_faults({"latency_ms": 20, "faults": []})
+        finished = api.wait(job["id"], timeout=60)
+    finally:
+        rules_critic.set_faults({"latency_ms": 20, "faults": []})
+    assert finished["status"] == "completed", finished
+    rows = _assert_one_verdict_per_step(e2e_database_url, finished)
+    assert {(t, s): label for t, s, _, label in rows} == _expected(api, ids)
+    after = rules_critic.stats()["batches"]
+    assert after["batches_created"] - before["batches_created"] == 1
+    assert after["files_uploaded"] - before["files_uploaded"] == 1
+    assert [(b["id"], b["remote_id"]) for b in finished["batches"]] == [
+        (live["id"], live["remote_id"])
+    ]
