@@ -55,6 +55,15 @@ class Settings(BaseSettings):
     # Latency of the built-in rules critic when it is started automatically (for demos).
     rules_critic_latency_ms: int = 0
 
+    # Batch delivery (`"critic": {"delivery": "batch"}`): the provider's limits per input
+    # file (a job's requests are split over as many batches as they need), how often a live
+    # batch is polled, and how many rounds of follow-up batches failed or expired requests get
+    # before their steps fail.
+    batch_max_requests: int = Field(default=50_000, ge=1)
+    batch_max_bytes: int = Field(default=190_000_000, ge=1024)
+    batch_poll_s: float = Field(default=60.0, gt=0)
+    batch_max_rounds: int = Field(default=3, ge=1)
+
     # Step mode: how many steps of one trajectory one task judges (each step is its own call).
     # Large enough that a task keeps many calls in flight (bench/labeling.py: 50 steps per
     # task reached 90% of the endpoint's limit, 16 only 81%), small enough to spread a long

@@ -96,6 +96,28 @@ class PromptVariant(StrEnum):
     REASON_FIRST = "reason_first"
 
 
+class BatchStatus(StrEnum):
+    """A batch of a job's requests at the provider (`job_batches.status`): the OpenAI Batch
+    API's own statuses, and `submitting` while srft has written the batch's row and claimed its
+    steps but not yet seen the provider accept it."""
+
+    SUBMITTING = "submitting"
+    VALIDATING = "validating"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+# Batches the provider has finished with: their output and error files are final.
+BATCH_ENDED = frozenset(
+    {BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED}
+)
+
+
 class ErrorKind(StrEnum):
     """Why a critic call failed, as `app.critic.client` and `app.critic.judge` classify it;
     stored on a failed verdict (`verdicts.error_kind`) and counted by /metrics."""

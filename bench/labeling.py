@@ -21,6 +21,10 @@ What it does:
    creation to its completion (both as stored by the service); checks that every step has
    exactly one `done` verdict, with exactly the label the rules prescribe;
 4. starts a `trajectory`-mode job over the same trajectories, for prompt tokens per step;
+   then (unless --no-batch) the step-mode job again with `"delivery": "batch"`: the same
+   requests through the Batch API (input files uploaded, batches polled every 0.2 s, output
+   files read back), with the rules critic's batch delay at zero, so its calls/s are srft's
+   own cost of the Batch path;
 5. stops the service, then makes the same critic calls (the same request bodies, built with
    `app.critic.prompt.step_request`) from plain asyncio programs with C concurrent workers and
    no database: one over `httpx.AsyncClient`, one over raw asyncio streams (HTTP/1.1
@@ -111,6 +115,7 @@ class Options:
     pool: str | None
     chunk_size: int | None
     trajectory_mode: bool
+    batch: bool
     baseline_calls: int | None
     baselines: tuple[str, ...]
     seed: int
@@ -175,6 +180,12 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         help="skip the trajectory-mode job (prompt tokens per step)",
     )
     parser.add_argument(
+        "--no-batch",
+        dest="batch",
+        action="store_false",
+        help="skip the batch-delivery job (the step-mode job through the Batch API)",
+    )
+    parser.add_argument(
         "--baseline-calls",
         type=int,
         default=None,
@@ -215,6 +226,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         pool=args.pool,
         chunk_size=args.chunk_size,
         trajectory_mode=args.trajectory_mode,
+        batch=args.batch,
         baseline_calls=args.baseline_calls,
         baselines=tuple(b for b in baselines if b != "none"),
         seed=args.seed,
@@ -374,6 +386,9 @@ class CriticAdmin:
     def reset(self) -> None:
         httpx.post(f"{self.url}/admin/stats/reset", timeout=10).raise_for_status()
 
+    def set_plan(self, plan: dict[str, Any]) -> None:
+        httpx.post(f"{self.url}/admin/faults", json=plan, timeout=10).raise_for_status()
+
     def start_sampling(self, every_s: float = 1.0) -> None:
         self.samples = []
         self._stop.clear()
@@ -492,6 +507,7 @@ class Service:
             **common,
         )
         worker_env = common | {
+            "SRFT_BATCH_POLL_S": "0.2",
             "SRFT_CRITIC_BASE_URL": f"{self.critic_url}/v1",
             "SRFT_CRITIC_MAX_CONCURRENCY": str(options.concurrency),
         }
@@ -551,7 +567,9 @@ class Service:
             ids += [run["id"] for run in response.json()["trajectories"]]
         return ids
 
-    def run_job(self, ids: list[str], mode: str) -> tuple[dict[str, Any], float, float]:
+    def run_job(
+        self, ids: list[str], mode: str, delivery: str = "online"
+    ) -> tuple[dict[str, Any], float, float]:
         """Start a job, wait for its end; (job as the API shows it, seconds, wall seconds).
 
         Seconds run from the job's `created_at` to its `finished_at`, both stored by the
@@ -560,7 +578,7 @@ class Service:
         """
         body = {
             "selection": {"trajectory_ids": ids},
-            "critic": {"mode": mode},
+            "critic": {"mode": mode, "delivery": delivery},
             "scope": "all",
             "cache": False,
         }
@@ -1030,6 +1048,53 @@ def benchmark(options: Options) -> int:
                 )
             )
             print(f"  trajectory job: {len(ids):,} trajectories in {seconds:.2f} s", flush=True)
+
+        # -- step mode again through the Batch API, the critic answering batches at once
+        if options.batch:
+            service.admin.reset()
+            service.admin.set_plan({"batch_delay_s": 0})
+            meter = service.cpu_meter()
+            meter.start()
+            job, seconds, _ = service.run_job(ids, "step", delivery="batch")
+            spent = meter.stop()
+            stats = service.admin.stats()
+            problems += service.check_verdicts(job, expected)
+            lines = int(stats["batches"]["batch_lines_answered"])
+            steps = job["counts"]["steps"]["total"]
+            batches = len(job["batches"])
+            results.append(
+                RunResult(
+                    name=f"srft step mode, batch delivery ({batches} batch"
+                    + ("es)" if batches != 1 else ")"),
+                    kind="service",
+                    calls=lines,
+                    steps=steps,
+                    seconds=seconds,
+                    client_cpu_s=spent["workers"],
+                    critic_cpu_s=spent["critic"],
+                    cpu=spent,
+                    errors=job["counts"]["steps"]["failed"],
+                )
+            )
+            if lines != steps:
+                problems.append(f"batch job: {lines} batch lines answered for {steps} steps")
+            usage = job["usage"]
+            tokens.append(
+                TokenResult(
+                    "step/batch",
+                    steps,
+                    lines,
+                    seconds,
+                    usage["prompt_tokens"],
+                    usage["cached_tokens"],
+                    usage["completion_tokens"],
+                )
+            )
+            print(
+                f"  batch job: {steps:,} steps in {batches} batches in {seconds:.2f} s "
+                f"({steps / seconds:.1f} steps/s)",
+                flush=True,
+            )
 
         # -- the plain clients, on a machine where only the critic (and an idle Postgres
         # and Redis) runs

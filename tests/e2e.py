@@ -205,6 +205,7 @@ def worker_env(
         SRFT_CRITIC_BACKOFF_MAX_S="0.5",
         SRFT_STALE_AFTER_S="6",
         SRFT_SWEEP_INTERVAL_S="1",
+        SRFT_BATCH_POLL_S="0.2",
         SRFT_STEP_CHUNK_SIZE="8",
         # Large enough that no real trajectory is windowed or shortened, so the rules critic
         # sees every observation whole and its labels can be predicted exactly.

@@ -28,6 +28,7 @@ TABLES = {
     "verdicts",
     "job_trajectories",
     "job_tallies",
+    "job_batches",
     "exports",
     "export_parts",
     "human_labels",

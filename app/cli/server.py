@@ -174,6 +174,9 @@ def critic_serve_rules(
     context_tokens: Annotated[
         int | None, typer.Option(help="The context of the context_* variants.")
     ] = None,
+    batch_delay_s: Annotated[
+        float, typer.Option(help="Seconds before a batch (POST /v1/batches) completes.")
+    ] = 0.0,
 ) -> None:
     """Serve the built-in rules critic (heuristics, not an LLM) as an OpenAI-compatible API."""
     from app.critic.rules_server import serve_rules
@@ -186,4 +189,5 @@ def critic_serve_rules(
         api_key=api_key,
         variants=variant or (),
         context_tokens=context_tokens,
+        batch_delay_s=batch_delay_s,
     )

@@ -369,6 +369,12 @@ def _error_code(exc: openai.APIStatusError) -> str | None:
     return code if isinstance(code, str) else None
 
 
+def parse_completion(response: Any, latency_s: float = 0.0) -> Completion:
+    """A Completion from a ChatCompletion as JSON: the online answer, or the body of a
+    batch output line."""
+    return _completion(response, latency_s)
+
+
 def _completion(response: Any, latency_s: float) -> Completion:
     """A Completion from a ChatCompletion as JSON (tolerant of missing parts).
 

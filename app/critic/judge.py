@@ -142,6 +142,24 @@ class StepOutcome:
     delivery: Delivery = Delivery.ONLINE
 
 
+def prompt_layout(config: JudgeConfig, context_tokens: int | None = None) -> dict[str, Any]:
+    """How prompts are laid out for this critic (the keyword arguments of
+    `trajectory_windows` and `StepRequests`, online and in batches): its labels, its token
+    budget (the configured one unless re-planning), its templates and its tokenizer."""
+    return {
+        "labels": config.labels,
+        "context_tokens": context_tokens or config.context_tokens,
+        "reserve_tokens": config.max_answer_tokens,
+        "templates": config.prompt,
+        "count_tokens": config.count_tokens,
+    }
+
+
+def answer_tokens(request: CriticRequest, config: JudgeConfig) -> int:
+    """The answer's token bound sent with `request`."""
+    return min(request.max_completion_tokens, config.max_answer_tokens)
+
+
 class JudgeFailedError(Exception):
     def __init__(
         self,
@@ -165,6 +183,45 @@ class _Votes(Generic[T]):
     usage: Usage = field(default_factory=Usage)
 
 
+def decide(
+    index: int,
+    judgments: Sequence[Judgment | None],
+    usage: Usage,
+    errors: Sequence[JudgeFailedError],
+    position: int,
+    parts: int,
+) -> StepOutcome:
+    """One step's outcome from its votes' judgments (None where a vote failed), in vote
+    order: the majority label, ties to the lowest-numbered vote; `usage` (of every vote of the
+    request) split over the `parts` steps the request asked about, this one at `position`."""
+    usage = usage.share(parts, position)
+    answered = [j for j in judgments if j is not None]
+    if not answered:
+        error = errors[0] if errors else None
+        return StepOutcome(
+            index,
+            None,
+            None,
+            None,
+            [],
+            usage,
+            error=str(error) if error else "the critic gave no verdict for this step",
+            error_kind=error.kind if error else ErrorKind.MISSING,
+        )
+    counts = Counter(j.label for j in answered)
+    best = max(counts.values())
+    # Ties: the lowest-numbered vote among the tied labels wins (deterministic).
+    winner = next(j for j in answered if counts[j.label] == best)
+    return StepOutcome(
+        index,
+        winner.label,
+        winner.reason,
+        best / len(answered),
+        [j.label for j in answered],
+        usage,
+    )
+
+
 class Judge:
     def __init__(
         self,
@@ -182,15 +239,8 @@ class Judge:
         self._rng = rng or random.Random()
 
     def _layout(self, context_tokens: int | None = None) -> dict[str, Any]:
-        """How prompts are laid out for this critic: its labels, its token budget (the
-        configured one unless re-planning) and its tokenizer."""
-        return {
-            "labels": self.config.labels,
-            "context_tokens": context_tokens or self.config.context_tokens,
-            "reserve_tokens": self.config.max_answer_tokens,
-            "templates": self.config.prompt,
-            "count_tokens": self.config.count_tokens,
-        }
+        """`prompt_layout`, with a smaller token budget when re-planning."""
+        return prompt_layout(self.config, context_tokens)
 
     # ------------------------------------------------------------------ public
 
@@ -388,32 +438,7 @@ class Judge:
         position: int,
         parts: int,
     ) -> StepOutcome:
-        usage = votes.usage.share(parts, position)
-        answered = [j for j in judgments if j is not None]
-        if not answered:
-            error = votes.errors[0] if votes.errors else None
-            return StepOutcome(
-                index,
-                None,
-                None,
-                None,
-                [],
-                usage,
-                error=str(error) if error else "the critic gave no verdict for this step",
-                error_kind=error.kind if error else ErrorKind.MISSING,
-            )
-        counts = Counter(j.label for j in answered)
-        best = max(counts.values())
-        # Ties: the lowest-numbered vote among the tied labels wins (deterministic).
-        winner = next(j for j in answered if counts[j.label] == best)
-        return StepOutcome(
-            index,
-            winner.label,
-            winner.reason,
-            best / len(answered),
-            [j.label for j in answered],
-            usage,
-        )
+        return decide(index, judgments, votes.usage, votes.errors, position, parts)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -432,9 +457,7 @@ class Judge:
                         model=self.config.model,
                         messages=messages,
                         temperature=self.config.temperature,
-                        max_tokens=min(
-                            request.max_completion_tokens, self.config.max_answer_tokens
-                        ),
+                        max_tokens=answer_tokens(request, self.config),
                         response_format=request.response_format,
                         options=self.config.endpoint,
                     )

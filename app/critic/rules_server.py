@@ -11,6 +11,8 @@ It answers prompts built by `app.critic.prompt`, in both modes, with the labels 
   answers whatever order they arrive in. `n` choices and `max_tokens` / `max_completion_tokens`
   (cut answer, `finish_reason: "length"`) are honoured; `stream` is refused.
 - `GET /v1/models`.
+- `/v1/files` and `/v1/batches`: the Batch API, each line answered as above
+  (`app.critic.rules_batches`; `batch_delay_s` and `batch_faults` in the fault plan).
 - Fault injection, from the start (`faults=`) or at run time: `GET|POST|DELETE /admin/faults`.
 - `GET /admin/stats`, `POST /admin/stats/reset`.
 - `GET /admin/requests`: the messages of the last requests it answered (newest last), with the
@@ -85,7 +87,7 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Generic, Literal, Self, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -95,6 +97,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.critic import rules
 from app.critic.prompt import CHARS_PER_TOKEN, estimate_prompt_tokens, estimate_tokens
+from app.critic.rules_batches import BatchFault, BatchLimits, mount_batches
 from app.status import JobMode
 
 log = logging.getLogger(__name__)
@@ -119,7 +122,9 @@ DECOY_STEPS = 8
 # and logs roughly does (heavier than characters / 3.5 on such text).
 _SERVER_TOKEN = re.compile(r"\w+|[^\w\s]")
 FaultKind = Literal["429", "500", "hang", "malformed", "truncated", "wrong_count"]
+BatchFaultKind = Literal["validation_failed", "partial_failure", "expired", "stuck"]
 FAULT_KINDS: tuple[str, ...] = ("429", "500", "hang", "malformed", "truncated", "wrong_count")
+BATCH_FAULT_KINDS: tuple[str, ...] = ("validation_failed", "partial_failure", "expired", "stuck")
 MODEL_ID = "rules"
 # A label flips with this probability per unit of temperature (capped at 1/2): enough for
 # votes to disagree now and then, while the majority stays with the rules.
@@ -132,15 +137,26 @@ _RECENT_REQUESTS = 64
 _DISCONNECT_POLL_S = 0.05
 
 
-class FaultRule(BaseModel):
+class FaultTrigger(BaseModel):
+    """When a fault rule fires (see the module docstring)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    kind: FaultKind
     every: int | None = Field(default=None, ge=1)
     rate: float | None = Field(default=None, ge=0, le=1)
     seed: int = 0
     after: int = Field(default=0, ge=0)
     count: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_trigger(self) -> Self:
+        if self.every is not None and self.rate is not None:
+            raise ValueError("give either `every` or `rate`, not both")
+        return self
+
+
+class FaultRule(FaultTrigger):
+    kind: FaultKind
     retry_after: float = Field(default=1.0, ge=0)
     seconds: float = Field(default=30.0, ge=0)
 
@@ -149,11 +165,17 @@ class FaultRule(BaseModel):
     def _status_as_text(cls, value: Any) -> Any:
         return str(value) if isinstance(value, int) else value  # {"kind": 429} reads naturally
 
-    @model_validator(mode="after")
-    def _one_trigger(self) -> FaultRule:
-        if self.every is not None and self.rate is not None:
-            raise ValueError("give either `every` or `rate`, not both")
-        return self
+
+class BatchFaultRule(FaultTrigger):
+    """A fault of a whole batch, tried when the batch is created (`app.critic.rules_batches`)."""
+
+    kind: BatchFaultKind
+    # partial_failure: every `line_every`-th line fails with a 500; expired: the last
+    # 1/`line_every` of the lines are left unanswered.
+    line_every: int = Field(default=2, ge=1)
+    # stuck: polls answered `in_progress` before the batch runs (None: until the plan no
+    # longer holds this rule).
+    polls: int | None = Field(default=None, ge=0)
 
 
 class FaultPlan(BaseModel):
@@ -161,13 +183,18 @@ class FaultPlan(BaseModel):
 
     faults: list[FaultRule] = Field(default_factory=list)
     latency_ms: int | None = Field(default=None, ge=0)
+    batch_faults: list[BatchFaultRule] = Field(default_factory=list)
+    batch_delay_s: float | None = Field(default=None, ge=0)
+
+
+RuleT = TypeVar("RuleT", bound=FaultTrigger)
 
 
 @dataclass
-class _ArmedFault:
+class _ArmedFault(Generic[RuleT]):
     """A rule with its counters: requests seen, times fired, its random stream."""
 
-    rule: FaultRule
+    rule: RuleT
     seen: int = 0
     fired: int = 0
     rng: random.Random = field(init=False)
@@ -209,6 +236,8 @@ class Stats:
     in_flight: int = 0
     max_in_flight: int = 0
     refused: Counter[str] = field(default_factory=Counter)
+    # files_uploaded, batches_created, batches_cancelled, batch_lines_answered
+    batches: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -216,7 +245,7 @@ class Stats:
             "completions": self.completions,
             "unauthorized": self.unauthorized,
             "bad_requests": self.bad_requests,
-            "faults": {kind: self.faults[kind] for kind in FAULT_KINDS},
+            "faults": {kind: self.faults[kind] for kind in (*FAULT_KINDS, *BATCH_FAULT_KINDS)},
             "by_mode": {mode: self.by_mode[mode] for mode in JobMode},
             "steps_answered": self.steps_answered,
             "tokens": {
@@ -228,7 +257,11 @@ class Stats:
             "refused": dict(self.refused),
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
+            "batches": {name: self.batches[name] for name in BATCH_COUNTS},
         }
+
+
+BATCH_COUNTS = ("files_uploaded", "batches_created", "batches_cancelled", "batch_lines_answered")
 
 
 class _Memory(OrderedDict[str, Any]):
@@ -311,12 +344,15 @@ class RulesCritic:
         api_key: str | None,
         variants: frozenset[str] = frozenset(),
         context_tokens: int | None = None,
+        batch_delay_s: float = 0.0,
     ) -> None:
         self.latency_ms = plan.latency_ms if plan.latency_ms is not None else latency_ms
+        self.batch_delay_s = plan.batch_delay_s if plan.batch_delay_s is not None else batch_delay_s
         self.api_key = api_key
         self.variants = variants
         self.context_tokens = context_tokens
         self.faults = [_ArmedFault(rule) for rule in plan.faults]
+        self.batch_faults = [_ArmedFault(rule) for rule in plan.batch_faults]
         self.stats = Stats()
         self._seen_prefixes = _Memory(_MEMORY)  # digest -> prompt tokens of that prefix
         self._request_counts = _Memory(_MEMORY)  # full-request digest -> times seen
@@ -327,17 +363,47 @@ class RulesCritic:
 
     def set_plan(self, plan: FaultPlan) -> None:
         self.faults = [_ArmedFault(rule) for rule in plan.faults]
+        self.batch_faults = [_ArmedFault(rule) for rule in plan.batch_faults]
         if plan.latency_ms is not None:
             self.latency_ms = plan.latency_ms
+        if plan.batch_delay_s is not None:
+            self.batch_delay_s = plan.batch_delay_s
 
     def plan(self) -> dict[str, Any]:
-        return {"latency_ms": self.latency_ms, "faults": [f.describe() for f in self.faults]}
+        return {
+            "latency_ms": self.latency_ms,
+            "faults": [f.describe() for f in self.faults],
+            "batch_delay_s": self.batch_delay_s,
+            "batch_faults": [f.describe() for f in self.batch_faults],
+        }
 
     def authorised(self, header: str | None) -> bool:
         if self.api_key is None:
             return True
         expected = f"Bearer {self.api_key}".encode()
         return hmac.compare_digest((header or "").encode(), expected)
+
+    def pick_batch_fault(self) -> BatchFaultRule | None:
+        for armed in self.batch_faults:
+            if armed.fires():
+                self.stats.faults[armed.rule.kind] += 1
+                return armed.rule
+        return None
+
+    def holds_batch_fault(self, fault: BatchFault) -> bool:
+        return any(armed.rule is fault for armed in self.batch_faults)
+
+    def count_batch(self, name: str, count: int = 1) -> None:
+        self.stats.batches[name] += count
+
+    def answer_line(self, body: Any) -> tuple[int, dict[str, Any]]:
+        """A batch line's answer: what `/v1/chat/completions` answers for its body."""
+        try:
+            return 200, self.complete(_validated(body), None)
+        except RequestError as exc:
+            if exc.status == 400:
+                self.stats.bad_requests += 1
+            return exc.status, json.loads(bytes(exc.response().body))
 
     def pick_fault(self) -> FaultRule | None:
         for armed in self.faults:
@@ -796,17 +862,26 @@ def create_rules_app(
     api_key: str | None = None,
     variants: Sequence[str] = (),
     context_tokens: int | None = None,
+    *,
+    batch_delay_s: float = 0.0,
+    batch_limits: BatchLimits | None = None,
 ) -> FastAPI:
     """The rules critic app. `faults`: a fault plan (model, mapping, list of rules or JSON);
     `variants`: the serving-stack variants it emulates for every request (see the module
-    docstring); `context_tokens`: the context of the `context_*` variants."""
+    docstring); `context_tokens`: the context of the `context_*` variants; `batch_delay_s`
+    and `batch_limits`: its Files and Batches API (`app.critic.rules_batches`)."""
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise ValueError(
             f"unknown rules critic variant {', '.join(unknown)}; known: {', '.join(VARIANTS)}"
         )
     critic = RulesCritic(
-        latency_ms, _normalised_plan(faults), api_key, frozenset(variants), context_tokens
+        latency_ms,
+        _normalised_plan(faults),
+        api_key,
+        frozenset(variants),
+        context_tokens,
+        batch_delay_s,
     )
     log.warning(
         "the rules critic labels steps with heuristics (failing output, exact repeats, "
@@ -878,6 +953,7 @@ def create_rules_app(
         critic.stats = Stats(in_flight=in_flight, max_in_flight=in_flight)
         return critic.stats.as_dict()
 
+    mount_batches(app, critic, batch_limits or BatchLimits())
     return app
 
 
@@ -923,6 +999,7 @@ def serve_rules(
     *,
     variants: Sequence[str] = (),
     context_tokens: int | None = None,
+    batch_delay_s: float = 0.0,
     log_level: str = "info",
     access_log: bool = False,
 ) -> None:
@@ -938,6 +1015,7 @@ def serve_rules(
         api_key=api_key,
         variants=variants,
         context_tokens=context_tokens,
+        batch_delay_s=batch_delay_s,
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log)
 

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response, status
 
 from app.deps import ProjectDep, SessionDep, SettingsDep
-from app.jobs import queue, schemas
+from app.jobs import batches, queue, schemas
 from app.jobs import service as job_service
 from app.pagination import MAX_JOB_PAGE, MAX_STEP_PAGE, decode_cursor, encode_cursor
 from app.schemas import COMMON_ERRORS, error_responses
@@ -71,9 +71,13 @@ def list_verdicts(
 
 
 @router.post("/{job_id}/cancel", response_model=schemas.JobOut)
-def cancel_job(job_id: uuid.UUID, session: SessionDep, project_id: ProjectDep) -> schemas.JobOut:
-    """Stop a job: no new critic calls are made for it."""
+def cancel_job(
+    job_id: uuid.UUID, session: SessionDep, project_id: ProjectDep, settings: SettingsDep
+) -> schemas.JobOut:
+    """Stop a job: no new critic calls are made for it, and its batches are cancelled."""
     job = job_service.cancel_job(session, job_service.get_job(session, project_id, job_id))
+    if batches.is_batch(job):
+        queue.enqueue_cancel_after_commit(session, settings.broker_url, job.id)
     return job_service.describe(session, job)
 
 
@@ -89,7 +93,14 @@ def retry_job(
 
 
 @router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_job(job_id: uuid.UUID, session: SessionDep, project_id: ProjectDep) -> Response:
+def delete_job(
+    job_id: uuid.UUID, session: SessionDep, project_id: ProjectDep, settings: SettingsDep
+) -> Response:
     """Delete a finished job and its verdicts (exports already built keep their files)."""
-    job_service.delete_job(session, job_service.get_job(session, project_id, job_id))
+    job = job_service.get_job(session, project_id, job_id)
+    # Batches still live at the provider (a cancel not yet carried out) are cancelled after.
+    remote_ids = batches.live_remote_ids(session, job.id)
+    job_service.delete_job(session, job)
+    if remote_ids:
+        queue.enqueue_cancel_after_commit(session, settings.broker_url, job_id, remote_ids)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -11,7 +11,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.critic.prompt import MAX_EXAMPLES, MAX_TEMPLATE_CHARS
 from app.schemas import Id, Name, RequestModel
-from app.status import Delivery, ErrorKind, JobMode, JobStatus, PromptVariant, VerdictStatus
+from app.status import (
+    BatchStatus,
+    Delivery,
+    ErrorKind,
+    JobMode,
+    JobStatus,
+    PromptVariant,
+    VerdictStatus,
+)
 
 
 class Selection(RequestModel):
@@ -230,6 +238,31 @@ class CriticOut(BaseModel):
     )
 
 
+class RequestCounts(BaseModel):
+    total: int
+    completed: int
+    failed: int
+
+
+class Batch(BaseModel):
+    """One batch of a batch-delivery job's requests at the provider."""
+
+    id: uuid.UUID
+    remote_id: str | None = Field(description="The provider's batch id (None while submitting).")
+    status: BatchStatus
+    round: int = Field(description="1, or the follow-up round of failed or expired requests.")
+    request_counts: RequestCounts
+    error: str | None
+    created_at: datetime
+    collected_at: datetime | None
+
+
+class BatchProgress(BaseModel):
+    batches: int
+    live: int = Field(description="Batches not collected yet.")
+    requests: RequestCounts
+
+
 class JobOut(BaseModel):
     id: uuid.UUID
     status: JobStatus
@@ -247,6 +280,17 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     eta_s: float | None
+    batches: list[Batch] = Field(
+        default_factory=list,
+        description="Batch delivery: the job's batches, newest first (at most BATCHES_SHOWN).",
+    )
+    batch_progress: BatchProgress | None = Field(
+        default=None, description="Batch delivery: the job's progress through its batches."
+    )
+
+
+# A job's batches shown by `GET /v1/jobs/{id}` (a job has at most a few hundred).
+BATCHES_SHOWN = 100
 
 
 class JobPage(BaseModel):

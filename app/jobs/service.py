@@ -41,12 +41,13 @@ from app.jobs.workqueue import (
     finish_if_done,
     units_of,
 )
-from app.models import Export, Job, JobTrajectory, Trajectory, Verdict, utcnow
+from app.models import Export, Job, JobBatch, JobTrajectory, Trajectory, Verdict, utcnow
 from app.pagination import decode_cursor, encode_cursor
 from app.status import (
     EXPORT_OPEN,
     JOB_FINISHED,
     JOB_OPEN,
+    BatchStatus,
     Delivery,
     JobStatus,
     VerdictStatus,
@@ -516,7 +517,50 @@ def describe(session: Session, job: Job) -> schemas.JobOut:
         started_at=job.started_at,
         finished_at=job.finished_at,
         eta_s=_eta(job, steps),
+        **_batches(session, job),
     )
+
+
+def _batches(session: Session, job: Job) -> dict[str, Any]:
+    """A batch-delivery job's newest batches and its progress through all of them (a few
+    hundred rows at most, summed by the database); nothing for an online job."""
+    if job.critic_options.get("delivery") != Delivery.BATCH:
+        return {}
+    shown = [
+        schemas.Batch(
+            id=b.id,
+            remote_id=b.remote_id,
+            status=BatchStatus(b.status),
+            round=b.round,
+            request_counts=schemas.RequestCounts(
+                total=b.requests_total, completed=b.requests_completed, failed=b.requests_failed
+            ),
+            error=b.error,
+            created_at=b.created_at,
+            collected_at=b.collected_at,
+        )
+        for b in session.scalars(
+            select(JobBatch)
+            .where(JobBatch.job_id == job.id)
+            .order_by(JobBatch.created_at.desc(), JobBatch.id.desc())
+            .limit(schemas.BATCHES_SHOWN)
+        )
+    ]
+    total = session.execute(
+        select(
+            func.count(JobBatch.id),
+            func.count(JobBatch.id).filter(JobBatch.collected_at.is_(None)),
+            func.coalesce(func.sum(JobBatch.requests_total), 0),
+            func.coalesce(func.sum(JobBatch.requests_completed), 0),
+            func.coalesce(func.sum(JobBatch.requests_failed), 0),
+        ).where(JobBatch.job_id == job.id)
+    ).one()
+    progress = schemas.BatchProgress(
+        batches=total[0],
+        live=total[1],
+        requests=schemas.RequestCounts(total=total[2], completed=total[3], failed=total[4]),
+    )
+    return {"batches": shown, "batch_progress": progress}
 
 
 def _counts(total: int, done: int, failed: int, cached: int) -> schemas.Counts:

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    exists,
     func,
     or_,
     select,
@@ -30,7 +31,16 @@ from sqlalchemy.orm import Session
 
 from app.critic.judge import StepOutcome
 from app.jobs import tallies
-from app.models import Export, ExportPart, Job, JobTrajectory, Trajectory, Verdict, utcnow
+from app.models import (
+    Export,
+    ExportPart,
+    Job,
+    JobBatch,
+    JobTrajectory,
+    Trajectory,
+    Verdict,
+    utcnow,
+)
 from app.status import (
     JOB_FINISHED,
     JOB_OPEN,
@@ -239,6 +249,7 @@ def claim_unit(
                 Verdict.trajectory_id == unit.trajectory_id,
                 Verdict.step_index.in_(unit.step_indices),
                 claimable(Verdict, VerdictStatus.PENDING, VerdictStatus.RUNNING, stale, token),
+                ~held_by_live_batch(),
             )
             .values(status=VerdictStatus.RUNNING, claim_token=token, claimed_at=now)
             .returning(Verdict.step_index)
@@ -479,6 +490,15 @@ def claimable(
     )
 
 
+def held_by_live_batch() -> ColumnElement[bool]:
+    """Verdicts claimed by a batch not collected yet (`app.jobs.batches`): a batch may take
+    24 hours, and its claim lives as long as it does, so neither the sweeper nor an online
+    worker takes such a claim over however old it is."""
+    return exists().where(
+        JobBatch.claim_token == Verdict.claim_token, JobBatch.collected_at.is_(None)
+    )
+
+
 def lost_work(
     queue: type[Verdict] | type[Export] | type[ExportPart],
     waiting: str,
@@ -515,7 +535,7 @@ def sweep(session: Session, stale_after_s: float, chunk_size: int) -> list[Unit]
     open_jobs = select(Job.id).where(Job.status.in_(JOB_OPEN))
     rows = session.execute(
         update(Verdict)
-        .where(lost, Verdict.job_id.in_(open_jobs.scalar_subquery()))
+        .where(lost, Verdict.job_id.in_(open_jobs.scalar_subquery()), ~held_by_live_batch())
         .values(status=VerdictStatus.PENDING, claim_token=None, claimed_at=None, enqueued_at=now)
         .returning(Verdict.job_id, Verdict.trajectory_id, Verdict.step_index)
         .execution_options(synchronize_session=False)

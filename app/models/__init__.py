@@ -2,7 +2,7 @@
 
 from app.models.base import Base, new_id, utcnow
 from app.models.export import Export, ExportPart
-from app.models.job import Job, JobTally, JobTrajectory, Verdict
+from app.models.job import Job, JobBatch, JobTally, JobTrajectory, Verdict
 from app.models.project import ApiKey, Project
 from app.models.review import HumanLabel
 from app.models.session import UiSession
@@ -15,6 +15,7 @@ __all__ = [
     "ExportPart",
     "HumanLabel",
     "Job",
+    "JobBatch",
     "JobTally",
     "JobTrajectory",
     "Project",

@@ -153,3 +153,38 @@ class JobTally(Base):
     name: Mapped[str] = mapped_column(String(96), primary_key=True)
     slot: Mapped[int] = mapped_column(Integer, primary_key=True)
     value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class JobBatch(Base):
+    """One batch of a batch-delivery job's requests at the provider (the OpenAI Batch API).
+
+    Its row is written, with status `submitting`, in the transaction that claims its steps
+    under `claim_token`: the claim lives as long as the batch (the sweeper never hands those
+    steps on while the batch is not collected), and a submission cut short is found again at
+    the provider by the row's id in the batch's `metadata` (`app.jobs.batches`), so a restart
+    never pays for a batch twice."""
+
+    __tablename__ = "job_batches"
+    __table_args__ = (Index(None, "job_id", "created_at"), Index(None, "collected_at", "polled_at"))
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    # 1 for a job's first batches; a follow-up batch of failed or expired requests is one more.
+    round: Mapped[int] = mapped_column(Integer, default=1)
+    # An `app.status.BatchStatus`.
+    status: Mapped[str] = mapped_column(String(16))
+    claim_token: Mapped[str] = mapped_column(String(36), unique=True)
+    remote_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    input_file_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    output_file_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    error_file_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    requests_total: Mapped[int] = mapped_column(Integer, default=0)
+    requests_completed: Mapped[int] = mapped_column(Integer, default=0)
+    requests_failed: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    submitted_at: Mapped[datetime | None] = mapped_column(default=None)
+    polled_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Set once its answers are recorded (or the batch is given up): the batch is no longer live.
+    collected_at: Mapped[datetime | None] = mapped_column(default=None)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from sqlalchemy.orm import Session
 
 from app.config import Settings, get_settings
+from app.critic.batch import BatchClient
 from app.critic.client import CriticClient
 from app.critic.limits import Limiter, LocalLimiter, RedisLimiter
 from app.critic.prompt import CHARS_PER_TOKEN, TokenCounter
@@ -27,9 +28,9 @@ from app.exports import builder as export_builder
 from app.exports import queue as export_queue
 from app.exports import service as export_service
 from app.exports.tokenize import load_chat_tokenizer, load_export_tokenizer
+from app.jobs import batches, workqueue
 from app.jobs import queue as job_queue
 from app.jobs import service as job_service
-from app.jobs import workqueue
 from app.jobs.labeling import Labeler
 from app.jobs.workqueue import Unit
 
@@ -98,13 +99,18 @@ class WorkerRuntime:
         api_key = settings.critic_api_key.get_secret_value() if settings.critic_api_key else None
         self.client = self.run(self._make_client(api_key))
         self.limiter: Limiter = self.run(self._make_limiter())
+        # One cache of critic tokenizers for the online and the batch path.
+        self.tokenizers = CriticTokenizers(settings)
         self.labeler = Labeler(
             self.database,
             settings,
             self.client,
             self.limiter,
             self.run,
-            CriticTokenizers(settings),
+            self.tokenizers,
+        )
+        self.batch_client = BatchClient(
+            self.critic_url, api_key, timeout_s=max(settings.critic_timeout_s, 600.0)
         )
 
     async def _make_client(self, api_key: str | None) -> CriticClient:
@@ -146,6 +152,20 @@ class WorkerRuntime:
         """Label one unit of work (`Labeler.label_unit`)."""
         self.labeler.label_unit(unit, token)
 
+    def submit_batches(self, job_id: uuid.UUID) -> int:
+        """Submit a batch-delivery job's pending steps as batches (`batches.submit`)."""
+        return batches.submit(
+            self.database, self.settings, self.batch_client, job_id, self.tokenizers
+        )
+
+    def poll_batch(self, batch_id: uuid.UUID) -> None:
+        """Poll one batch, collecting it when it has ended (`batches.poll`)."""
+        batches.poll(self.database, self.settings, self.batch_client, batch_id)
+
+    def cancel_batches(self, job_id: uuid.UUID, remote_ids: list[str]) -> int:
+        """Cancel a finished job's live batches at the provider (`batches.cancel`)."""
+        return batches.cancel(self.database, self.batch_client, job_id, remote_ids)
+
     def prepare_job(self, job_id: uuid.UUID) -> None:
         """Write the job's verdict rows batch by batch (`job_service.prepare_batch`), each
         batch's units queued when it commits."""
@@ -184,7 +204,9 @@ class WorkerRuntime:
                 workqueue.close_finished_jobs(session)
                 exports = export_service.sweep(session, self.settings.stale_after_s)
                 parts = export_service.sweep_parts(session, self.settings.stale_after_s)
+                lost = batches.sweep(session, self.settings, self.settings.stale_after_s)
                 self._requeue_after_commit(session, units, exports, parts, preparing)
+                batches.requeue_after_commit(session, self.settings, lost)
         except Exception as error:
             if not is_database_unavailable(error):
                 raise
@@ -198,7 +220,14 @@ class WorkerRuntime:
             log.warning("sweeper re-enqueued %d lost or stalled exports", len(exports))
         if parts:
             log.warning("sweeper re-enqueued %d lost or stalled export parts", len(parts))
-        return len(units) + len(exports) + len(parts) + len(preparing)
+        if lost.polls or lost.submits or lost.cancels:
+            log.warning(
+                "sweeper resumed %d batch polls, %d batch submissions, %d batch cancellations",
+                len(lost.polls),
+                len(lost.submits),
+                len(lost.cancels),
+            )
+        return len(units) + len(exports) + len(parts) + len(preparing) + len(lost.polls)
 
     def resume(self) -> int:
         """Enqueue every open item (at start-up, when the broker may have lost messages)."""
@@ -207,8 +236,10 @@ class WorkerRuntime:
             preparing = workqueue.stalled_preparations(session, stale_after_s=0)
             exports = export_service.sweep(session, stale_after_s=0)
             parts = export_service.sweep_parts(session, stale_after_s=0)
+            lost = batches.sweep(session, self.settings, stale_after_s=0)
             self._requeue_after_commit(session, units, exports, parts, preparing)
-        return len(units) + len(exports) + len(parts) + len(preparing)
+            batches.requeue_after_commit(session, self.settings, lost)
+        return len(units) + len(exports) + len(parts) + len(preparing) + len(lost.polls)
 
     def _requeue_after_commit(
         self,

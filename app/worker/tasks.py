@@ -20,9 +20,12 @@ from celery.signals import worker_process_init, worker_ready
 from app.broker import (
     BUILD_EXPORT,
     BUILD_EXPORT_PART,
+    CANCEL_BATCHES,
     FINISH_EXPORT,
     LABEL_UNIT,
+    POLL_BATCH,
     PREPARE_JOB,
+    SUBMIT_BATCHES,
     SWEEP,
 )
 from app.db import is_database_unavailable, outage_delay, outage_reason, outage_tries
@@ -97,6 +100,47 @@ def prepare_job(self: Any, job_id: str) -> None:
     sweeper sends it again); one that finds the database unavailable retries itself."""
     try:
         get_runtime().prepare_job(uuid.UUID(job_id))
+    except Exception as error:
+        if not is_database_unavailable(error):
+            raise
+        raise _retry_after_outage(self, error) from error
+
+
+# Batch delivery (`app.jobs.batches`): an upload of a large input file or a download of a large
+# output file takes minutes; a dead task is found by its batch's stale row instead.
+@shared_task(
+    bind=True, name=SUBMIT_BATCHES, acks_late=True, reject_on_worker_lost=True, time_limit=86400
+)
+def submit_batches(self: Any, job_id: str) -> int:
+    """Claim a batch-delivery job's pending steps into batches and submit them (and resume
+    submissions cut short)."""
+    try:
+        return get_runtime().submit_batches(uuid.UUID(job_id))
+    except Exception as error:
+        if not is_database_unavailable(error):
+            raise
+        raise _retry_after_outage(self, error) from error
+
+
+@shared_task(
+    bind=True, name=POLL_BATCH, acks_late=True, reject_on_worker_lost=True, time_limit=86400
+)
+def poll_batch(self: Any, batch_id: str) -> None:
+    """Poll one batch at the provider; collect its answers when it has ended, else poll it
+    again later."""
+    try:
+        get_runtime().poll_batch(uuid.UUID(batch_id))
+    except Exception as error:
+        if not is_database_unavailable(error):
+            raise
+        raise _retry_after_outage(self, error) from error
+
+
+@shared_task(bind=True, name=CANCEL_BATCHES, acks_late=True, reject_on_worker_lost=True)
+def cancel_batches(self: Any, job_id: str, remote_ids: list[str] | None = None) -> int:
+    """Cancel a cancelled (or deleted) job's live batches at the provider."""
+    try:
+        return get_runtime().cancel_batches(uuid.UUID(job_id), remote_ids or [])
     except Exception as error:
         if not is_database_unavailable(error):
             raise

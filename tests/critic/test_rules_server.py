@@ -364,7 +364,7 @@ def test_deleting_faults_restores_answers_and_keeps_latency() -> None:
     assert set_plan(client, {"latency_ms": 100, "faults": [{"kind": "500"}]}).status_code == 200
     assert statuses(client, whole_request(), 2) == [500, 500]
     cleared = client.delete("/admin/faults").json()
-    assert cleared == {"latency_ms": 100, "faults": []}
+    assert cleared == {"latency_ms": 100, "faults": [], "batch_delay_s": 0.0, "batch_faults": []}
     started = time.monotonic()
     assert statuses(client, whole_request(), 1) == [200]
     assert time.monotonic() - started >= 0.1
