@@ -21,6 +21,8 @@ class HumanLabel(Base):
     __table_args__ = (
         UniqueConstraint("trajectory_id", "step_index"),
         Index(None, "project_id", "updated_at"),
+        # Gold-set exports page a project's labels by id.
+        Index(None, "project_id", "id"),
     )
 
     id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
