@@ -319,6 +319,9 @@ class VerdictOut(BaseModel):
     system_fingerprint: str | None = Field(
         description="What the critic's server reported of its configuration, if anything."
     )
+    delivery: Delivery | None = Field(
+        description="How the answer came: `online` or `batch` (null for a copy from the cache)."
+    )
     latency_ms: float | None
     attempts: int
     error: str | None

@@ -99,6 +99,8 @@ def test_a_batch_job_gets_the_online_jobs_labels(
     # Votes were asked: each step's verdict shows all of them.
     verdicts = api.verdicts(batch["id"])
     assert {len(v["vote_labels"]) for v in verdicts} == {votes}
+    assert {v["delivery"] for v in verdicts} == {"batch"}
+    assert {v["delivery"] for v in api.verdicts(online["id"])} == {"online"}
     assert finished["usage"]["prompt_tokens"] > 0
     # The same requests, so the same tokens, as the online job's.
     assert finished["usage"]["prompt_tokens"] == online_done["usage"]["prompt_tokens"]
