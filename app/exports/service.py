@@ -19,17 +19,16 @@ from app.exports.formats import TokenizerUse
 from app.exports.manifest import manifest_bytes
 from app.exports.parts import PartSpan
 from app.exports.rows import Source
-from app.exports.tokenize import (
-    INVALID_REVISION,
-    INVALID_TOKENIZER,
-    revision_allowed,
-    roots_as_written,
-    tokenizer_allowed,
-)
 from app.jobs import service as job_service
 from app.jobs import workqueue
 from app.jobs.schemas import Selection
 from app.models import Export, ExportPart, Job, JobTrajectory, Step, Trajectory, utcnow
+from app.recipe.tokenizer_names import (
+    INVALID_REVISION,
+    INVALID_TOKENIZER,
+    request_allows,
+    revision_allowed,
+)
 from app.review import service as review_service
 from app.status import (
     EXPORT_OPEN,
@@ -159,8 +158,9 @@ def _check_format(body: schemas.ExportCreate) -> None:
 def _check_tokenizer(body: schemas.ExportCreate, settings: Settings) -> None:
     """A Hub id or a path inside SRFT_TOKENIZER_DIRS, judged on the text alone: the refusal
     is the same whatever exists on the server (the worker checks again, symlinks resolved)."""
-    roots = [*settings.tokenizer_roots, *roots_as_written(settings.tokenizer_dirs)]
-    if body.tokenizer is not None and not tokenizer_allowed(body.tokenizer, roots):
+    if body.tokenizer is not None and not request_allows(
+        body.tokenizer, settings.tokenizer_roots, settings.tokenizer_dirs
+    ):
         raise InvalidExportError(INVALID_TOKENIZER, location="tokenizer", code="invalid_tokenizer")
     revision = body.tokenizer_revision
     if revision is not None and not revision_allowed(revision):

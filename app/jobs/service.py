@@ -43,6 +43,7 @@ from app.jobs.workqueue import (
 )
 from app.models import Export, Job, JobBatch, JobTrajectory, Trajectory, Verdict, utcnow
 from app.pagination import decode_cursor, encode_cursor
+from app.recipe.tokenizer_names import INVALID_TOKENIZER, request_allows
 from app.status import (
     EXPORT_OPEN,
     JOB_FINISHED,
@@ -130,6 +131,12 @@ def create_job(
             "votes > 1 needs temperature > 0: identical calls at temperature 0 would only "
             "repeat the same answer",
             location="critic.temperature",
+        )
+    if critic.tokenizer is not None and not request_allows(
+        critic.tokenizer, settings.tokenizer_roots, settings.tokenizer_dirs
+    ):
+        raise InvalidJobError(
+            INVALID_TOKENIZER, location="critic.tokenizer", code="invalid_tokenizer"
         )
     check_selection(session, project_id, body.selection)
     critic = prompts.prepared(session, project_id, critic, labels)

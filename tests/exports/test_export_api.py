@@ -22,8 +22,8 @@ from sqlalchemy import func, select
 
 from app.auth import service as auth_service
 from app.exports.pull import pull_export, verify_directory
-from app.exports.tokenize import INVALID_REVISION, INVALID_TOKENIZER
 from app.models import Export
+from app.recipe.tokenizer_names import INVALID_REVISION, INVALID_TOKENIZER
 from tests.e2e import Api, Workers
 from tests.exports.conftest import Corpus
 

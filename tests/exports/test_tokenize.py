@@ -17,10 +17,9 @@ from huggingface_hub.utils import validate_repo_id
 
 from app.config import Settings
 from app.exports import tokenize
-from app.exports.tokenize import (
-    TokenizerUnavailableError,
+from app.exports.tokenize import TokenizerUnavailableError, load_export_tokenizer
+from app.recipe.tokenizer_names import (
     is_hub_id,
-    load_export_tokenizer,
     revision_allowed,
     roots_as_written,
     tokenizer_allowed,

@@ -99,6 +99,16 @@ def stored(client: TestClient, caller: Caller) -> list[str]:
             "validation_error",
             "body.critic.delivery",
         ),
+        (
+            {"selection": {}, "critic": {"tokenizer": "/etc/secret-tokenizer"}},
+            "invalid_tokenizer",
+            "critic.tokenizer",
+        ),
+        (
+            {"selection": {}, "critic": {"tokenizer": "not a hub id"}},
+            "invalid_tokenizer",
+            "critic.tokenizer",
+        ),
         ({"selection": {}, "scope": "some"}, "validation_error", "body.scope"),
         ({"selection": {}, "surprise": 1}, "validation_error", "body.surprise"),
     ],
