@@ -297,7 +297,7 @@ class CriticClient:
                     retryable=False,
                     refusal=refusal,
                 ) from exc
-            if "response_format" in kwargs and "response_format" in said:
+            if "response_format" in kwargs and refuses_response_format(said):
                 if self._structured.get(model) is not False:
                     log.warning(
                         "critic endpoint %s refused response_format for model %r; continuing "
@@ -367,6 +367,12 @@ def _error_text(exc: openai.APIStatusError) -> str:
 def _error_code(exc: openai.APIStatusError) -> str | None:
     code = getattr(exc, "code", None)
     return code if isinstance(code, str) else None
+
+
+def refuses_response_format(message: str) -> bool:
+    """Whether a 400's message says the server does not take the request's `response_format`
+    (vLLM, SGLang and OpenAI each name the field); the online and the batch path both ask."""
+    return "response_format" in message
 
 
 def parse_completion(response: Any, latency_s: float = 0.0) -> Completion:

@@ -397,9 +397,13 @@ class RulesCritic:
         self.stats.batches[name] += count
 
     def answer_line(self, body: Any) -> tuple[int, dict[str, Any]]:
-        """A batch line's answer: what `/v1/chat/completions` answers for its body."""
+        """A batch line's answer: what `/v1/chat/completions` answers for its body (the same
+        variants and refusals; the chat endpoint's fault plan does not apply to lines)."""
         try:
-            return 200, self.complete(_validated(body), None)
+            validated = _validated(body)
+            variants = self.variants_of(validated)
+            self.refuse(validated, variants)
+            return 200, self.complete(validated, None, variants)
         except RequestError as exc:
             if exc.status == 400:
                 self.stats.bad_requests += 1

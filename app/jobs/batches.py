@@ -37,7 +37,7 @@ import tempfile
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
@@ -48,7 +48,12 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.critic.batch import BatchClient, RemoteBatch, read_lines
-from app.critic.client import RequestEncoder, parse_completion, request_body
+from app.critic.client import (
+    RequestEncoder,
+    parse_completion,
+    refuses_response_format,
+    request_body,
+)
 from app.critic.judge import (
     JudgeConfig,
     JudgeFailedError,
@@ -412,7 +417,10 @@ def _rebuild(
         items[row.trajectory_id][row.step_index] = row.id
     # One file whatever the limits: these steps were one batch's.
     files = _Files(path.parent, 2**62, 2**62)
-    _write_requests(session, job, judge_config(job, settings, tokenizers), dict(items), files)
+    config = judge_config(job, settings, tokenizers)
+    if not batch.structured:
+        config = replace(config, endpoint=replace(config.endpoint, structured_output=False))
+    _write_requests(session, job, config, dict(items), files)
     written = files.close()
     if not written:
         return 0
@@ -737,14 +745,23 @@ def _collect(
     for start in range(0, len(outcomes), ID_CHUNK):
         workqueue.record_outcomes(session, outcomes[start : start + ID_CHUNK])
     _close(batch, remote.status)
-    _follow_up(session, settings, job, batch)
+    # A provider that refuses the schema refuses every line for it: ask without it from now.
+    refused_schema = any(
+        error.kind == ErrorKind.REJECTED and refuses_response_format(str(error))
+        for request in answers.values()
+        for error in request.errors
+    )
+    _follow_up(session, settings, job, batch, structured=batch.structured and not refused_schema)
     session.flush()
     workqueue.finish_if_done(session, job.id)
 
 
-def _follow_up(session: Session, settings: Settings, job: Job, batch: JobBatch) -> None:
+def _follow_up(
+    session: Session, settings: Settings, job: Job, batch: JobBatch, *, structured: bool
+) -> None:
     """The steps still claimed by a collected batch (failed, unparseable, unanswered): to a
-    follow-up batch, or online when the job allows it."""
+    follow-up batch (asking for a `response_format` only if `structured`), or online when the
+    job allows it."""
     if job_service.critic_options(job).online_fallback:
         released = session.execute(
             update(Verdict)
@@ -774,6 +791,7 @@ def _follow_up(session: Session, settings: Settings, job: Job, batch: JobBatch) 
         round=batch.round + 1,
         status=BatchStatus.SUBMITTING,
         claim_token=str(uuid.uuid4()),
+        structured=structured,
     )
     session.add(follow)
     session.flush()

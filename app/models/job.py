@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -182,6 +183,9 @@ class JobBatch(Base):
     requests_completed: Mapped[int] = mapped_column(Integer, default=0)
     requests_failed: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, default=None)
+    # Whether its lines ask for a `response_format` (the job's option), false from the round
+    # after a batch whose lines the provider refused for it.
+    structured: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     submitted_at: Mapped[datetime | None] = mapped_column(default=None)
     polled_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -44,6 +44,7 @@ def upgrade() -> None:
         sa.Column("requests_completed", sa.Integer(), nullable=False),
         sa.Column("requests_failed", sa.Integer(), nullable=False),
         sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("structured", sa.Boolean(), nullable=False, server_default=sa.true()),
         _when("created_at", nullable=False),
         _when("submitted_at"),
         _when("polled_at"),

@@ -151,6 +151,25 @@ def test_batch_faults_still_give_exactly_one_verdict_per_step(
     assert _deliveries(e2e_database_url, job["id"]) == {"batch": len(rows)}
 
 
+def test_a_provider_that_refuses_the_schema_gets_the_follow_up_without_it(
+    api: Api, corpus: list[str], rules_critic: RulesCritic, e2e_database_url: str
+) -> None:
+    ids = corpus[:4]
+    before = rules_critic.stats()["refused"].get("response_format", 0)
+    job = _batch_job(api, ids, extra_body={"rules_variant": ["no_response_format"]})
+    finished = api.wait(job["id"], timeout=180)
+    assert finished["status"] == "completed", finished
+    rows = _assert_one_verdict_per_step(e2e_database_url, finished)
+    assert {(t, s): label for t, s, _, label in rows} == _expected(api, ids)
+    first, follow_up = sorted(finished["batches"], key=lambda b: b["round"])
+    assert (first["round"], follow_up["round"]) == (1, 2)
+    # Every first-round line was refused for its schema; the follow-up asked without one.
+    assert first["request_counts"]["failed"] == first["request_counts"]["total"] > 0
+    assert follow_up["request_counts"]["failed"] == 0
+    refused = rules_critic.stats()["refused"]["response_format"] - before
+    assert refused == first["request_counts"]["total"]
+
+
 def test_online_fallback_asks_failed_requests_online(
     api: Api, corpus: list[str], rules_critic: RulesCritic, e2e_database_url: str
 ) -> None:
