@@ -125,6 +125,12 @@ def _pinned_schema(served: Served, ids: dict[str, Any], target: Path) -> None:
                     values = pinned[parameter["name"]]
                     parameter["schema"] = {**parameter["schema"], "enum": values}
                     parameter["schema"].pop("format", None)
+                elif parameter["in"] == "query" and parameter["name"] == "job_id":
+                    # The job comparisons take their jobs as a query list.
+                    parameter["schema"] = {
+                        **parameter["schema"],
+                        "items": {"type": "string", "enum": pinned["job_id"]},
+                    }
     target.write_text(json.dumps(schema))
 
 
