@@ -38,7 +38,9 @@ class Task:
 
     @property
     def prompt(self) -> str:
-        return f"Fix the bug in {self.function}."
+        # The task's number makes every run's text its own: two tasks whose runs would read
+        # the same (a premature submit after an edit) can differ in truth.
+        return f"Task {self.task_id.rsplit('-', 1)[1]}: fix the bug in {self.function}."
 
     @property
     def key(self) -> tuple[str, tuple[str, ...], str]:
