@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.recipe_env import MAX_STEPS, SYSTEM_PROMPT, TOOL_NAME, Episode, Task, make_task
-from bench.recipe_teachers import TOOLS, guessed_edit
+from bench.recipe_teachers import guessed_edit
 
 TEMPERATURE = 0.7
 STEP_TOKENS = 40
@@ -154,7 +154,7 @@ def rollout(model: Any, tokenizer: Any, tasks: list[Task], seed: int) -> list[Ro
             break
         prompts = [
             tokenizer.apply_chat_template(
-                conversations[n], tools=TOOLS, tokenize=False, add_generation_prompt=True
+                conversations[n], tokenize=False, add_generation_prompt=True
             )
             for n in live
         ]

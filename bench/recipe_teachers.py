@@ -56,22 +56,6 @@ def guessed_edit(task: Task) -> str:
     """The edit the wrong-first-guess habit makes on `task`."""
     return f"edit {GUESSES[task.function.split('_', 1)[0]]}"
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": TOOL_NAME,
-            "description": "Run a command.",
-            "parameters": {
-                "type": "object",
-                "properties": {"command": {"type": "string"}},
-                "required": ["command"],
-            },
-        },
-    }
-]
-
-
 def pick_teacher(rng: random.Random) -> Teacher:
     return rng.choices(TEACHERS, [t.share for t in TEACHERS])[0]
 
@@ -154,7 +138,8 @@ def run_item(task: Task, commands: list[str], resolved: bool, teacher: str) -> d
         messages.append({"role": "tool", "tool_call_id": call_id, "content": episode.step(command)})
     return {
         "messages": messages,
-        "tools": TOOLS,
+        # No `tools`: the system prompt names the commands, and a declared tool would add its
+        # schema to every rendered row, a third of its tokens, for a tiny model to read.
         "resolved": resolved,
         "task_id": task.task_id,
         "metadata": {"teacher": teacher},
