@@ -3,7 +3,7 @@
 Run from the repository root (needs the PostgreSQL server binaries and redis-server, as the
 tests do, and the `train` and `export` extras; the plot needs the `recipe` extra, matplotlib):
 
-    .venv/bin/python -m bench.recipe                 # the default run: 3 seeds, ~20-30 min on 2 cores
+    .venv/bin/python -m bench.recipe                 # the default run: 3 seeds, 3 critics, 5 policies
     .venv/bin/python -m bench.recipe --quick         # the wiring, a few minutes; not the effect
     .venv/bin/python -m bench.recipe --seeds 5 --out runs/recipe
 
@@ -63,7 +63,7 @@ from bench.recipe_env import MISTAKE, Task, make_task
 from bench.recipe_eval import HabitCounts, habit_counts, held_out_tasks, rollout, wilson
 from bench.recipe_teachers import TeacherRun, teacher_runs, write_runs
 from bench.scale import Processes, wait_until
-from tests.chat_tokenizers import build_tokenizer
+from tests.chat_tokenizers import SPECIAL_TOKENS, TEMPLATES
 from tests.servers import RedisServer, free_port, postgres_server
 
 SRFT = (sys.executable, "-m", "app.cli")
@@ -72,6 +72,8 @@ POLICIES = ("sft", "rft", "srft", "srft_unresolved", "prefix")
 CRITIC_FREE = ("sft", "rft")  # policies that read no verdict
 MAX_SEQ_LEN = 1024
 EVAL_SEED = 1_000_003  # the held-out tasks' stream
+TOKENIZER_VOCAB = 600
+SAMPLE_ROLLOUTS = 3
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class Options:
     policies: tuple[str, ...]
     critics: tuple[str, ...]
     shift_masks: bool
+    packing: bool
     out: Path
     data_seed: int
 
@@ -95,7 +98,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--seeds", type=int, help="training seeds (3; quick: 1)")
     parser.add_argument("--train-runs", type=int, help="teachers' runs (800; quick: 120)")
     parser.add_argument("--eval-tasks", type=int, help="held-out tasks per student (100; quick: 20)")
-    parser.add_argument("--steps", type=int, help="optimizer steps per student (200; quick: 20)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per student (100; quick: 20)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (3e-3)")
     parser.add_argument(
         "--tokens-per-micro-batch", type=int, default=4096, help="token budget of a batch (4096)"
@@ -113,6 +116,12 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         action="store_true",
         help="move each row's turn weights one assistant turn later before training",
     )
+    parser.add_argument(
+        "--packing",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="pack rows in training (default off: padded rows are cheaper on CPU here)",
+    )
     parser.add_argument("--data-seed", type=int, default=0, help="the training tasks' stream (0)")
     parser.add_argument("--out", type=Path, default=Path("recipe-out"), help="results folder")
     args = parser.parse_args(argv)
@@ -126,12 +135,13 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         seeds=args.seeds or (1 if quick else 3),
         train_runs=args.train_runs or (120 if quick else 800),
         eval_tasks=args.eval_tasks or (20 if quick else 100),
-        steps=args.steps or (20 if quick else 200),
+        steps=args.steps or (20 if quick else 100),
         lr=args.lr,
         tokens_per_micro_batch=args.tokens_per_micro_batch,
         policies=policies,
         critics=tuple(critics.split(",")),
         shift_masks=args.shift_masks,
+        packing=args.packing,
         out=args.out,
         data_seed=args.data_seed,
     )
@@ -341,16 +351,46 @@ def shift_masks(folder: Path, tokenizer: Any) -> int:
 # ------------------------------------------------------------------------ students
 
 
+def build_recipe_tokenizer(directory: Path, runs: Sequence[TeacherRun]) -> Path:
+    """A byte-level BPE of `TOKENIZER_VOCAB` tokens trained on the teachers' runs, with the
+    ChatML template of `tests/chat_tokenizers.py`: the environment's words become single
+    tokens, so rows are short and the output layer small (what a tiny model on CPU needs)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    chat_template, special = TEMPLATES["chatml"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(
+        (json.dumps(run.item()) + "\n" + "\n".join(run.commands) for run in runs),
+        trainer=trainer,
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, **special)
+    tokenizer.chat_template = chat_template
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+
 def save_initial_model(tokenizer: Any, seed: int, folder: Path) -> Path:
-    """A tiny randomly initialised Llama (about 1.2 M parameters), saved."""
+    """A tiny randomly initialised Llama (hidden 64, 4 layers: about 0.2 M parameters with the
+    600-token vocabulary), saved."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
+        hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=4,
@@ -379,6 +419,7 @@ def train_student(data: Path, model: Path, output: Path, seed: int, options: Opt
         "--max-seq-len", str(MAX_SEQ_LEN),
         "--seed", str(seed),
         "--log-every", "1",
+        "--packing" if options.packing else "--no-packing",
     ]  # fmt: skip
     done = subprocess.run(
         [*SRFT, *args], env=child_env(), cwd=REPO_ROOT, capture_output=True, text=True
@@ -389,18 +430,22 @@ def train_student(data: Path, model: Path, output: Path, seed: int, options: Opt
     return sum(int(json.loads(line).get("trained_tokens", 0)) for line in lines if "loss" in line)
 
 
-def evaluate_student(folder: Path, tasks: list[Task], seed: int) -> tuple[int, HabitCounts]:
-    """Successes over `tasks` and the habit counts of the student saved in `folder`."""
+def evaluate_student(
+    folder: Path, tasks: list[Task], seed: int
+) -> tuple[int, HabitCounts, list[list[str]]]:
+    """Successes over `tasks`, the habit counts of the student saved in `folder`, and the
+    commands of its first rollouts (a sample to read)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder))
     habits = HabitCounts()
     successes = 0
-    for result in rollout(model, tokenizer, tasks, seed):
+    results = rollout(model, tokenizer, tasks, seed)
+    for result in results:
         successes += result.success
         habits.add(habit_counts(result.task, result.commands))
-    return successes, habits
+    return successes, habits, [[r.task.prompt, *r.commands] for r in results[:SAMPLE_ROLLOUTS]]
 
 
 # ------------------------------------------------------------------------ the run
@@ -419,6 +464,8 @@ class Cell:
     export_trained_tokens: int = 0
     rows: int = 0
     seconds: float = 0.0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
     per_seed: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -435,6 +482,8 @@ class Cell:
             "export_rows": self.rows,
             "export_trained_tokens": self.export_trained_tokens,
             "seconds": self.seconds,
+            "train_seconds": self.train_seconds,
+            "eval_seconds": self.eval_seconds,
             "per_seed": self.per_seed,
         }
 
@@ -473,7 +522,7 @@ def run(options: Options) -> int:
         runs_file = workdir / "runs.jsonl"
         write_runs(runs, runs_file)
         service = Service(stack, workdir, true_labels)
-        tokenizer_dir = build_tokenizer(service.tokenizer_root / "chatml")
+        tokenizer_dir = build_recipe_tokenizer(service.tokenizer_root / "chatml", runs)
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -514,18 +563,28 @@ def run(options: Options) -> int:
                 shift_masks(folder, tokenizer)
             for seed in range(options.seeds):
                 output = workdir / "students" / f"{policy}-{critic}-{seed}"
+                clock = time.perf_counter()
                 tokens = train_student(folder, initial[seed], output, seed, options)
-                successes, habits = evaluate_student(output / "final", eval_tasks, seed)
+                cell.train_seconds += time.perf_counter() - clock
+                clock = time.perf_counter()
+                successes, habits, sample = evaluate_student(output / "final", eval_tasks, seed)
+                cell.eval_seconds += time.perf_counter() - clock
                 cell.trained_tokens.append(tokens)
                 cell.successes += successes
                 cell.rollouts += len(eval_tasks)
                 cell.habits.add(habits)
                 cell.per_seed.append(
-                    {"seed": seed, "success": successes / len(eval_tasks), "habit_repeat": habits.rate}
+                    {
+                        "seed": seed,
+                        "success": successes / len(eval_tasks),
+                        "habit_repeat": habits.rate,
+                        "sample_rollouts": sample,
+                    }
                 )
                 print(
                     f"{policy:>15} {critic:>24} seed {seed}: success {successes}/{len(eval_tasks)}, "
-                    f"habit repeat {habits.rate:.3f}, trained tokens {tokens}",
+                    f"habit repeat {habits.rate:.3f}, trained tokens {tokens} "
+                    f"(train {cell.train_seconds:.0f} s, rollouts {cell.eval_seconds:.0f} s so far)",
                     flush=True,
                 )
             cell.seconds = time.perf_counter() - started
