@@ -3,7 +3,7 @@
 Run from the repository root (needs the PostgreSQL server binaries and redis-server, as the
 tests do, and the `train` and `export` extras; the plot needs the `recipe` extra, matplotlib):
 
-    .venv/bin/python -m bench.recipe                 # the default run: 3 seeds, 3 critics, 5 policies
+    .venv/bin/python -m bench.recipe             # the default run: 3 seeds, 3 critics, 5 policies
     .venv/bin/python -m bench.recipe --quick         # the wiring, a few minutes; not the effect
     .venv/bin/python -m bench.recipe --seeds 5 --out runs/recipe
 
@@ -97,7 +97,9 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--quick", action="store_true", help="a smoke run of the wiring")
     parser.add_argument("--seeds", type=int, help="training seeds (3; quick: 1)")
     parser.add_argument("--train-runs", type=int, help="teachers' runs (800; quick: 120)")
-    parser.add_argument("--eval-tasks", type=int, help="held-out tasks per student (100; quick: 20)")
+    parser.add_argument(
+        "--eval-tasks", type=int, help="held-out tasks per student (100; quick: 20)"
+    )
     parser.add_argument("--steps", type=int, help="optimizer steps per student (100; quick: 20)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (3e-3)")
     parser.add_argument(
@@ -130,7 +132,9 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     unknown = sorted(set(policies) - set(POLICIES))
     if unknown:
         parser.error(f"unknown policies {unknown}")
-    critics = args.critics or ("oracle" if quick else f"oracle,{corrupted_model(0.75, 0.75, 0)},rules")
+    critics = args.critics or (
+        "oracle" if quick else f"oracle,{corrupted_model(0.75, 0.75, 0)},rules"
+    )
     return Options(
         seeds=args.seeds or (1 if quick else 3),
         train_runs=args.train_runs or (120 if quick else 800),
@@ -379,7 +383,6 @@ def build_recipe_tokenizer(directory: Path, runs: Sequence[TeacherRun]) -> Path:
     return directory
 
 
-
 def save_initial_model(tokenizer: Any, seed: int, folder: Path) -> Path:
     """A tiny randomly initialised Llama (hidden 64, 4 layers: about 0.2 M parameters with the
     600-token vocabulary), saved."""
@@ -558,7 +561,9 @@ def run(options: Options) -> int:
                 jobs[options.critics[0] if critic == "-" else critic], policy, tokenizer_dir, folder
             )
             cell.rows = sum(shard["rows"] for shard in manifest["shards"])
-            cell.export_trained_tokens = sum(shard["trained_tokens"] for shard in manifest["shards"])
+            cell.export_trained_tokens = sum(
+                shard["trained_tokens"] for shard in manifest["shards"]
+            )
             if options.shift_masks:
                 shift_masks(folder, tokenizer)
             for seed in range(options.seeds):
@@ -582,9 +587,10 @@ def run(options: Options) -> int:
                     }
                 )
                 print(
-                    f"{policy:>15} {critic:>24} seed {seed}: success {successes}/{len(eval_tasks)}, "
-                    f"habit repeat {habits.rate:.3f}, trained tokens {tokens} "
-                    f"(train {cell.train_seconds:.0f} s, rollouts {cell.eval_seconds:.0f} s so far)",
+                    f"{policy:>15} {critic:>24} seed {seed}: "
+                    f"success {successes}/{len(eval_tasks)}, habit repeat {habits.rate:.3f}, "
+                    f"trained tokens {tokens} (train {cell.train_seconds:.0f} s, "
+                    f"rollouts {cell.eval_seconds:.0f} s so far)",
                     flush=True,
                 )
             cell.seconds = time.perf_counter() - started

@@ -113,9 +113,7 @@ class TrueLabels:
                 elif draw < false_positive:
                     label = MISTAKE
             outcome = rules.Outcome(label)
-            verdicts.append(
-                rules.RuleVerdict(step.index, outcome, label, f"The step is {label}.")
-            )
+            verdicts.append(rules.RuleVerdict(step.index, outcome, label, f"The step is {label}."))
         return verdicts
 
 

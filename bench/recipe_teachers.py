@@ -56,6 +56,7 @@ def guessed_edit(task: Task) -> str:
     """The edit the wrong-first-guess habit makes on `task`."""
     return f"edit {GUESSES[task.function.split('_', 1)[0]]}"
 
+
 def pick_teacher(rng: random.Random) -> Teacher:
     return rng.choices(TEACHERS, [t.share for t in TEACHERS])[0]
 
