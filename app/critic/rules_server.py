@@ -85,7 +85,7 @@ import random
 import re
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Self, TypeVar
 
@@ -327,6 +327,14 @@ def _message_digests(messages: Sequence[Any], response_format: Any) -> list[str]
     return digests
 
 
+# Verdicts from elsewhere than the rules (`bench/recipe_critics.py`: true labels): given the
+# request's model, its messages and its prompt's prefix read back, a verdict for every shown
+# step, or None to let the rules judge.
+VerdictSource = Callable[
+    [str, Sequence[Any], rules.PromptPrefix], Sequence[rules.RuleVerdict] | None
+]
+
+
 @dataclass(frozen=True)
 class _Answer:
     content: str
@@ -345,7 +353,9 @@ class RulesCritic:
         variants: frozenset[str] = frozenset(),
         context_tokens: int | None = None,
         batch_delay_s: float = 0.0,
+        verdict_source: VerdictSource | None = None,
     ) -> None:
+        self.verdict_source = verdict_source
         self.latency_ms = plan.latency_ms if plan.latency_ms is not None else latency_ms
         self.batch_delay_s = plan.batch_delay_s if plan.batch_delay_s is not None else batch_delay_s
         self.api_key = api_key
@@ -530,7 +540,7 @@ class RulesCritic:
             {"messages": messages, "fields": {k: v for k, v in body.items() if k != "messages"}}
         )
         digests = _message_digests(messages, body.get("response_format"))
-        parsed, verdicts = self._read(messages, digests)
+        parsed, verdicts = self._read(messages, digests, str(body.get("model") or ""))
         prompt_tokens = estimate_prompt_tokens(messages, body.get("response_format"))
         cached = self._cached_tokens(messages, digests, body.get("response_format"))
         temperature = float(body.get("temperature") or 0.0)
@@ -579,16 +589,26 @@ class RulesCritic:
         }
 
     def _read(
-        self, messages: list[Any], digests: list[str]
+        self, messages: list[Any], digests: list[str], model: str = ""
     ) -> tuple[rules.ParsedPrompt, list[rules.RuleVerdict]]:
         """The prompt read back and the rules applied to it; prefixes are read once, since
         every step request of a trajectory repeats the same long prefix."""
         try:
             key = digests[1] if len(digests) > 1 else digests[0]
+            if self.verdict_source is not None:
+                key = f"{model}:{key}"
             cached = self._prefixes.get(key)
             if cached is None:
                 prefix = rules.read_prefix(messages)
-                cached = (prefix, rules.judge_steps(prefix.steps, prefix.label_names))
+                found = None
+                if self.verdict_source is not None:
+                    found = self.verdict_source(model, messages, prefix)
+                judged = (
+                    list(found)
+                    if found is not None
+                    else rules.judge_steps(prefix.steps, prefix.label_names)
+                )
+                cached = (prefix, judged)
             self._prefixes.remember(key, cached)
             prefix, judged = cached
             parsed = rules.parse_question(messages, prefix)
@@ -869,11 +889,13 @@ def create_rules_app(
     *,
     batch_delay_s: float = 0.0,
     batch_limits: BatchLimits | None = None,
+    verdict_source: VerdictSource | None = None,
 ) -> FastAPI:
     """The rules critic app. `faults`: a fault plan (model, mapping, list of rules or JSON);
     `variants`: the serving-stack variants it emulates for every request (see the module
     docstring); `context_tokens`: the context of the `context_*` variants; `batch_delay_s`
-    and `batch_limits`: its Files and Batches API (`app.critic.rules_batches`)."""
+    and `batch_limits`: its Files and Batches API (`app.critic.rules_batches`);
+    `verdict_source`: verdicts that replace the rules' where it has them."""
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise ValueError(
@@ -886,6 +908,7 @@ def create_rules_app(
         frozenset(variants),
         context_tokens,
         batch_delay_s,
+        verdict_source,
     )
     log.warning(
         "the rules critic labels steps with heuristics (failing output, exact repeats, "
@@ -1029,6 +1052,7 @@ def start_rules_server_thread(
     host: str = "127.0.0.1",
     variants: Sequence[str] = (),
     context_tokens: int | None = None,
+    verdict_source: VerdictSource | None = None,
 ) -> int:
     """Serve the rules critic from a daemon thread of this process; return its port.
 
@@ -1043,7 +1067,12 @@ def start_rules_server_thread(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     port: int = sock.getsockname()[1]
-    app = create_rules_app(latency_ms=latency_ms, variants=variants, context_tokens=context_tokens)
+    app = create_rules_app(
+        latency_ms=latency_ms,
+        variants=variants,
+        context_tokens=context_tokens,
+        verdict_source=verdict_source,
+    )
     config = uvicorn.Config(app, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     # uvicorn installs no signal handlers outside the main thread, which is what we want.
