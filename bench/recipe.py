@@ -63,7 +63,7 @@ from bench.recipe_env import MISTAKE, Task, make_task
 from bench.recipe_eval import HabitCounts, habit_counts, held_out_tasks, rollout, wilson
 from bench.recipe_teachers import TeacherRun, teacher_runs, write_runs
 from bench.scale import Processes, wait_until
-from tests.chat_tokenizers import SPECIAL_TOKENS, TEMPLATES
+from tests.chat_tokenizers import save_tokenizer, train_bpe
 from tests.servers import RedisServer, free_port, postgres_server
 
 SRFT = (sys.executable, "-m", "app.cli")
@@ -359,28 +359,8 @@ def build_recipe_tokenizer(directory: Path, runs: Sequence[TeacherRun]) -> Path:
     """A byte-level BPE of `TOKENIZER_VOCAB` tokens trained on the teachers' runs, with the
     ChatML template of `tests/chat_tokenizers.py`: the environment's words become single
     tokens, so rows are short and the output layer small (what a tiny model on CPU needs)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    chat_template, special = TEMPLATES["chatml"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_VOCAB,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(
-        (json.dumps(run.item()) + "\n" + "\n".join(run.commands) for run in runs),
-        trainer=trainer,
-    )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, **special)
-    tokenizer.chat_template = chat_template
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(str(directory))
-    return directory
+    corpus = (json.dumps(run.item()) + "\n" + "\n".join(run.commands) for run in runs)
+    return save_tokenizer(directory, train_bpe(corpus, TOKENIZER_VOCAB), "chatml")
 
 
 def save_initial_model(tokenizer: Any, seed: int, folder: Path) -> Path:

@@ -12,7 +12,7 @@ trajectories, saved with one of several chat templates of different families.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -108,9 +108,8 @@ def _corpus() -> Iterator[str]:
     yield json.dumps({"name": "bash", "arguments": {"command": "ls"}})
 
 
-@lru_cache(maxsize=2)
-def trained_bpe(vocab_size: int = 4000) -> str:
-    """A byte-level BPE trained on the real trajectories (~2 s), as tokenizer.json text."""
+def train_bpe(corpus: Iterable[str], vocab_size: int) -> str:
+    """A byte-level BPE of `vocab_size` tokens trained on `corpus`, as tokenizer.json text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE())
@@ -122,20 +121,30 @@ def trained_bpe(vocab_size: int = 4000) -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(_corpus(), trainer=trainer)
+    bpe.train_from_iterator(corpus, trainer=trainer)
     return str(bpe.to_str())
 
 
-def build_tokenizer(directory: Path, template: str = "chatml", vocab_size: int = 4000) -> Path:
-    """Save the trained BPE with `template` to `directory`, loadable with
+@lru_cache(maxsize=2)
+def trained_bpe(vocab_size: int = 4000) -> str:
+    """A byte-level BPE trained on the real trajectories (~2 s), as tokenizer.json text."""
+    return train_bpe(_corpus(), vocab_size)
+
+
+def save_tokenizer(directory: Path, bpe_json: str, template: str = "chatml") -> Path:
+    """Save a trained BPE (tokenizer.json text) with `template` to `directory`, loadable with
     `AutoTokenizer.from_pretrained(directory)`."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     chat_template, special = TEMPLATES[template]
-    bpe = Tokenizer.from_str(trained_bpe(vocab_size))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, **special)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(bpe_json), **special)
     tokenizer.chat_template = chat_template
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(directory))
     return directory
+
+
+def build_tokenizer(directory: Path, template: str = "chatml", vocab_size: int = 4000) -> Path:
+    """Save the BPE trained on the real trajectories with `template` to `directory`."""
+    return save_tokenizer(directory, trained_bpe(vocab_size), template)
