@@ -7,6 +7,9 @@ Run from the repository root:
     .venv/bin/python bench/train.py --quick              # a quick look
     .venv/bin/python bench/train.py --json train.json    # also write the numbers
     .venv/bin/python bench/train.py --device cuda --model-size small-real   # a GPU
+    .venv/bin/python bench/train.py --packed-attn flex_attention   # + packed, flex_attention
+    .venv/bin/python bench/train.py loss    # chunked vs full-logits loss (train_throughput.py)
+    .venv/bin/python bench/train.py mfu     # MFU of a 0.5B/1.5B shape (train_throughput.py)
 
 What it does:
 
@@ -32,6 +35,9 @@ What it does:
    micro-batches; passes alternate (packed, padded, padded, packed...), --passes of each after
    a warm-up step. It prints real tokens/s (padding not counted), padded/packed ratio, padding
    waste and how full the micro-batches are;
+   With --packed-attn, the packed batches also run on a copy of the model with that
+   attention kernel: a third training run on CUDA; on the CPU, where flex_attention has no
+   backward, a forward-only comparison of padded, packed sdpa and packed with that kernel;
 6. peak memory of each run: the process's RSS sampled every 10 ms on the CPU,
    `torch.cuda.max_memory_allocated` (and reserved) on CUDA.
 
@@ -55,7 +61,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +72,10 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np
 import torch
 
-from app.training.batching import MicroBatch, collate, forward, loss_sum
+from app.training.batching import MicroBatch, collate, forward, loss_sum, micro_batch_loss
 from app.training.config import TrainConfig
 from app.training.data import IGNORE_INDEX, Row
+from app.training.loss import choose_loss, install, liger_installed
 from app.training.trainer import Distributed, _step, epoch_batches
 from bench.common import (
     exit_status,
@@ -135,6 +142,8 @@ class Options:
     lr: float
     seed: int
     json_path: Path | None
+    packed_attn: str | None = None
+    loss: str = "auto"
 
 
 def parse_options(argv: Sequence[str] | None = None) -> Options:
@@ -162,6 +171,17 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         "--attn",
         default="sdpa",
         help="attn_implementation of the model (default sdpa, what the trainer gets)",
+    )
+    parser.add_argument(
+        "--packed-attn",
+        default=None,
+        help="also run the packed batches on a copy of the model with this attn_implementation "
+        "(flex_attention: attention within each row only)",
+    )
+    parser.add_argument(
+        "--loss",
+        default="auto",
+        help="the trainer's loss_implementation (default auto: chunked on the CPU)",
     )
     parser.add_argument(
         "--bf16",
@@ -251,6 +271,8 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         lr=args.lr,
         seed=args.seed,
         json_path=args.json_path,
+        packed_attn=args.packed_attn,
+        loss=args.loss,
     )
     if min(options.rows, options.steps, options.passes, options.accum, options.budget) < 1:
         parser.error("--rows, --steps, --passes, --accum and --budget must be at least 1")
@@ -563,6 +585,29 @@ def loss_totals(
     return total, trained
 
 
+@torch.no_grad()
+def forward_pass(
+    model: Any, batches: list[MicroBatch], run: Run | None, memory: Memory, bf16: bool
+) -> float:
+    """One forward (the loss, no backward) over every micro-batch; timed into `run`."""
+    model.eval()
+    memory.reset()
+    began = time.perf_counter()
+    for batch in batches:
+        with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+            micro_batch_loss(model, batch)
+    seconds = time.perf_counter() - began
+    model.train()
+    if run is not None:
+        run.seconds.append(seconds)
+        run.tokens += sum(b.num_tokens for b in batches)
+        run.trained += sum(b.num_trained for b in batches)
+        run.slots += sum(b.input_ids.numel() for b in batches)
+        run.micro_batches = len(batches)
+        run.peak = max(run.peak, memory.peak()[0])
+    return seconds
+
+
 def bootstrap_median(values: list[float], seed: int) -> tuple[float, float]:
     """A 95% bootstrap interval of the median of `values`."""
     rng = np.random.default_rng(seed)
@@ -709,8 +754,16 @@ def benchmark(options: Options) -> int:
             problems.append(
                 f"packed and padded batches train {packed_trained} vs {padded_trained} targets"
             )
-        if options.bf16:
-            model.to(torch.bfloat16)
+        second: Any = None
+        if options.packed_attn:
+            second = build_model(replace(options, attn=options.packed_attn), vocab, device)
+            second.load_state_dict(model.state_dict())
+        loss_kind = choose_loss(options.loss, device.type, liger_installed(), None)
+        for each in (model, second):
+            if each is not None:
+                install(each, loss_kind)
+                if options.bf16:
+                    each.to(torch.bfloat16)
         trainer = Trainer(model, options, device, memory)
 
         # -- step masking (A) vs plain assistant-only SFT (B): the same micro-batches
@@ -763,6 +816,8 @@ def benchmark(options: Options) -> int:
         padded_batches = [collate([data.masked[i] for i in g], False) for g in padded_groups]
         run_packed = Run("packed")
         run_padded = Run("padded")
+        trains_second = second is not None and device.type == "cuda"
+        run_second = Run(f"packed, {options.packed_attn}") if trains_second else None
         print(
             f"  packing vs padding: {len(packed_batches)} packed and {len(padded_batches)} "
             f"padded micro-batches, one optimizer step a pass, {options.passes} pass(es) each "
@@ -773,6 +828,18 @@ def benchmark(options: Options) -> int:
         warm = max(1, min(options.warmup, 2))
         trainer.step(padded_batches[:warm], None)
         trainer.step(packed_batches[:warm], None)
+        second_trainer = None
+        compile_s = 0.0
+        # flex_attention has no backward on the CPU (torch 2.13): there the kernels are
+        # compared on the forward alone, below.
+        if trains_second:
+            # One untimed pass over every packed micro-batch: flex_attention is compiled
+            # for each new pack length (then for dynamic shapes).
+            second_trainer = Trainer(second, options, device, memory)
+            compile_s = second_trainer.step(packed_batches, None)
+            print(
+                f"  {options.packed_attn}: warm-up pass (compiling) {compile_s:.1f} s", flush=True
+            )
 
         def pass_of(batches: list[MicroBatch], run: Run) -> Callable[[int], None]:
             def call(_: int) -> None:
@@ -780,16 +847,56 @@ def benchmark(options: Options) -> int:
 
             return call
 
-        alternate(
-            options.passes,
-            pass_of(packed_batches, run_packed),
-            pass_of(padded_batches, run_padded),
-        )
+        if second_trainer is not None and run_second is not None:
+
+            def second_pass(_: int) -> None:
+                second_trainer.step(packed_batches, run_second)
+
+            for index in range(options.passes):  # rotate the order of the three
+                calls = [
+                    pass_of(packed_batches, run_packed),
+                    pass_of(padded_batches, run_padded),
+                    second_pass,
+                ]
+                for call in calls[index % 3 :] + calls[: index % 3]:
+                    call(index)
+        else:
+            alternate(
+                options.passes,
+                pass_of(packed_batches, run_packed),
+                pass_of(padded_batches, run_padded),
+            )
         packing_s = time.perf_counter() - began
-        for run in (run_packed, run_padded):
+        for run in (run_packed, run_padded, *([run_second] if run_second else [])):
             if not all(math.isfinite(loss) for loss in run.losses):
                 problems.append(f"{run.name} pass: a loss is not finite")
         packing_ratio = run_padded.median / run_packed.median  # the same real tokens
+
+        forward_runs: list[Run] = []
+        if second is not None and device.type != "cuda":
+            forward_runs = [
+                Run("padded, sdpa"),
+                Run("packed, sdpa"),
+                Run(f"packed, {options.packed_attn}"),
+            ]
+            plans = [
+                (model, padded_batches),
+                (model, packed_batches),
+                (second, packed_batches),
+            ]
+            print(
+                f"  forward only (no backward for {options.packed_attn} on the CPU): "
+                f"{options.passes} pass(es) of each after a warm-up pass (compiling) ...",
+                flush=True,
+            )
+            compile_s = forward_pass(second, packed_batches, None, memory, options.bf16)
+            forward_pass(model, padded_batches, None, memory, options.bf16)
+            forward_pass(model, packed_batches, None, memory, options.bf16)
+            for index in range(options.passes):  # rotate the order of the three
+                order = list(range(3))[index % 3 :] + list(range(3))[: index % 3]
+                for which in order:
+                    each, batches = plans[which]
+                    forward_pass(each, batches, forward_runs[which], memory, options.bf16)
     finally:
         memory.close()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -814,8 +921,30 @@ def benchmark(options: Options) -> int:
         f"{options.budget:,} tokens, one optimizer step a pass, {options.passes} pass(es) each, "
         f"interleaved ({packing_s:.0f} s in all); tokens/s counts real tokens only"
     )
-    print(packing_table([run_padded, run_packed], run_padded, options.budget, memory_label))
+    packing_runs = [run_padded, run_packed, *([run_second] if run_second else [])]
+    print(packing_table(packing_runs, run_padded, options.budget, memory_label))
     print(f"packed/padded tokens/s: {packing_ratio:.3f}")
+    second_ratio = None
+    if forward_runs:
+        print()
+        print(
+            f"forward only, the same rows and budget, {options.passes} pass(es) each "
+            f"({options.packed_attn} has no backward on the CPU); tokens/s counts real tokens"
+        )
+        print(packing_table(forward_runs, forward_runs[0], options.budget, memory_label))
+        second_ratio = forward_runs[0].median / forward_runs[2].median
+        print(
+            f"forward tokens/s over padded: packed sdpa "
+            f"{forward_runs[0].median / forward_runs[1].median:.3f}, packed "
+            f"{options.packed_attn} {second_ratio:.3f}; its warm-up pass (compiling) took "
+            f"{compile_s:.1f} s"
+        )
+    if run_second is not None:
+        second_ratio = run_padded.median / run_second.median
+        print(
+            f"packed ({options.packed_attn})/padded tokens/s: {second_ratio:.3f}; its warm-up "
+            f"pass (compiling) took {compile_s:.1f} s"
+        )
     if device.type == "cuda":
         print(
             f"memory: torch.cuda.max_memory_allocated per run; reserved: A "
@@ -870,8 +999,12 @@ def benchmark(options: Options) -> int:
                 "target_met": met,
             },
             "packing": {
-                "runs": [run_padded.report(), run_packed.report()],
+                "runs": [run.report() for run in packing_runs],
                 "packed_over_padded_tokens_per_second": packing_ratio,
+                "second_attention": options.packed_attn,
+                "forward_only_runs": [run.report() for run in forward_runs],
+                "second_over_padded_tokens_per_second": second_ratio,
+                "second_warm_up_s": compile_s,
             },
             "memory_unit": "cuda max_memory_allocated" if device.type == "cuda" else "RSS",
             "problems": problems,
@@ -894,7 +1027,12 @@ def guarded(options: Options) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cleaning_up(guarded, parse_options(argv))
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("loss", "mfu"):  # bench/train_throughput.py
+        from bench import train_throughput
+
+        return train_throughput.main(args[0], args[1:])
+    return run_cleaning_up(guarded, parse_options(args))
 
 
 if __name__ == "__main__":

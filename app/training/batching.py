@@ -20,6 +20,7 @@ from torch.nn import functional
 
 from app.recipe.render import IGNORE_INDEX
 from app.training.data import Row
+from app.training.loss import installed, model_loss_sum
 
 
 @dataclass
@@ -31,6 +32,7 @@ class MicroBatch:
     position_ids: torch.Tensor | None  # packed batches only
     num_tokens: int  # real (not padding) tokens
     num_trained: int  # tokens with a loss (targets), as the loss counts them
+    attention_square: int = 0  # sum of the rows' squared lengths (attention FLOPs)
 
     def to(self, device: torch.device) -> MicroBatch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -44,6 +46,7 @@ class MicroBatch:
             move(self.position_ids),
             self.num_tokens,
             self.num_trained,
+            self.attention_square,
         )
 
 
@@ -74,12 +77,13 @@ def plan(
 
 def collate(rows: Sequence[Row], packing: bool, pad_id: int = 0) -> MicroBatch:
     soft = any(r.weights is not None for r in rows)
+    square = sum(len(r.input_ids) ** 2 for r in rows)
     if packing:
         ids = np.concatenate([r.input_ids for r in rows])
         labels = np.concatenate([_no_first_target(r.labels) for r in rows])
         positions = np.concatenate([np.arange(len(r.input_ids)) for r in rows])
         weights = np.concatenate([_weights(r) for r in rows]) if soft else None
-        return _batch(ids[None], labels[None], weights, None, positions[None])
+        return _batch(ids[None], labels[None], weights, None, positions[None], square)
     longest = max(len(r.input_ids) for r in rows)
     ids = np.full((len(rows), longest), pad_id, dtype=np.int64)
     labels = np.full((len(rows), longest), IGNORE_INDEX, dtype=np.int64)
@@ -92,7 +96,7 @@ def collate(rows: Sequence[Row], packing: bool, pad_id: int = 0) -> MicroBatch:
         mask[i, :n] = 1
         if weights is not None:
             weights[i, :n] = _weights(row)
-    return _batch(ids, labels, weights, mask, None)
+    return _batch(ids, labels, weights, mask, None, square)
 
 
 def _no_first_target(labels: np.ndarray) -> np.ndarray:
@@ -115,6 +119,7 @@ def _batch(
     weights: np.ndarray | None,
     mask: np.ndarray | None,
     positions: np.ndarray | None,
+    square: int,
 ) -> MicroBatch:
     trained = int((labels[:, 1:] != IGNORE_INDEX).sum())
     real = int(mask.sum()) if mask is not None else int(ids.size)
@@ -126,6 +131,7 @@ def _batch(
         None if positions is None else torch.from_numpy(positions),
         real,
         trained,
+        square,
     )
 
 
@@ -141,6 +147,15 @@ def loss_sum(logits: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
     if batch.weights is not None:
         ce = ce * batch.weights[:, 1:][keep]
     return ce.sum()
+
+
+def micro_batch_loss(model: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
+    """The summed loss of a micro-batch: from the hidden states, chunk by chunk, when the
+    model's output layer was given the loss (`loss.install`), else from its full logits."""
+    head = installed(model)
+    if head is None:
+        return loss_sum(forward(model, batch), batch)
+    return model_loss_sum(model, batch, head)
 
 
 def forward(model: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:

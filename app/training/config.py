@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 SCHEDULES = ("cosine", "linear", "constant")
+# How the loss is computed (app/training/loss.py).
+LOSS_IMPLEMENTATIONS = ("auto", "chunked", "liger", "logits")
 REQUIRED = object()
 
 
@@ -51,11 +53,23 @@ class TrainConfig:
         "With torchrun / accelerate launch: shard (FSDP2) instead of DDP.",
         "--fsdp/--no-fsdp",
     )
-    # With packing, "flash_attention_2" (GPU) attends within each row only; the default
-    # (sdpa/eager) builds a dense block-diagonal mask and pays for the whole pack
-    # (bench/train.py).
+    # None: chosen (app/training/attention.py): with packing on CUDA a kernel that attends
+    # within each row (flash_attention_2, else flex_attention); otherwise the model's default.
     attn_implementation: str | None = _option(
-        None, "The model's attention kernel: sdpa, eager, flash_attention_2 (packing on GPU)..."
+        None,
+        "The model's attention kernel: sdpa, eager, flex_attention, flash_attention_2; "
+        "default: chosen for the device and packing (logged).",
+    )
+    loss_implementation: str = _option(
+        "auto",
+        "auto, chunked (loss from hidden states, no full logits), liger (CUDA, the liger "
+        "extra) or logits (the full logits).",
+    )
+    torch_compile: bool = _option(
+        False, "torch.compile the decoder layers.", "--compile/--no-compile"
+    )
+    peak_tflops: float | None = _option(
+        None, "The device's peak TFLOP/s for MFU; default: known GPUs in bf16."
     )
     seed: int = _option(0, "Seed of the data order, the split and the initialisation.")
     eval_fraction: float = _option(0.0, "Held-out share of rows.")
@@ -77,6 +91,10 @@ class TrainConfig:
             problems.append("max_steps must be at least 1")
         if self.epochs <= 0:
             problems.append("epochs must be positive")
+        if self.loss_implementation not in LOSS_IMPLEMENTATIONS:
+            problems.append(f"loss_implementation must be one of {', '.join(LOSS_IMPLEMENTATIONS)}")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            problems.append("peak_tflops must be positive")
         if not 0 <= self.eval_fraction < 1:
             problems.append("eval_fraction must be in [0, 1)")
         if problems:

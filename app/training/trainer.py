@@ -17,7 +17,6 @@ import math
 import os
 import random
 import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.training.batching import MicroBatch, collate, forward, loss_sum, plan
+from app.training import throughput
+from app.training.attention import choose_attention, kernels_available
+from app.training.batching import MicroBatch, collate, micro_batch_loss, plan
 from app.training.config import TrainConfig
 from app.training.data import Row, load_rows, split_eval
+from app.training.loss import choose_loss, head_supported, install, liger_installed
 
 log = logging.getLogger("srft.train")
 STATE = "trainer_state.pt"
@@ -166,14 +168,28 @@ def train(
     checkpoint = latest_checkpoint(output) if config.resume else None
     source = str(checkpoint / "model") if checkpoint else config.model
     dtype = torch.bfloat16 if config.bf16 else torch.float32
-    extra: dict[str, Any] = {}
-    if config.attn_implementation:
-        extra["attn_implementation"] = config.attn_implementation
-    model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+    model: Any = _load_model(AutoModelForCausalLM, source, dtype, config, device, dist)
     model = model.to(device)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
+    loss_kind = choose_loss(
+        config.loss_implementation, device.type, liger_installed(), head_supported(model)
+    )
+    install(model, loss_kind)
+    if dist.main:
+        log.info("loss: %s (asked: %s)", loss_kind, config.loss_implementation)
+    if config.torch_compile:
+        _compile_layers(model)
+    shape = throughput.model_shape(model)
+    peak = throughput.peak_tflops(config.peak_tflops, device, config.bf16)
+    if dist.main:
+        log.info(
+            "model: %.1f M parameters that multiply, %d layers; peak for MFU: %s",
+            shape.matmul_parameters / 1e6,
+            shape.layers,
+            "unknown (--peak-tflops)" if peak is None else f"{peak:g} TFLOP/s per device",
+        )
     wrapped = _wrap(model, config, dist)
     optimizer = torch.optim.AdamW(
         wrapped.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -226,8 +242,11 @@ def train(
             dist,
         )
 
+    clock = throughput.StepClock(device)
     try:
         while step < total:
+            clock.start()
+            throughput.reset_peak_memory(device)
             group: list[list[int]] = []
             # Always a full group, crossing into the next epoch if need be: every rank must
             # run the same number of forward/backward passes (DDP and FSDP synchronise them).
@@ -241,15 +260,25 @@ def train(
                 collate([train_rows[i] for i in g], config.packing)
                 for g in group[dist.rank :: dist.world]
             ]
-            started = time.perf_counter()
+            square = _all_sum(sum(b.attention_square for b in mine), dist, device)
+            clock.lap("data")
             loss, tokens, trained = _step(wrapped, mine, config, dist, device)
+            clock.lap("forward_backward")
             grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            clock.lap("optimizer")
             step += 1
             losses.append(loss)
-            elapsed = time.perf_counter() - started
+            rates = throughput.throughput(
+                shape,
+                tokens,
+                trained,
+                int(square),
+                clock.total,
+                None if peak is None else peak * dist.world,
+            )
             if dist.main and (step % config.log_every == 0 or step == total):
                 record = {
                     "step": step,
@@ -259,23 +288,31 @@ def train(
                     "grad_norm": float(grad_norm),
                     "tokens": tokens,
                     "trained_tokens": trained,
-                    "tokens_per_s": tokens / elapsed,
-                    "trained_tokens_per_s": trained / elapsed,
+                    **rates,
                     "trained_token_fraction": trained / max(1, tokens),
+                    "step_s": clock.total,
+                    **{f"{phase}_s": seconds for phase, seconds in clock.seconds.items()},
+                    "peak_memory_mib": throughput.peak_memory_bytes(device) / 2**20,
                 }
                 with metrics_path.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
                 log.info(
-                    "step %d/%d loss %.4f lr %.2e tokens/s %.0f trained tokens/s %.0f",
+                    "step %d/%d loss %.4f lr %.2e tokens/s %.0f trained tokens/s %.0f MFU %s "
+                    "data/fwd-bwd/optimizer %.3f/%.3f/%.3f s peak memory %.0f MiB",
                     step,
                     total,
                     loss,
                     record["lr"],
                     record["tokens_per_s"],
                     record["trained_tokens_per_s"],
+                    _percent(rates["mfu"]),
+                    clock.seconds["data"],
+                    clock.seconds["forward_backward"],
+                    clock.seconds["optimizer"],
+                    record["peak_memory_mib"],
                 )
             if bar is not None:
-                bar(step, loss)
+                bar(step, loss, rates["tokens_per_s"] or 0.0, rates["mfu"])
             if eval_rows and config.eval_every and step % config.eval_every == 0:
                 _evaluate(wrapped, eval_rows, config, dist, device, step, metrics_path)
             stopping = stop.requested or (stop_after is not None and step >= stop_after)
@@ -308,6 +345,53 @@ def _in_main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _load_model(
+    auto: Any,
+    source: str,
+    dtype: torch.dtype,
+    config: TrainConfig,
+    device: torch.device,
+    dist: Distributed,
+) -> Any:
+    """The model with the attention kernel chosen for the device and packing (the first of
+    the candidates it loads with), logged."""
+    flash, flex = kernels_available()
+    choice = choose_attention(config.attn_implementation, config.packing, device.type, flash, flex)
+    failures: list[str] = []
+    for candidate in choice.candidates:
+        extra = {} if candidate is None else {"attn_implementation": candidate}
+        try:
+            model = auto.from_pretrained(source, dtype=dtype, **extra)
+        except (ValueError, ImportError) as error:
+            if len(choice.candidates) == 1:
+                raise
+            failures.append(f"{candidate}: {error}")
+            continue
+        if dist.main:
+            log.info(
+                "attention: %s (%s)%s",
+                model.config._attn_implementation,
+                choice.reason,
+                f"; not usable: {'; '.join(failures)}" if failures else "",
+            )
+        return model
+    raise ValueError(f"no attention kernel loads: {'; '.join(failures)}")
+
+
+def _compile_layers(model: torch.nn.Module) -> None:
+    """torch.compile each decoder layer in place: the parameter names (checkpoints) and the
+    output layer's loss are untouched, and FSDP2 shards the same modules."""
+    layers = getattr(getattr(model, "model", model), "layers", None)
+    if layers is None:
+        raise ValueError("--compile: the model has no decoder layers at model.layers")
+    for layer in layers:
+        layer.compile()
 
 
 def _wrap(model: torch.nn.Module, config: TrainConfig, dist: Distributed) -> torch.nn.Module:
@@ -344,8 +428,7 @@ def _step(
     for batch in batches:
         batch = batch.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            logits = forward(model, batch)
-        summed = loss_sum(logits, batch)
+            summed = micro_batch_loss(model, batch)
         (summed * scale).backward()  # type: ignore[no-untyped-call]
         total += float(summed.detach())
     total = _all_sum(total, dist, device)
@@ -373,8 +456,7 @@ def _evaluate(
     for group in groups[dist.rank :: dist.world]:
         batch = collate([rows[i] for i in group], config.packing).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            logits = forward(model, batch)
-        summed += float(loss_sum(logits, batch))
+            summed += float(micro_batch_loss(model, batch))
         count += batch.num_trained
     summed, count = _all_sum(summed, dist, device), _all_sum(count, dist, device)
     model.train()
@@ -458,14 +540,18 @@ def _progress_bar(total: int, start: int) -> Any:
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[speed]} tokens/s"),
+        TextColumn("MFU {task.fields[mfu]}"),
         TimeRemainingColumn(),
     )
     progress.start()
-    task = progress.add_task("train", total=total, completed=start, loss="-")
+    task = progress.add_task("train", total=total, completed=start, loss="-", speed="-", mfu="-")
 
     class Bar:
-        def __call__(self, step: int, loss: float) -> None:
-            progress.update(task, completed=step, loss=f"{loss:.4f}")
+        def __call__(self, step: int, loss: float, speed: float, mfu: float | None) -> None:
+            progress.update(
+                task, completed=step, loss=f"{loss:.4f}", speed=f"{speed:,.0f}", mfu=_percent(mfu)
+            )
 
         def close(self) -> None:
             progress.stop()

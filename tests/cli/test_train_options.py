@@ -28,6 +28,9 @@ def test_every_config_field_is_an_option_with_its_flag() -> None:
     assert options["packing"] == ["--packing", "--no-packing"]
     assert options["resume"] == ["--resume"]
     assert options["tokens_per_micro_batch"] == ["--tokens-per-micro-batch"]
+    assert options["torch_compile"] == ["--compile", "--no-compile"]
+    assert options["loss_implementation"] == ["--loss-implementation"]
+    assert options["peak_tflops"] == ["--peak-tflops"]
 
 
 @pytest.fixture
@@ -66,3 +69,12 @@ def test_required_fields_are_named_when_missing() -> None:
     result = CliRunner().invoke(cli.app, ["train", "--data", "d"])
     assert result.exit_code == 2
     assert "missing ['model', 'output']" in result.output
+
+
+def test_an_unknown_loss_implementation_is_refused_naming_the_choices() -> None:
+    result = CliRunner().invoke(
+        cli.app,
+        ["train", "--data", "d", "--model", "m", "--output", "o", "--loss-implementation", "fused"],
+    )
+    assert result.exit_code == 2
+    assert "loss_implementation must be one of auto, chunked, liger, logits" in result.output

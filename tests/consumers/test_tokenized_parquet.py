@@ -194,12 +194,12 @@ def test_srft_train_trains_exactly_the_exported_tokens(
     packing: bool,
 ) -> None:
     from app.training import trainer as trainer_module
-    from app.training.batching import MicroBatch, loss_sum
+    from app.training.batching import MicroBatch, micro_batch_loss
     from app.training.config import TrainConfig
 
     batches: list[dict[str, Any]] = []
 
-    def recording(logits: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
+    def recording(model: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
         batches.append(
             {
                 "input_ids": batch.input_ids,
@@ -208,9 +208,9 @@ def test_srft_train_trains_exactly_the_exported_tokens(
                 "position_ids": batch.position_ids,
             }
         )
-        return loss_sum(logits, batch)
+        return micro_batch_loss(model, batch)
 
-    monkeypatch.setattr(trainer_module, "loss_sum", recording)
+    monkeypatch.setattr(trainer_module, "micro_batch_loss", recording)
     config = TrainConfig(
         data=str(parquet_export.folder),
         model=str(model_dir),

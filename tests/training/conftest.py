@@ -25,6 +25,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizers: dict[str, Pa
     return tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizers["llama3"])
 
 
+@pytest.fixture(scope="session")
+def tied_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizers: dict[str, Path]) -> Path:
+    return tiny_model(tmp_path_factory.mktemp("tiny-llama-tied"), tokenizers["llama3"], tied=True)
+
+
 @pytest.fixture(scope="module")
 def short_ids(corpus: Corpus) -> list[str]:  # noqa: F811
     """The six shortest runs with a masked step: quick to train on, and masks to test."""

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def tiny_model(directory: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """A 2-layer Llama with random weights and the test tokenizer, saved to `directory`."""
+def tiny_model(directory: Path, tokenizer_dir: Path, seed: int = 0, tied: bool = False) -> Path:
+    """A 2-layer Llama with random weights and the test tokenizer, saved to `directory`;
+    `tied`: the output layer shares the input embedding."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -22,7 +23,7 @@ def tiny_model(directory: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
             num_attention_heads=2,
             num_key_value_heads=2,
             max_position_embeddings=8192,
-            tie_word_embeddings=False,
+            tie_word_embeddings=tied,
         )
     )
     model.save_pretrained(str(directory))

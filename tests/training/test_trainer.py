@@ -19,6 +19,7 @@ import torch
 from app.training.batching import collate, forward, loss_sum
 from app.training.config import TrainConfig
 from app.training.data import IGNORE_INDEX, DataError, Row, load_rows
+from app.training.loss import install
 from app.training.trainer import Distributed, _step, train
 from tests.exports.conftest import Corpus
 
@@ -74,8 +75,9 @@ def test_training_on_an_srft_export_lowers_the_loss(
     _model(tmp_path / "run" / "final")
 
 
+@pytest.mark.parametrize("loss_kind", ["logits", "chunked"])
 def test_masked_tokens_get_exactly_no_gradient(
-    corpus: Corpus, export_folder: dict[str, Any], model_dir: Path
+    corpus: Corpus, export_folder: dict[str, Any], model_dir: Path, loss_kind: str
 ) -> None:
     row = next(r for r in _rows(corpus, export_folder) if 0 < r.num_trained < len(r.labels) // 2)
     masked = np.flatnonzero(row.labels == IGNORE_INDEX)[1:]  # position 0 is never a target
@@ -86,6 +88,7 @@ def test_masked_tokens_get_exactly_no_gradient(
         weights = (row.labels != IGNORE_INDEX).astype(np.float32)
         batch = collate([Row("r", row.input_ids, targets, weights)], packing=True)
         model = _model(model_dir)
+        install(model, loss_kind)
         loss, _, _ = _step(
             model, [batch], TrainConfig("d", "m", "o"), Distributed(), torch.device("cpu")
         )
