@@ -18,18 +18,12 @@ from sqlalchemy import create_engine, select, update
 from app.models import JobBatch, Verdict
 from app.status import BatchStatus
 from tests.e2e import Api, RulesCritic, Workers
-from tests.helpers import all_trajectory_files
+
+# `corpus`: every shared real run, uploaded once for this module (the labeling e2e fixture).
 from tests.jobs.test_labeling_e2e import _assert_one_verdict_per_step, _expected
+from tests.jobs.test_labeling_e2e import corpus as corpus
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def corpus(api: Api, workers: Workers) -> list[str]:
-    ids: list[str] = []
-    for path in all_trajectory_files():
-        ids += [run["id"] for run in api.upload(path.read_bytes(), resolved="false")]
-    return ids
 
 
 def _batch_job(api: Api, ids: list[str], **critic: Any) -> dict[str, Any]:
