@@ -8,8 +8,8 @@ app with true labels as its verdict source:
   labels (the unresolved ones); the draws are a hash of (seed, run, step), so they repeat;
 - any other model (`rules`): the rules critic itself.
 
-The oracle finds a run by a digest of the task as the prompt shows it (every task's text names
-its number), and each step by its index (read back with `app.critic.rules.read_prefix`); labels
+The oracle finds a run by a digest of the prompt's task, outcome and trajectory (runs that read
+the same are one run to srft too), and each step by its index (read back with `app.critic.rules.read_prefix`); labels
 never appear in the text.
 """
 
@@ -39,11 +39,12 @@ def corrupted_model(precision: float, recall: float, seed: int) -> str:
 
 
 def task_key(messages: Sequence[Any]) -> str:
-    """The digest a run is found by: the `<task>` section of a critic prompt's user message."""
+    """The digest a run is found by: a critic prompt's user message up to the end of its
+    `<trajectory>` (the task, the outcome and every step; not the instructions)."""
     content = messages[1].get("content") if len(messages) > 1 else None
-    if not isinstance(content, str) or "</task>" not in content:
-        raise rules.PromptFormatError("no <task> section in the prompt")
-    return hashlib.sha256(content.split("</task>", 1)[0].encode()).hexdigest()
+    if not isinstance(content, str) or "</trajectory>" not in content:
+        raise rules.PromptFormatError("no <trajectory> section in the prompt")
+    return hashlib.sha256(content.split("</trajectory>", 1)[0].encode()).hexdigest()
 
 
 def run_key(run: TeacherRun) -> str:
@@ -61,7 +62,7 @@ def run_key(run: TeacherRun) -> str:
 class TrueLabels:
     labels: dict[str, tuple[str, ...]]  # run key -> the true label of each step
     resolved: dict[str, bool]
-    conflicts: int  # runs whose key another run with other labels had (the first is kept)
+    conflicts: int  # runs whose text another run with other labels had (the first is kept)
 
     @classmethod
     def of(cls, runs: Sequence[TeacherRun]) -> TrueLabels:

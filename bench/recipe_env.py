@@ -38,9 +38,11 @@ class Task:
 
     @property
     def prompt(self) -> str:
-        # The task's number makes every run's text its own: two tasks whose runs would read
-        # the same (a premature submit after an edit) can differ in truth.
-        return f"Task {self.task_id.rsplit('-', 1)[1]}: fix the bug in {self.function}."
+        # Only the function. A task number here gave every run a text of its own, and the
+        # students spent their few hundred steps on it (held-out tasks reuse the numbers)
+        # instead of reading the name. Runs of different tasks may now read the same; srft
+        # stores such a text once, as it would any repeated run.
+        return f"Fix the bug in {self.function}."
 
     @property
     def key(self) -> tuple[str, tuple[str, ...], str]:
