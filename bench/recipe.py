@@ -21,9 +21,10 @@ What it does:
    (`sft` and `rft` do not read verdicts: exported once), `srft pull`, and per seed
    `srft train` of a tiny randomly initialised Llama (the same `--steps` optimizer steps for
    every policy) from a saved initialisation;
-5. rolls every student out on held-out tasks (`bench/recipe_eval.py`): success rate, with a
-   95% Wilson interval over the rollouts of all seeds pooled, and the mechanism metric (how
-   often the student repeats the teachers' mistake habits in the states where they had them);
+5. rolls every student out on held-out tasks (`bench/recipe_eval.py`) as soon as it is trained
+   (`--jobs` students train side by side): success rate and the mechanism metric (how often the
+   student repeats the teachers' mistake habits in the states where they had them), each with
+   a 95% t interval over the seeds (and a Wilson interval over the pooled rollouts);
 6. prints the table, writes `recipe.json` and `recipe.png` (success and habit-repeat rate
    against critic F1) under `--out`.
 
@@ -62,7 +63,14 @@ from bench.common import (
 )
 from bench.recipe_critics import TrueLabels, corrupted_model, serve_critics
 from bench.recipe_env import MISTAKE, Task, make_task
-from bench.recipe_eval import HabitCounts, habit_counts, held_out_tasks, rollout, wilson
+from bench.recipe_eval import (
+    HabitCounts,
+    habit_counts,
+    held_out_tasks,
+    rollout,
+    seed_interval,
+    wilson,
+)
 from bench.recipe_teachers import TeacherRun, teacher_runs, write_runs
 from bench.scale import Processes, wait_until
 from tests.chat_tokenizers import save_tokenizer, train_bpe
@@ -513,9 +521,13 @@ class Cell:
             "critic": self.critic,
             "success": self.successes / self.rollouts if self.rollouts else 0.0,
             "success_ci95": [low, high],
+            "success_seed_ci95": list(seed_interval([e["success"] for e in self.per_seed])),
             "successes": self.successes,
             "rollouts": self.rollouts,
             "habit_repeat": self.habits.as_dict(),
+            "habit_repeat_seed_ci95": list(
+                seed_interval([e["habit_repeat"] for e in self.per_seed])
+            ),
             "trained_tokens_per_seed": self.trained_tokens,
             "export_rows": self.rows,
             "export_trained_tokens": self.export_trained_tokens,
@@ -630,7 +642,9 @@ def run(options: Options) -> int:
         "ingest_seconds": ingest_s,
         "wall_seconds": wall,
         "machine": machine_facts(),
-        "success_interval": "95% Wilson interval over the rollouts of all seeds pooled",
+        "success_interval": "success_ci95: 95% Wilson interval over the rollouts of all seeds "
+        "pooled; success_seed_ci95: 95% t interval of the mean of the seeds' success rates "
+        "(the spread between training seeds; printed)",
         "problems": problems,
     }
     write_report(options.out / "recipe.json", report)
@@ -696,19 +710,22 @@ def train_students(
 
 
 def print_table(table: list[dict[str, Any]], critics: dict[str, dict[str, Any]]) -> None:
+    """Per cell: success and habit repeat rate, each with the 95% t interval over the seeds."""
     print()
     print(
-        f"{'policy':<16}{'critic':<24}{'F1':>6}  {'success [95% CI]':<22}"
-        f"{'habit repeat':>13}{'trained tokens':>16}{'seconds':>9}"
+        f"{'policy':<16}{'critic':<24}{'F1':>6}  {'success [95% CI, seeds]':<25}"
+        f"{'habit repeat [95% CI, seeds]':<30}{'trained tokens':>15}{'seconds':>9}"
     )
     for row in table:
-        low, high = row["success_ci95"]
         f1 = "" if row["critic_f1"] is None else f"{row['critic_f1']:.2f}"
         tokens = sum(row["trained_tokens_per_seed"]) // max(1, len(row["trained_tokens_per_seed"]))
-        interval = f"{row['success']:.3f} [{low:.3f}, {high:.3f}]"
+        low, high = row["success_seed_ci95"]
+        success = f"{row['success']:.3f} [{low:.3f}, {high:.3f}]"
+        low, high = row["habit_repeat_seed_ci95"]
+        habit = f"{row['habit_repeat']['rate']:.3f} [{low:.3f}, {high:.3f}]"
         print(
-            f"{row['policy']:<16}{row['critic']:<24}{f1:>6}  {interval:<22}"
-            f"{row['habit_repeat']['rate']:>13.3f}{tokens:>16}{row['seconds']:>9.0f}"
+            f"{row['policy']:<16}{row['critic']:<24}{f1:>6}  {success:<25}{habit:<30}"
+            f"{tokens:>15}{row['seconds']:>9.0f}"
         )
     print()
 

@@ -9,8 +9,8 @@ app with true labels as its verdict source:
 - any other model (`rules`): the rules critic itself.
 
 The oracle finds a run by a digest of the prompt's task, outcome and trajectory (runs that read
-the same are one run to srft too), and each step by its index (read back with `app.critic.rules.read_prefix`); labels
-never appear in the text.
+the same are one run to srft too), and each step by its index (read back with
+`app.critic.rules.read_prefix`); labels never appear in the text.
 """
 
 from __future__ import annotations

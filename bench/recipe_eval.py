@@ -185,6 +185,24 @@ def rollout(model: Any, tokenizer: Any, tasks: list[Task], seed: int) -> list[Ro
     ]
 
 
+# Two-sided 95% quantiles of Student's t by degrees of freedom (1-30); 1.96 beyond.
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+        2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+        2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+def seed_interval(rates: list[float]) -> tuple[float, float]:
+    """The 95% t interval of the mean of per-seed rates (clipped to [0, 1]): the spread between
+    training seeds, which the pooled rollouts' Wilson interval does not see."""
+    if len(rates) < 2:
+        return (0.0, 1.0)
+    mean = sum(rates) / len(rates)
+    variance = sum((rate - mean) ** 2 for rate in rates) / (len(rates) - 1)
+    quantile = _T95[len(rates) - 2] if len(rates) - 1 <= len(_T95) else 1.96
+    half = quantile * math.sqrt(variance / len(rates))
+    return (max(0.0, mean - half), min(1.0, mean + half))
+
+
 def wilson(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
     """The Wilson score interval of a proportion (95% by default)."""
     if total == 0:

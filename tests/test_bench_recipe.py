@@ -5,6 +5,8 @@ the oracle critic at a small budget (`srft` repeats the masked habits less than 
 from __future__ import annotations
 
 import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +148,43 @@ def test_quick_run_goes_through_the_service(tmp_path: Path) -> None:
         assert row["rollouts"] == 10
         assert all(tokens > 0 for tokens in row["trained_tokens_per_seed"])
         assert row["habit_repeat"]["states"] >= 10  # every first step is a habit state
+
+
+@pytest.mark.slow
+def test_srft_student_repeats_the_masked_habits_less_than_sft(tmp_path: Path) -> None:
+    """The mechanism, on the oracle critic at a small budget: the `srft` student, trained on the
+    same steps with the oracle's mistakes masked, repeats the teachers' habits (in the states
+    where they had them) less often than the `sft` student, by a margin that one seed's noise
+    does not explain (one-sided two-proportion z of at least 2).
+
+    `SRFT_RECIPE_SHIFT_MASKS=1` trains on the export's weights moved one assistant turn late
+    (`--shift-masks`): a mask off by one turn, which this test must catch (README: Recipe check).
+    """
+    shifted = ("--shift-masks",) if os.environ.get("SRFT_RECIPE_SHIFT_MASKS") == "1" else ()
+    report = _run_recipe(
+        tmp_path,
+        "--policies", "sft,srft", "--critics", "oracle", "--seeds", "1",
+        "--train-runs", "800", "--steps", "400", "--eval-tasks", "100",
+        *shifted,
+        timeout=1200,
+    )  # fmt: skip
+    assert report["problems"] == []
+    table = report["table"]
+    assert isinstance(table, list)
+    habits = {row["policy"]: row["habit_repeat"] for row in table}
+    sft, srft = habits["sft"], habits["srft"]
+    # The students act in the environment: each passed through habit states, and sft (which
+    # trains on every habit) repeats some of them.
+    assert sft["states"] >= 100, habits
+    assert srft["states"] >= 100, habits
+    assert sft["repeats"] > 0, habits
+    z = _two_proportion_z(sft["repeats"], sft["states"], srft["repeats"], srft["states"])
+    assert srft["rate"] < sft["rate"], habits
+    assert z >= 2.0, (habits, z)
+
+
+def _two_proportion_z(hits_a: int, total_a: int, hits_b: int, total_b: int) -> float:
+    """z of the difference of two proportions (a minus b), with the pooled standard error."""
+    pooled = (hits_a + hits_b) / (total_a + total_b)
+    error = math.sqrt(pooled * (1 - pooled) * (1 / total_a + 1 / total_b))
+    return (hits_a / total_a - hits_b / total_b) / error if error else 0.0
