@@ -75,6 +75,7 @@ from bench.recipe_teachers import TeacherRun, teacher_runs, write_runs
 from bench.scale import Processes, wait_until
 from tests.chat_tokenizers import save_tokenizer, train_bpe
 from tests.servers import RedisServer, free_port, postgres_server
+from tests.training.models import tiny_model
 
 SRFT = (sys.executable, "-m", "app.cli")
 API_KEY = "srft_recipe_" + "r" * 32
@@ -403,33 +404,18 @@ def build_recipe_tokenizer(directory: Path, runs: Sequence[TeacherRun]) -> Path:
     return save_tokenizer(directory, train_bpe(corpus, TOKENIZER_VOCAB), "chatml")
 
 
-def save_initial_model(tokenizer: Any, seed: int, folder: Path) -> Path:
-    """A tiny randomly initialised Llama (hidden 64, 2 layers, untied input and output
-    embeddings: about 0.16 M parameters with the 600-token vocabulary), saved.
+def save_initial_model(tokenizer_dir: Path, seed: int, folder: Path) -> Path:
+    """A tiny randomly initialised Llama (`tests/training/models.py`: hidden 64, 2 layers,
+    untied input and output embeddings: about 0.16 M parameters with the 600-token
+    vocabulary), saved.
 
     Calibrated on `sft` alone before any policy was compared: with tied embeddings (and with 4
     layers) the students had not learned to copy the function's name from the task into their
     `grep` after 1,500 steps; this one does within about 600."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=MAX_SEQ_LEN,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return folder
+    return tiny_model(
+        folder, tokenizer_dir, seed, hidden=64, heads=4, max_positions=MAX_SEQ_LEN,
+        end_token="<|im_end|>",
+    )  # fmt: skip
 
 
 def train_student(data: Path, model: Path, output: Path, seed: int, options: Options) -> int:
@@ -604,7 +590,7 @@ def run(options: Options) -> int:
             }
             print(f"critic {model}: {critics[model]}")
         initial = [
-            save_initial_model(tokenizer, seed, workdir / "models" / f"init-{seed}")
+            save_initial_model(tokenizer_dir, seed, workdir / "models" / f"init-{seed}")
             for seed in range(options.seeds)
         ]
         plan = [(p, "-") for p in options.policies if p in CRITIC_FREE] + [
